@@ -1,0 +1,1 @@
+"""Device kernels and small pure-tensor helpers shared by the model and the parallel paths."""
