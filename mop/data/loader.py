@@ -1,12 +1,14 @@
 """Reading prepared token datasets and packing them into training batches.
 
 Packing. Each epoch visits every document once, in an order shuffled by `(seed, epoch)`. The
-documents of epoch 0, then epoch 1, ... form one endless token stream, cut into consecutive,
-non-overlapping windows of `seq_len + 1` tokens; window `g` is "global sequence g". A document
-that does not fit the rest of a window is split: its remainder opens the next window as a new
-document (positions restart at 0 there). Inside a window, inputs are `window[:-1]`, labels
-`window[1:]`, with -100 wherever input and target lie in different documents, and `positions`
-count from 0 at each document start (the attention kernel's document-start marker).
+documents of epoch 0, then epoch 1, ... form one endless token stream. Window `g` ("global
+sequence g") is the `seq_len + 1` tokens `stream[g * seq_len : (g + 1) * seq_len + 1]`: windows
+overlap by one token, so every stream token is an input exactly once and every within-document
+transition is a training target exactly once. A document that does not fit the rest of a window
+is split: its remainder opens the next window as a new document (positions restart at 0 there).
+Inside a window, inputs are `window[:-1]`, labels `window[1:]`, with -100 wherever input and
+target lie in different documents, and `positions` count from 0 at each document start (the
+attention kernel's document-start marker).
 
 Distribution. Global step `s` consumes sequences `[s * B * dp_size, (s + 1) * B * dp_size)`;
 data-parallel rank `r` takes the block `r * B .. r * B + B - 1` of them. Ranks of one sequence
@@ -256,7 +258,7 @@ class PackedLoader(_SequenceLoader):
     @property
     def epoch(self) -> int:
         """The epoch the next token comes from."""
-        return self.sequences_consumed * (self.seq_len + 1) // self.dataset.num_tokens
+        return self.sequences_consumed * self.seq_len // self.dataset.num_tokens
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, int64 start of each ordered document in the epoch plus the end)."""
@@ -272,8 +274,8 @@ class PackedLoader(_SequenceLoader):
     def _window_segments(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         """Document pieces of window g: (start column of each piece, its first token's stream index)."""
         total = self.dataset.num_tokens
-        window_len = self.seq_len + 1
-        lo, hi = g * window_len, (g + 1) * window_len
+        lo = g * self.seq_len
+        hi = lo + self.seq_len + 1
         seg_cols, seg_tokens = [], []
         p = lo
         while p < hi:
