@@ -1,0 +1,219 @@
+"""Memory-lean cross-entropy of a linear output projection: never builds the N x V logits.
+
+The loss of hidden states `h_NH` against an output projection `w_VH` is computed strip by strip:
+a strip is the logits of a chunk of tokens against a contiguous block of the vocabulary. Each strip
+is folded into a per-token running state (max, sum of exp, target logit) with an online
+log-sum-exp and freed. Forward keeps only the per-token log-sum-exp (N floats); backward recomputes
+each strip to form the logit gradients and multiplies them straight into `grad_h` and `grad_w`.
+
+The pure helpers (`block_stats`, `merge_stats`, `block_logit_grad`, `token_chunk`) are shared with the
+vocabulary-parallel ring loss in `mop.parallel.vocab_ring`. Numerics: the strip matmul runs in the
+input dtype (bf16 on GPU, fp32 accumulation inside the GEMM) and everything after it (max, exp,
+sums, log, gradients of the logits) in fp32; logit gradients are cast back to the input dtype for
+the two backward GEMMs, and weight-gradient partial sums accumulate in the weight dtype (as an
+FSDP reduce-scatter would).
+
+Labels are not range-checked (that would be a host sync): a label outside [0, V) that is not
+`ignore_index` contributes no target logit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (max_N, sumexp_N, target_N), in math_dtype
+
+
+def token_chunk(n_vocab: int, max_strip_elements: int, chunk_tokens: int | None = None) -> int:
+    """Tokens per strip so that a strip of `n_vocab` columns holds at most `max_strip_elements`."""
+    if max_strip_elements < 1:
+        raise ValueError(f"max_strip_elements must be a positive number of elements, got {max_strip_elements}")
+    if chunk_tokens is not None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be a positive number of tokens or None, got {chunk_tokens}")
+        return chunk_tokens
+    return max(1, max_strip_elements // max(n_vocab, 1))
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the softmax math: fp32 for 16-bit inputs, else the input dtype (fp32, or fp64 in tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _strip_logits(h_nH: torch.Tensor, w_vH: torch.Tensor) -> torch.Tensor:
+    """Logits of a token chunk against a vocabulary block [n, v]: matmul in the input dtype, result in fp32."""
+    return (h_nH @ w_vH.t()).to(math_dtype(h_nH.dtype))
+
+
+def _local_targets(labels_n: torch.Tensor, offset: int, n_vocab: int, ignore_index: int):
+    """Label positions inside the block [offset, offset + n_vocab): (index clamped to 0, in-block mask)."""
+    local_n = labels_n - offset
+    in_block_n = (local_n >= 0) & (local_n < n_vocab) & (labels_n != ignore_index)
+    return torch.where(in_block_n, local_n, torch.zeros_like(local_n)), in_block_n
+
+
+def empty_stats(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Stats:
+    """The neutral running state: max -inf, sum 0, target 0."""
+    return (torch.full((n,), float("-inf"), device=device, dtype=dtype), torch.zeros(n, device=device, dtype=dtype),
+            torch.zeros(n, device=device, dtype=dtype))
+
+
+def block_stats(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, offset: int, chunk: int,
+                ignore_index: int = -100) -> Stats:
+    """Per-token (max, sum-exp relative to max, target logit) of `h_NH` against the block `w_vH`.
+
+    `w_vH` holds vocabulary rows [offset, offset + v). Only one strip of `chunk` tokens is live.
+    """
+    n, v = h_NH.shape[0], w_vH.shape[0]
+    dtype = math_dtype(h_NH.dtype)
+    if v == 0 or n == 0:
+        return empty_stats(n, h_NH.device, dtype)
+    max_N, sum_N, tgt_N = (torch.empty(n, device=h_NH.device, dtype=dtype) for _ in range(3))
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        logits_nv = _strip_logits(h_NH[s:e], w_vH)
+        idx_n, in_block_n = _local_targets(labels_N[s:e], offset, v, ignore_index)
+        tgt = logits_nv.gather(1, idx_n.unsqueeze(1)).squeeze(1)
+        tgt_N[s:e] = torch.where(in_block_n, tgt, torch.zeros_like(tgt))
+        m = logits_nv.amax(dim=1)
+        max_N[s:e] = m
+        sum_N[s:e] = logits_nv.sub_(m.unsqueeze(1)).exp_().sum(dim=1)  # in place: one strip live
+    return max_N, sum_N, tgt_N
+
+
+def merge_stats(a: Stats, b: Stats) -> Stats:
+    """Online log-sum-exp: the state of the union of two disjoint vocabulary ranges."""
+    m = torch.maximum(a[0], b[0])
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both ranges empty: avoid (-inf) - (-inf)
+    s = a[1] * torch.exp(a[0] - m_safe) + b[1] * torch.exp(b[0] - m_safe)
+    return m, s, a[2] + b[2]
+
+
+def stats_lse(stats: Stats) -> torch.Tensor:
+    """Per-token log-sum-exp over the whole vocabulary from a complete running state."""
+    return stats[0] + torch.log(stats[1])
+
+
+def token_losses(lse_N: torch.Tensor, tgt_N: torch.Tensor, labels_N: torch.Tensor, ignore_index: int,
+                 z_loss_coef: float) -> torch.Tensor:
+    """Per-token CE (+ z-loss) in fp32; zero for ignored tokens."""
+    loss_N = lse_N - tgt_N
+    if z_loss_coef:
+        loss_N = loss_N + z_loss_coef * lse_N.square()
+    return torch.where(labels_N != ignore_index, loss_N, torch.zeros_like(loss_N))
+
+
+def grad_coef(grad_loss: torch.Tensor, normalizer, labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """d(loss)/d(per-token loss) in fp32: grad_loss / normalizer on target tokens, 0 elsewhere."""
+    g = grad_loss.to(math_dtype(grad_loss.dtype)) / normalizer
+    return torch.where(labels_N != ignore_index, g.expand(labels_N.shape), torch.zeros_like(g))
+
+
+def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Tensor, offset: int,
+                     lse_n: torch.Tensor, coef_n: torch.Tensor, z_loss_coef: float, ignore_index: int) -> torch.Tensor:
+    """Recomputed strip of d(loss)/d(logits) for a token chunk and a vocabulary block, in the input dtype.
+
+    For a token with coefficient c: c * (softmax * (1 + 2 z lse) - onehot(label)).
+    """
+    v = w_vH.shape[0]
+    p_nv = _strip_logits(h_nH, w_vH).sub_(lse_n.unsqueeze(1)).exp_()
+    scale_n = coef_n * (1.0 + 2.0 * z_loss_coef * lse_n) if z_loss_coef else coef_n
+    p_nv.mul_(scale_n.unsqueeze(1))
+    idx_n, in_block_n = _local_targets(labels_n, offset, v, ignore_index)
+    # scatter_add, not boolean indexing: no host sync for the number of in-block targets.
+    minus_c = torch.where(in_block_n, -coef_n, torch.zeros_like(coef_n))
+    p_nv.scatter_add_(1, idx_n.unsqueeze(1), minus_c.unsqueeze(1))
+    return p_nv.to(h_nH.dtype)
+
+
+def block_backward(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, offset: int,
+                   lse_N: torch.Tensor, coef_N: torch.Tensor, chunk: int, z_loss_coef: float, ignore_index: int,
+                   grad_h_NH: torch.Tensor, grad_w_vH: torch.Tensor) -> None:
+    """Add one vocabulary block's contribution to `grad_h_NH` and `grad_w_vH` (in place), strip by strip."""
+    n, v = h_NH.shape[0], w_vH.shape[0]
+    if v == 0 or n == 0:
+        return
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        g_nv = block_logit_grad(h_NH[s:e], w_vH, labels_N[s:e], offset, lse_N[s:e], coef_N[s:e], z_loss_coef,
+                                ignore_index)
+        grad_h_NH[s:e].addmm_(g_nv, w_vH)
+        grad_w_vH.addmm_(g_nv.t(), h_NH[s:e])
+
+
+def _check_inputs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor) -> None:
+    if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden_NH.shape)} and "
+                         f"{tuple(weight_VH.shape)}")
+    if labels_N.shape != hidden_NH.shape[:1]:
+        raise ValueError(f"labels must be [N] = [{hidden_NH.shape[0]}], got {tuple(labels_N.shape)}")
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of per-token CE (+ z-loss) / normalizer; saves hidden, weight, labels and the N-float lse."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, labels_N, normalizer, ignore_index, z_loss_coef, chunk):
+        stats = block_stats(hidden_NH, weight_VH, labels_N, 0, chunk, ignore_index)
+        lse_N = stats_lse(stats)
+        loss = token_losses(lse_N, stats[2], labels_N, ignore_index, z_loss_coef).sum() / normalizer
+        ctx.save_for_backward(hidden_NH, weight_VH, labels_N, lse_N)
+        ctx.cfg = (normalizer, ignore_index, z_loss_coef, chunk)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden_NH, weight_VH, labels_N, lse_N = ctx.saved_tensors
+        normalizer, ignore_index, z_loss_coef, chunk = ctx.cfg
+        coef_N = grad_coef(grad_loss, normalizer, labels_N, ignore_index)
+        grad_h = torch.zeros_like(hidden_NH)
+        grad_w = torch.zeros_like(weight_VH)
+        block_backward(hidden_NH, weight_VH, labels_N, 0, lse_N, coef_N, chunk, z_loss_coef, ignore_index,
+                       grad_h, grad_w)
+        return (grad_h if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None)
+
+
+def chunked_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor, normalizer,
+                          *, ignore_index: int = -100, z_loss_coef: float = 0.0, chunk_tokens: int | None = None,
+                          max_strip_elements: int = 2**28) -> torch.Tensor:
+    """Sum over non-ignored tokens of CE(hidden @ weight.T, label) [+ z * lse^2], divided by `normalizer`.
+
+    Exact, with autograd to `hidden_NH` and `weight_VH`, without materialising the N x V logits in
+    forward or backward: strips of `chunk_tokens` tokens (default: as many as fit in
+    `max_strip_elements` fp32 logits) are computed, folded and freed. `normalizer` is a float or a
+    0-dim tensor (the number of target tokens of the global batch).
+    """
+    _check_inputs(hidden_NH, weight_VH, labels_N)
+    if isinstance(normalizer, torch.Tensor) and normalizer.dim() != 0:
+        raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
+    chunk = token_chunk(weight_VH.shape[0], max_strip_elements, chunk_tokens)
+    return _ChunkedCrossEntropy.apply(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, float(z_loss_coef),
+                                      chunk)
+
+
+class OutputHead(nn.Module):
+    """Output projection + loss: `forward(hidden_NH, labels_N, normalizer) -> loss` (see the contract).
+
+    loss = sum over tokens with label != -100 of CE(hidden @ weight.T, label) [+ z_loss_coef * lse^2],
+    divided by `normalizer`; computed by `chunked_cross_entropy`, never building N x V logits.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, z_loss_coef: float = 0.0, max_strip_elements: int = 2**28):
+        super().__init__()
+        if dim < 1 or vocab_size < 1:
+            raise ValueError(f"OutputHead needs dim >= 1 and vocab_size >= 1, got dim={dim}, vocab_size={vocab_size}")
+        if max_strip_elements < 1:
+            raise ValueError(f"max_strip_elements must be positive, got {max_strip_elements}")
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.z_loss_coef = z_loss_coef
+        self.max_strip_elements = max_strip_elements
+
+    def forward(self, hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer) -> torch.Tensor:
+        return chunked_cross_entropy(hidden_NH, self.weight, labels_N, normalizer, z_loss_coef=self.z_loss_coef,
+                                     max_strip_elements=self.max_strip_elements)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}, z_loss_coef={self.z_loss_coef}, "
+                f"max_strip_elements={self.max_strip_elements}")
