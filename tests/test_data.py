@@ -140,7 +140,9 @@ def test_prepare_then_loader_gives_back_documents_exactly(byte_dataset):
     assert ds.num_tokens == sum(len(d.encode()) + 1 for d in DOCS)
     assert sorted(ByteTokenizer().decode(ds.document(i)) for i in range(ds.num_docs)) == sorted(DOCS)
     loader = PackedLoader(ds, seq_len=24, batch_size=3, dp_rank=0, dp_size=1, seed=5)
+    assert loader.epoch == 0
     epochs = _stream(loader, 2 * ds.num_tokens)
+    assert loader.epoch == loader.sequences_consumed * 24 // ds.num_tokens == 2
     first, second = epochs[: ds.num_tokens], epochs[ds.num_tokens :]
     tok = ByteTokenizer()
     for epoch in (first, second):
@@ -218,13 +220,26 @@ def test_prepare_errors(tmp_path):
     assert not (tmp_path / "o3").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_prepare_refuses_vocab_beyond_uint32(tmp_path, monkeypatch):
+    import mop.data.prepare as prepare_module
+
+    class HugeVocab(ByteTokenizer):
+        vocab_size = 2**32 + 1
+
+    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda spec, eos_token=None: HugeVocab())
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ValueError, match="does not fit the uint32"):
+        prepare_dataset([tmp_path / "a.txt"], tmp_path / "ds")
+
+
 # ---------------------------------------------------------------- loader
 
 
-@pytest.mark.parametrize("seq_len", [7, 32, 400])  # 400: windows longer than the whole dataset
+@pytest.mark.parametrize("seq_len", [7, 32, 1500])  # 1500: one window spans several epochs
 def test_labels_and_positions_mark_document_boundaries(byte_dataset, seq_len):
     loader = PackedLoader(byte_dataset, seq_len=seq_len, batch_size=2, dp_rank=0, dp_size=1, seed=1)
-    for batch in _batches(loader, 12):
+    num_batches = max(4, -(-2 * byte_dataset.num_tokens // (2 * seq_len)))  # two epochs or more
+    for batch in _batches(loader, num_batches):
         tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
         assert tokens.dtype == labels.dtype == positions.dtype == torch.int64
         assert tokens.shape == (2, seq_len)
