@@ -74,7 +74,9 @@ class TokenDataset:
             self.tokenizer_spec = str(meta["tokenizer"])
             shards = [(str(s["file"]), int(s["num_tokens"])) for s in meta["shards"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{meta_path} is missing or has a malformed field ({e!r}); prepare the dataset again") from None
+            raise ValueError(
+                f"{meta_path} is missing or has a malformed field ({e!r}); prepare the dataset again"
+            ) from None
 
         self._shards: list[np.memmap] = []
         for name, count in shards:
@@ -92,7 +94,10 @@ class TokenDataset:
         # shard_starts[i] is the global index of shard i's first token; the last entry is the total.
         self._shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self._shard_starts[-1] != self.num_tokens:
-            raise ValueError(f"{self.path}: shards hold {self._shard_starts[-1]} tokens, meta.json says {self.num_tokens}")
+            raise ValueError(
+                f"{self.path}: shards hold {self._shard_starts[-1]} tokens, meta.json says {self.num_tokens}; "
+                "prepare the dataset again"
+            )
 
         docs_path = self.path / "docs.npy"
         if not docs_path.is_file():
@@ -145,7 +150,8 @@ class TokenDataset:
 
 
 def _check_int(name: str, value, low: int, high: int | None = None, valid: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value >= high):
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not is_int or value < low or (high is not None and value >= high):
         raise ValueError(f"{name} must be {valid or f'an integer >= {low}'}, got {value!r}")
     return int(value)
 
@@ -265,6 +271,8 @@ class PackedLoader(_SequenceLoader):
         if epoch not in self._epoch_cache:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(self.dataset.num_docs)
+            if self.dataset.num_docs < 2**31:
+                order = order.astype(np.int32)  # halves the per-epoch cache on large corpora
             starts = np.concatenate([[0], np.cumsum(self._doc_lengths[order])]).astype(np.int64)
             if len(self._epoch_cache) >= self._EPOCH_CACHE:
                 del self._epoch_cache[min(self._epoch_cache)]

@@ -205,7 +205,9 @@ def write_dataset(
         )
     tokenizer = load_tokenizer(tokenizer_spec, eos_token=eos_token)
     if tokenizer.vocab_size > 2**32:
-        raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} does not fit the uint32 token format (max 2**32)")
+        raise ValueError(
+            f"tokenizer vocab_size {tokenizer.vocab_size} does not fit the uint32 token format (max 2**32)"
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
