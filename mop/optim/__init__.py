@@ -1,0 +1,5 @@
+"""Optimizers: HostAdamW, AdamW with host-resident fp32 state updated in pipelined buckets (MOP.md §3.5)."""
+
+from mop.optim.host_adamw import HostAdamW
+
+__all__ = ["HostAdamW"]

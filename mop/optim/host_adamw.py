@@ -1,0 +1,659 @@
+"""HostAdamW: AdamW whose fp32 state lives in (pinned) host memory and updates in pipelined buckets.
+
+MOP.md §3.5. The device keeps only the model's parameters (bf16 or fp32) and their gradients; for
+every parameter's local shard the optimizer keeps fp32 master weights, exp_avg and exp_avg_sq. The
+first `device_fraction` of that state (by numel, parameter order) stays on the device; the rest is
+offloaded and updated by one of two engines, bucket by bucket in parameter order:
+
+- "cpu": gradients go device->host (param dtype, so 2 B/param for bf16), a thread pool runs the
+  fused AdamW kernel on slices of the bucket, cast weights go host->device.
+- "gpu_stream": (master, exp_avg, exp_avg_sq) stream host->device into `staging_slots` device
+  buffers, are updated on the GPU with the gradient, and stream back; bucket i+1's upload overlaps
+  bucket i's update (CUDA events order the three side streams; no host syncs in the loop).
+- "device": everything on the device (device_fraction = 1).
+
+`step()` is a complete update. `step_async()` starts it and returns; `wait_params(params)` orders
+the current stream after those parameters' writes (CUDA) or waits for the worker (CPU), and
+`synchronize()` waits for all. `offload_grads_async(params)` lets backward hooks start gradient
+copies early. Every public method first waits for what it depends on, so skipping the optional
+calls costs overlap, never correctness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from mop.optim.engines import AdamWHyper, Bucket, HostThreadPool, adamw_flat_, local_shard, plan_buckets
+
+ENGINES = ("cpu", "gpu_stream", "device")
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+GiB = 1024**3
+
+
+def host_available_bytes() -> int | None:
+    """Host memory available to new allocations (psutil, else /proc/meminfo MemAvailable), or None."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _Slot:
+    """One device staging buffer set for the gpu_stream engine."""
+
+    def __init__(self, numel: int, device: torch.device):
+        self.tensors = [torch.empty(numel, dtype=torch.float32, device=device) for _ in STATE_KEYS]
+        self.free = None  # CUDA event: the last occupant's copy back to the host is done
+
+
+class HostAdamW(torch.optim.Optimizer):
+    """Decoupled AdamW (torch.optim.AdamW semantics) with host-resident fp32 state; see module doc.
+
+    `params` may be parameters, `(name, parameter)` pairs (e.g. `model.named_parameters()`) or
+    param-group dicts. Parameters may be FSDP2 DTensors: each rank keeps state for its local shard.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        engine: str = "cpu",
+        device_fraction: float = 0.0,
+        bucket_numel: int = 2**25,
+        staging_slots: int = 2,
+        cpu_threads: int | None = None,
+        pin_memory: bool = True,
+    ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
+        if not 0.0 <= device_fraction <= 1.0:
+            raise ValueError(f"device_fraction={device_fraction}: expected a number in [0, 1]")
+        if int(bucket_numel) < 1:
+            raise ValueError(f"bucket_numel={bucket_numel}: expected a positive element count")
+        if int(staging_slots) < 1:
+            raise ValueError(f"staging_slots={staging_slots}: expected at least 1")
+        if cpu_threads is not None and int(cpu_threads) < 1:
+            raise ValueError(f"cpu_threads={cpu_threads}: expected None (auto) or at least 1")
+        _check_hyper(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.engine = engine
+        self.bucket_numel = int(bucket_numel)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._index_of = {p: i for i, p in enumerate(self._params)}
+        if len(self._index_of) != len(self._params):
+            raise ValueError("params: a parameter appears more than once across the param groups")
+        group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        locals_ = [local_shard(p) for p in self._params]
+        for i, t in enumerate(locals_):
+            if t.is_meta or not t.is_floating_point() or not t.is_contiguous():
+                raise ValueError(
+                    f"params[{i}]: expected a materialised, contiguous floating-point (local) tensor, got "
+                    f"dtype={t.dtype} device={t.device} contiguous={t.is_contiguous()}"
+                )
+        devices = {t.device for t in locals_}
+        if len(devices) != 1:
+            raise ValueError(f"params: all local shards must be on one device, found {sorted(map(str, devices))}")
+        self._device = devices.pop()
+        self._cuda = self._device.type == "cuda"
+        numels = [t.numel() for t in locals_]
+        fraction = 1.0 if engine == "device" else float(device_fraction)
+        self._device_numel = round(fraction * sum(numels))
+        self._buckets = plan_buckets(numels, group_of, [t.dtype for t in locals_], self._device_numel, self.bucket_numel)
+        self._buckets_of_param: list[list[int]] = [[] for _ in self._params]
+        for b in self._buckets:
+            for piece in b.pieces:
+                self._buckets_of_param[piece.param_index].append(b.index)
+        self._steps = [0] * len(self._params)
+        for p in self._params:
+            # Non-empty state tells torch.distributed.checkpoint not to run a warm-up step.
+            self.state[p] = {"layout": "HostAdamW"}
+        offloaded = [b for b in self._buckets if not b.on_device]
+        self._pin = bool(pin_memory) and torch.cuda.is_available()
+        extra = self._host_staging_bytes(offloaded)
+        num_offloaded = sum(b.numel for b in offloaded)
+        if num_offloaded:
+            self.check_host_memory(num_offloaded, 1, bytes_per_param=12, staging_bytes=extra)
+        self._allocate(locals_)
+        self._slots: list[_Slot] = []
+        self._slot_cursor = 0
+        if engine == "gpu_stream" and offloaded:
+            slot_numel = max(b.numel for b in offloaded)
+            self._slots = [_Slot(slot_numel, self._device) for _ in range(min(int(staging_slots), len(offloaded)))]
+        self._streams = {}
+        if self._cuda:
+            self._streams = {k: torch.cuda.Stream(self._device) for k in ("h2d", "update", "d2h")}
+        self._clip_host = torch.zeros((), dtype=torch.float32, pin_memory=self._pin)
+        if cpu_threads is None:
+            cpu_threads = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        self.cpu_threads = int(cpu_threads)
+        self._pool = HostThreadPool(self.cpu_threads) if engine == "cpu" and offloaded else None
+        # One ordered worker: host updates (CPU engine) and, on CPU-only runs, every bucket.
+        self._driver = ThreadPoolExecutor(1, thread_name_prefix="host-adamw-driver")
+        self._frozen = True
+
+    # ---------------------------------------------------------------- construction helpers
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group; only possible during construction because the bucket layout is fixed then."""
+        if getattr(self, "_frozen", False):
+            raise ValueError("add_param_group: HostAdamW's bucket layout is fixed; pass all groups to the constructor")
+        super().add_param_group(param_group)
+
+    def _host_staging_bytes(self, offloaded: list[Bucket]) -> int:
+        """Bytes of cpu-engine gradient/weight staging over all offloaded buckets."""
+        if self.engine != "cpu":
+            return 0
+        total = 0
+        for b in offloaded:
+            itemsize = torch.empty((), dtype=b.dtype).element_size()
+            total += b.numel * itemsize * (2 if self._cuda and b.dtype != torch.float32 else 1)
+        return total
+
+    def _allocate(self, locals_: list[torch.Tensor]) -> None:
+        for b in self._buckets:
+            if b.on_device:
+                alloc = dict(device=self._device)
+            else:
+                alloc = dict(device="cpu", pin_memory=self._pin)
+            b.master, b.exp_avg, b.exp_avg_sq = (torch.empty(b.numel, dtype=torch.float32, **alloc) for _ in STATE_KEYS)
+            b.exp_avg.zero_()
+            b.exp_avg_sq.zero_()
+            for piece in b.pieces:
+                src = locals_[piece.param_index].detach().reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
+                b.master[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(src)
+            if self.engine == "cpu" and not b.on_device:
+                b.host_grad = torch.empty(b.numel, dtype=b.dtype, pin_memory=self._pin)
+                if self._cuda and b.dtype != torch.float32:
+                    b.host_weight = torch.empty(b.numel, dtype=b.dtype, pin_memory=self._pin)
+
+    # ---------------------------------------------------------------- public API
+    @torch.no_grad()
+    def step(self, clip_coef: torch.Tensor | float | None = None, closure=None):
+        """Run the whole update (gradients scaled by `clip_coef`) and return once the weights are in place."""
+        if callable(clip_coef) and closure is None:  # torch-style step(closure)
+            clip_coef, closure = None, clip_coef
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.step_async(clip_coef)
+        self.synchronize()
+        return loss
+
+    @torch.no_grad()
+    def step_async(self, clip_coef: torch.Tensor | float | None = None) -> None:
+        """Start the update bucket by bucket in parameter order and return; see `wait_params`."""
+        self.synchronize()  # the previous update must be done before its buffers are reused
+        clip_coef = _check_clip(clip_coef)
+        grads = [local_shard(p.grad) if p.grad is not None else None for p in self._params]
+        # Detached aliases: writes through them are invisible to autograd, in any thread's grad mode.
+        locals_ = [local_shard(p).detach() for p in self._params]
+        for i, (g, t) in enumerate(zip(grads, locals_)):
+            if g is not None and (g.is_sparse or g.shape != t.shape or g.device != t.device):
+                raise ValueError(f"params[{i}].grad: expected a dense gradient shaped like the local shard {tuple(t.shape)}")
+            if not t.is_contiguous():
+                raise ValueError(f"params[{i}]: the local shard became non-contiguous; HostAdamW writes it flat")
+        has_grad = [g is not None for g in grads]
+        for i, flag in enumerate(has_grad):
+            self._steps[i] += int(flag)
+        hypers = [_group_hyper(g) for g in self.param_groups]
+        ready = self._record_ready()
+        if self._cuda:
+            self._streams["update"].wait_event(ready)
+        clip_host, clip_event = self._clip_for_host(clip_coef, ready)
+        if not self._cuda:
+            clip_coef = clip_host  # a private copy: the caller may change its tensor before the worker runs
+        elif isinstance(clip_coef, torch.Tensor) and clip_coef.is_cuda:
+            clip_coef.record_stream(self._streams["update"])
+        for b in self._buckets:
+            runs = self._runs(b, has_grad)
+            if runs:
+                hyper = hypers[b.group_index]
+                if b.on_device:
+                    self._launch_device(b, runs, grads, locals_, has_grad, hyper, clip_coef)
+                elif self.engine == "gpu_stream":
+                    self._launch_streamed(b, runs, grads, locals_, has_grad, hyper, clip_coef)
+                else:
+                    self._launch_host(b, runs, grads, locals_, has_grad, hyper, clip_host, clip_event, ready)
+            b.offloaded.clear()
+
+    def wait_params(self, params) -> None:
+        """Block until these parameters hold their updated values (CUDA: the current stream waits)."""
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        for bi in sorted({bi for p in params for bi in self._buckets_of_param[self._param_index(p)]}):
+            self._wait_bucket(self._buckets[bi])
+
+    def synchronize(self) -> None:
+        """Wait until every parameter holds its updated value (CUDA: the current stream waits)."""
+        for b in self._buckets:
+            self._wait_bucket(b)
+
+    @torch.no_grad()
+    def offload_grads_async(self, params) -> None:
+        """Start the device->host copy of these parameters' (final) gradients now (cpu engine).
+
+        The other engines consume gradients on the device, so for them this returns at once.
+        """
+        if self.engine != "cpu":
+            return
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        todo: dict[int, list[int]] = {}
+        for p in params:
+            i = self._param_index(p)
+            if p.grad is None:
+                continue
+            for bi in self._buckets_of_param[i]:
+                b = self._buckets[bi]
+                if not b.on_device:
+                    todo.setdefault(bi, []).extend(
+                        k for k, piece in enumerate(b.pieces) if piece.param_index == i and k not in b.offloaded
+                    )
+        if not todo:
+            return
+        grads = [local_shard(p.grad) if p.grad is not None else None for p in self._params]
+        ready = self._record_ready()
+        for bi, pieces in todo.items():
+            b = self._buckets[bi]
+            self._wait_future(b)  # the previous update may still be reading host_grad
+            self._offload_pieces(b, pieces, grads, ready)
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, after any in-flight update has finished reading them."""
+        if self._cuda:
+            stream = torch.cuda.current_stream(self._device)
+            for b in self._buckets:
+                for ev in (b.grads_ready, b.params_ready):
+                    if ev is not None:
+                        stream.wait_event(ev)
+        else:
+            self.synchronize()
+        super().zero_grad(set_to_none=set_to_none)
+
+    # ---------------------------------------------------------------- bucket launches
+    def _launch_device(self, b, runs, grads, locals_, has_grad, hyper, clip_coef) -> None:
+        @torch.no_grad()
+        def work():
+            grad_flat = self._gather_grads(b, grads, has_grad)
+            for start, end, step in runs:
+                adamw_flat_(b.master[start:end], b.exp_avg[start:end], b.exp_avg_sq[start:end], grad_flat[start:end], hyper, step, clip_coef)
+            self._write_params(b, b.master, locals_, has_grad)
+
+        if self._cuda:
+            update = self._streams["update"]
+            with torch.cuda.stream(update):
+                work()
+                self._record_grads_use(b, grads, has_grad, update)
+                b.params_ready = _record(update)
+        else:
+            b.future = self._driver.submit(work)
+
+    def _launch_streamed(self, b, runs, grads, locals_, has_grad, hyper, clip_coef) -> None:
+        slot = self._slots[self._slot_cursor % len(self._slots)]
+        self._slot_cursor += 1
+        staged = [t[: b.numel] for t in slot.tensors]
+        host = [b.master, b.exp_avg, b.exp_avg_sq]
+
+        def update_staged():
+            grad_flat = self._gather_grads(b, grads, has_grad)
+            for start, end, step in runs:
+                adamw_flat_(*(t[start:end] for t in staged), grad_flat[start:end], hyper, step, clip_coef)
+            self._write_params(b, staged[0], locals_, has_grad)
+
+        if not self._cuda:
+
+            @torch.no_grad()
+            def work():
+                for dst, src in zip(staged, host):
+                    dst.copy_(src)
+                update_staged()
+                for dst, src in zip(host, staged):
+                    dst.copy_(src)
+
+            b.future = self._driver.submit(work)
+            return
+        h2d, update, d2h = (self._streams[k] for k in ("h2d", "update", "d2h"))
+        with torch.cuda.stream(h2d):
+            for ev in (slot.free, b.host_ready):  # slot emptied; this bucket's last copy-back landed
+                if ev is not None:
+                    h2d.wait_event(ev)
+            for dst, src in zip(staged, host):
+                dst.copy_(src, non_blocking=True)
+            loaded = _record(h2d)
+        with torch.cuda.stream(update):
+            update.wait_event(loaded)
+            update_staged()
+            self._record_grads_use(b, grads, has_grad, update)
+            b.params_ready = _record(update)
+        with torch.cuda.stream(d2h):
+            d2h.wait_event(b.params_ready)
+            for dst, src in zip(host, staged):
+                dst.copy_(src, non_blocking=True)
+            b.host_ready = slot.free = _record(d2h)
+
+    def _launch_host(self, b, runs, grads, locals_, has_grad, hyper, clip_host, clip_event, ready) -> None:
+        missing = [k for k, piece in enumerate(b.pieces) if has_grad[piece.param_index] and k not in b.offloaded]
+        if missing:
+            self._offload_pieces(b, missing, grads, ready)
+        targets = [
+            (piece, locals_[piece.param_index].view(-1)[piece.param_offset : piece.param_offset + piece.numel])
+            for piece in b.pieces
+            if has_grad[piece.param_index]
+        ]
+        b.future = self._driver.submit(self._host_update, b, runs, targets, hyper, clip_host, clip_event, ready)
+
+    @torch.no_grad()
+    def _host_update(self, b, runs, targets, hyper, clip_host, clip_event, ready) -> None:
+        """Worker-thread body of the cpu engine for one bucket: wait for grads, update, send weights."""
+        device_ctx = torch.cuda.device(self._device) if self._cuda else contextlib.nullcontext()
+        with device_ctx:  # CUDA's current device is per thread; this worker must use the params' one
+            for ev in (b.grads_ready, clip_event, b.host_ready):
+                if ev is not None:
+                    ev.synchronize()  # host wait, in this worker only
+            out = b.host_weight if b.host_weight is not None else b.master
+
+            def update_slice(start, end, step):
+                adamw_flat_(b.master[start:end], b.exp_avg[start:end], b.exp_avg_sq[start:end], b.host_grad[start:end], hyper, step, clip_host)
+                if out is not b.master:
+                    out[start:end].copy_(b.master[start:end])
+
+            tasks = [
+                (lambda s=s, e=e, st=step: update_slice(s, e, st))
+                for start, end, step in runs
+                for s, e in self._pool.slices(start, end)
+            ]
+            self._pool.run(tasks)
+            if not self._cuda:
+                for piece, dst in targets:
+                    dst.copy_(b.master[piece.bucket_offset : piece.bucket_offset + piece.numel])
+                return
+            h2d = self._streams["h2d"]
+            with torch.cuda.stream(h2d):
+                h2d.wait_event(ready)  # backward may still be reading the old weights
+                for piece, dst in targets:
+                    dst.copy_(out[piece.bucket_offset : piece.bucket_offset + piece.numel], non_blocking=True)
+                b.params_ready = b.host_ready = _record(h2d)
+
+    # ---------------------------------------------------------------- small helpers
+    def _param_index(self, p) -> int:
+        i = self._index_of.get(p)
+        if i is None:
+            raise ValueError("params: got a tensor that is not one of this optimizer's parameters")
+        return i
+
+    def _runs(self, b: Bucket, has_grad: list[bool]) -> list[list[int]]:
+        """Maximal [start, end, step] ranges of the bucket whose params have grads and share a step."""
+        runs: list[list[int]] = []
+        for piece in b.pieces:
+            if not has_grad[piece.param_index]:
+                continue
+            step = self._steps[piece.param_index]
+            if runs and runs[-1][1] == piece.bucket_offset and runs[-1][2] == step:
+                runs[-1][1] += piece.numel
+            else:
+                runs.append([piece.bucket_offset, piece.bucket_offset + piece.numel, step])
+        return runs
+
+    def _gather_grads(self, b: Bucket, grads, has_grad) -> torch.Tensor:
+        """The bucket's gradients as one fp32 flat tensor on the device (pieces without grads unset)."""
+        flat = torch.empty(b.numel, dtype=torch.float32, device=self._device)
+        for piece in b.pieces:
+            if has_grad[piece.param_index]:
+                src = grads[piece.param_index].reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
+                flat[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(src)
+        return flat
+
+    def _write_params(self, b: Bucket, master_flat: torch.Tensor, locals_, has_grad) -> None:
+        for piece in b.pieces:
+            if has_grad[piece.param_index]:
+                dst = locals_[piece.param_index].view(-1)[piece.param_offset : piece.param_offset + piece.numel]
+                dst.copy_(master_flat[piece.bucket_offset : piece.bucket_offset + piece.numel])
+
+    def _offload_pieces(self, b: Bucket, piece_ids: list[int], grads, ready) -> None:
+        def copy(non_blocking):
+            for k in piece_ids:
+                piece = b.pieces[k]
+                src = grads[piece.param_index].reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
+                b.host_grad[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(src, non_blocking=non_blocking)
+
+        if self._cuda:
+            d2h = self._streams["d2h"]
+            with torch.cuda.stream(d2h):
+                d2h.wait_event(ready)
+                copy(True)
+                for k in piece_ids:
+                    grads[b.pieces[k].param_index].record_stream(d2h)
+                b.grads_ready = _record(d2h)
+        else:
+            copy(False)
+        b.offloaded.update(piece_ids)
+
+    def _record_grads_use(self, b: Bucket, grads, has_grad, stream) -> None:
+        """Tell the caching allocator these grads are in use on `stream` (they may be freed meanwhile)."""
+        for i in {piece.param_index for piece in b.pieces if has_grad[piece.param_index]}:
+            grads[i].record_stream(stream)
+
+    def _record_ready(self):
+        """CUDA: an event on the current stream after the grads (and clip coefficient) are final."""
+        return _record(torch.cuda.current_stream(self._device)) if self._cuda else None
+
+    def _clip_for_host(self, clip_coef, ready):
+        """The clip coefficient as the host engine sees it, plus the event its copy completes on."""
+        if not isinstance(clip_coef, torch.Tensor):
+            return clip_coef, None
+        if not clip_coef.is_cuda:
+            return clip_coef.detach().to(torch.float32).reshape(()).clone(), None
+        d2h = self._streams["d2h"]
+        with torch.cuda.stream(d2h):
+            d2h.wait_event(ready)
+            self._clip_host.copy_(clip_coef.detach().reshape(()), non_blocking=True)
+            clip_coef.record_stream(d2h)
+            return self._clip_host, _record(d2h)
+
+    def _wait_future(self, b: Bucket) -> None:
+        future, b.future = b.future, None
+        if future is not None:
+            future.result()  # host wait; re-raises a worker's exception
+
+    def _wait_bucket(self, b: Bucket) -> None:
+        self._wait_future(b)
+        if self._cuda and b.params_ready is not None:
+            torch.cuda.current_stream(self._device).wait_event(b.params_ready)
+
+    def _quiesce(self) -> None:
+        """Wait until no stream or thread touches the host buffers (host sync on CUDA)."""
+        self.synchronize()
+        for stream in self._streams.values():
+            stream.synchronize()
+
+    # ---------------------------------------------------------------- memory accounting
+    def host_memory_bytes(self) -> int:
+        """Bytes of the offloaded state and host staging buffers this optimizer allocated."""
+        total = self._clip_host.nbytes
+        for b in self._buckets:
+            if not b.on_device:
+                total += sum(t.nbytes for t in (b.master, b.exp_avg, b.exp_avg_sq, b.host_grad, b.host_weight) if t is not None)
+        return total
+
+    def device_memory_bytes(self) -> int:
+        """Bytes of device-resident state, staging slots and the largest transient gradient gather.
+
+        On a CPU-only run the "device" is host memory too; the split still reports the two roles.
+        """
+        total = sum(t.nbytes for s in self._slots for t in s.tensors)
+        device_side = [b for b in self._buckets if b.on_device or self.engine == "gpu_stream"]
+        total += sum(t.nbytes for b in self._buckets if b.on_device for t in (b.master, b.exp_avg, b.exp_avg_sq))
+        if device_side:
+            total += 4 * max(b.numel for b in device_side)
+        return total
+
+    @staticmethod
+    def check_host_memory(
+        num_offloaded_params: int,
+        local_ranks: int,
+        available_bytes: int | None = None,
+        *,
+        bytes_per_param: int = 12,
+        staging_bytes: int = 0,
+    ) -> int:
+        """Raise ValueError unless `local_ranks` x (params x bytes_per_param + staging) fits in host memory.
+
+        `available_bytes` defaults to MemAvailable; returns the bytes needed.
+        """
+        if num_offloaded_params < 0 or local_ranks < 1:
+            raise ValueError(f"check_host_memory: need num_offloaded_params >= 0 and local_ranks >= 1, got {num_offloaded_params}, {local_ranks}")
+        needed = local_ranks * (num_offloaded_params * bytes_per_param + staging_bytes)
+        if available_bytes is None:
+            available_bytes = host_available_bytes()
+        if available_bytes is not None and needed > available_bytes:
+            raise ValueError(
+                f"HostAdamW host memory: {local_ranks} local rank(s) x ({num_offloaded_params:,} offloaded params x "
+                f"{bytes_per_param} B + {staging_bytes / GiB:.2f} GiB staging) = {needed / GiB:.2f} GiB needed, but only "
+                f"{available_bytes / GiB:.2f} GiB available; raise device_fraction, shard over more ranks, or run fewer "
+                f"ranks per host"
+            )
+        return needed
+
+    # ---------------------------------------------------------------- checkpointing
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """Torch-format state: per param index {step, master, exp_avg, exp_avg_sq} for the local shard.
+
+        DTensor parameters get DTensor state with the same mesh/placements, so
+        `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` and DCP resharding work.
+        Tensors are views of the live buffers where a parameter sits in one bucket (as in torch).
+        """
+        self._quiesce()
+        state = {}
+        for i, p in enumerate(self._params):
+            entry = {"step": torch.tensor(float(self._steps[i]), dtype=torch.float32)}
+            for key in STATE_KEYS:
+                entry[key] = _as_param_layout(p, self._gather_state(i, key))
+            state[i] = entry
+        groups, offset = [], 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(offset, offset + len(g["params"])))
+            offset += len(g["params"])
+            groups.append(packed)
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a `state_dict()` (possibly reloaded through DCP) and write the masters into the params."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("load_state_dict: expected a dict with 'state' and 'param_groups' (from HostAdamW.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                f"load_state_dict: saved group sizes {[len(g['params']) for g in saved_groups]} do not match "
+                f"this optimizer's {[len(g['params']) for g in self.param_groups]}"
+            )
+        self._quiesce()
+        saved_ids = [pid for g in saved_groups for pid in g["params"]]
+        for i, pid in enumerate(saved_ids):
+            entry = state_dict["state"].get(pid)
+            if entry is None:
+                continue
+            for key in STATE_KEYS:
+                if key in entry:
+                    self._scatter_state(i, key, local_shard(entry[key]))
+            if "step" in entry:
+                step = entry["step"]
+                self._steps[i] = int(local_shard(step).item() if isinstance(step, torch.Tensor) else step)  # host read
+        for g, saved in zip(self.param_groups, saved_groups):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        locals_ = [local_shard(p).detach() for p in self._params]
+        for b in self._buckets:
+            self._write_params(b, b.master, locals_, [True] * len(self._params))
+        if self._cuda:
+            torch.cuda.current_stream(self._device).synchronize()  # host buffers may be reused right after
+
+    def _pieces_of(self, i: int):
+        return [(self._buckets[bi], piece) for bi in self._buckets_of_param[i] for piece in self._buckets[bi].pieces if piece.param_index == i]
+
+    def _gather_state(self, i: int, key: str) -> torch.Tensor:
+        shape = local_shard(self._params[i]).shape
+        parts = [getattr(b, key)[piece.bucket_offset : piece.bucket_offset + piece.numel] for b, piece in self._pieces_of(i)]
+        if not parts:
+            return torch.zeros(shape, dtype=torch.float32, device=self._device)
+        if len(parts) == 1:
+            return parts[0].view(shape)
+        if len({t.device for t in parts}) > 1:
+            parts = [t.cpu() for t in parts]
+        return torch.cat(parts).view(shape)
+
+    def _scatter_state(self, i: int, key: str, value: torch.Tensor) -> None:
+        flat = value.reshape(-1)
+        numel = local_shard(self._params[i]).numel()
+        if flat.numel() != numel:
+            raise ValueError(f"load_state_dict: state[{i}][{key!r}] has {flat.numel()} elements, the local shard has {numel}")
+        for b, piece in self._pieces_of(i):
+            dst = getattr(b, key)[piece.bucket_offset : piece.bucket_offset + piece.numel]
+            src = flat[piece.param_offset : piece.param_offset + piece.numel]
+            if dst.data_ptr() != src.data_ptr() or dst.device != src.device:
+                dst.copy_(src)
+
+
+def _record(stream):
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _as_param_layout(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Wrap a local fp32 state tensor as a DTensor laid out like parameter `p` (no data movement)."""
+    if not isinstance(p, DTensor):
+        return local
+    # DTensor.from_local would move host state to the mesh's device; build the DTensor in place,
+    # as FSDP2's CPU offload does.
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(p.device_mesh, tuple(p.placements), tensor_meta=TensorMeta(p.shape, p.stride(), torch.float32))
+    return DTensor(local, spec, requires_grad=False)
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, torch.Tensor) or lr < 0:
+        raise ValueError(f"lr={lr}: expected a non-negative float")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas={betas}: expected two floats in [0, 1)")
+    if eps < 0 or weight_decay < 0:
+        raise ValueError(f"eps={eps}, weight_decay={weight_decay}: expected non-negative floats")
+
+
+def _group_hyper(group: dict) -> AdamWHyper:
+    _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    beta1, beta2 = group["betas"]
+    return AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+
+
+def _check_clip(clip_coef):
+    if clip_coef is None:
+        return None
+    if isinstance(clip_coef, torch.Tensor):
+        if clip_coef.numel() != 1 or not clip_coef.is_floating_point():
+            raise ValueError(f"clip_coef: expected a float or a one-element float tensor, got shape {tuple(clip_coef.shape)}")
+        return clip_coef.detach().reshape(())
+    if isinstance(clip_coef, (int, float)):
+        return float(clip_coef)
+    raise ValueError(f"clip_coef: expected None, a float or a one-element tensor, got {type(clip_coef).__name__}")
