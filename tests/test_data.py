@@ -209,6 +209,9 @@ def test_prepare_errors(tmp_path):
         prepare_dataset([tmp_path / "nope.txt"], tmp_path / "o1")
     with pytest.raises(ValueError, match="unknown extension '.csv'"):
         prepare_dataset([tmp_path / "a.csv"], tmp_path / "o2")
+    (tmp_path / "no_inputs").mkdir()
+    with pytest.raises(ValueError, match="no .txt, .jsonl or .parquet files found"):
+        prepare_dataset([tmp_path / "no_inputs"], tmp_path / "o0")
     with pytest.raises(ValueError, match="no non-empty documents"):
         prepare_dataset([tmp_path / "empty.txt"], tmp_path / "o3")
     with pytest.raises(ValueError, match="key 'text'"):
