@@ -1,0 +1,84 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU FFN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mop.ops.attention import causal_attention
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale; statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, S, Dh/2] for the given (per-document) positions, in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float32) / head_dim))
+    angles = positions_BS.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) (the Llama/Qwen "rotate half" convention)."""
+    x1, x2 = x_BSHD.float().chunk(2, dim=-1)
+    cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BSHD.dtype)
+
+
+class AttentionCore(nn.Module):
+    """Causal, document-masked attention of local tensors; `parallelize()` swaps in Ulysses."""
+
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, positions_BS):
+        return causal_attention(q_BHSD, k_BHSD, v_BHSD, positions_BS)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional QK-norm and rotary embeddings."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: bool, bias: bool,
+                 norm_eps: float, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.core = AttentionCore()
+
+    def forward(self, x_BSH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions_BS: torch.Tensor):
+        B, S, _ = x_BSH.shape
+        q = self.wq(x_BSH).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions_BS)
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,106 @@
+"""Mixture-of-Experts layer: router, stacked routed experts (dropless grouped GEMM), shared experts."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mop.models.config import ModelConfig
+from mop.models.layers import FeedForward
+from mop.ops.grouped_mm import grouped_mm
+
+
+class Router(nn.Module):
+    """Token-choice top-k router (softmax or sigmoid scores), optional aux loss and selection bias.
+
+    `reduce_stats` sums per-expert statistics over every rank that shares the global batch; it is
+    the identity on one device, and `parallelize()` sets it to an all-reduce so the auxiliary loss
+    uses global load fractions (lossless: the sum of per-rank aux losses equals the global one).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.score_func, self.norm_topk, self.route_scale = cfg.score_func, cfg.norm_topk, cfg.route_scale
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        # Aux-loss-free balancing (DeepSeek-V3): a bias added to the scores for selection only,
+        # nudged after each optimizer step towards the mean load. Not a parameter (no gradient).
+        self.use_expert_bias = cfg.expert_bias
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
+        # Tokens per expert of the last forward (overwritten, so recomputation does not double count).
+        self.register_buffer("last_tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
+        self.reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x_TH: torch.Tensor):
+        """Returns (topk_idx [T,k] int64, topk_weight [T,k] in x dtype, aux_loss scalar fp32)."""
+        logits_TE = F.linear(x_TH.float(), self.gate.weight.float())
+        scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
+        select_TE = scores_TE + self.expert_bias if self.use_expert_bias else scores_TE
+        topk_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
+        topk_w_TK = scores_TE.gather(-1, topk_idx_TK)
+        if self.norm_topk:
+            topk_w_TK = topk_w_TK / (topk_w_TK.sum(-1, keepdim=True) + 1e-20)
+        topk_w_TK = topk_w_TK * self.route_scale
+        counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts).float()
+        self.last_tokens_per_expert.copy_(counts_E.detach())
+        aux = x_TH.new_zeros((), dtype=torch.float32)
+        if self.aux_loss_coef > 0 and self.training:
+            # Switch-style: coef * E * sum_e f_e * P_e with global f (detached) and global mean prob P.
+            probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            stats = torch.cat([counts_E, counts_E.new_tensor([x_TH.shape[0]])])
+            if self.reduce_stats is not None:
+                stats = self.reduce_stats(stats)
+            global_counts_E, global_tokens = stats[:-1], stats[-1]
+            f_E = global_counts_E / (global_tokens * self.top_k)
+            aux = self.aux_loss_coef * self.n_experts * (f_E * probs_TE.sum(0) / global_tokens).sum()
+        return topk_idx_TK, topk_w_TK.to(x_TH.dtype), aux
+
+
+class GroupedExperts(nn.Module):
+    """E routed SwiGLU experts stored stacked: w1/w3 [E, H, I], w2 [E, I, H]; dropless grouped GEMM."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        T, K = topk_idx_TK.shape
+        flat_expert = topk_idx_TK.flatten()
+        order = torch.argsort(flat_expert, stable=True)  # routed slots sorted by expert
+        tokens_per_expert_E = torch.bincount(flat_expert, minlength=self.n_experts)
+        token_of_slot = order // K
+        x_routed = x_TH[token_of_slot]
+        h = F.silu(grouped_mm(x_routed, self.w1, tokens_per_expert_E)) * grouped_mm(x_routed, self.w3,
+                                                                                     tokens_per_expert_E)
+        out = grouped_mm(h, self.w2, tokens_per_expert_E)
+        out = out * topk_weight_TK.flatten()[order, None]
+        y = torch.zeros(T, x_TH.shape[1], dtype=torch.float32, device=x_TH.device)
+        y.index_add_(0, token_of_slot, out.float())
+        return y.to(x_TH.dtype)
+
+
+class MoE(nn.Module):
+    """Router + routed experts + optional shared experts (computed on every token)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_dim)
+        self.shared_experts = FeedForward(cfg.dim, cfg.shared_dim) if cfg.shared_dim else None
+
+    def forward(self, x_BSH: torch.Tensor):
+        """Returns (y [B,S,H], aux_loss)."""
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape(B * S, H)
+        topk_idx_TK, topk_w_TK, aux = self.router(x_TH)
+        y_TH = self.experts(x_TH, topk_idx_TK, topk_w_TK)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        return y_TH.view(B, S, H), aux

@@ -1,0 +1,149 @@
+"""The decoder-only MoE transformer, in plain single-device PyTorch.
+
+Parallelism is applied afterwards by `mop.parallel.parallelize`, which swaps submodules with the
+same forward signature (attention core, experts, embedding, output head) and shards parameters.
+Build on the meta device, then materialise and initialise:
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from mop.models.config import ModelConfig
+from mop.models.layers import Attention, FeedForward, RMSNorm, rope_cos_sin
+from mop.models.moe import MoE
+from mop.ops.cross_entropy import OutputHead
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention, then a MoE (or dense, for the first layers) FFN."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, cfg.attn_bias,
+                                   cfg.norm_eps, cfg.rope_theta)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_id >= cfg.n_dense_layers
+        if self.is_moe:
+            self.moe = MoE(cfg)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.dense_dim)
+
+    def forward(self, x_BSH, rope, positions_BS):
+        """Returns (x_BSH, aux_loss)."""
+        x_BSH = x_BSH + self.attention(self.attention_norm(x_BSH), rope, positions_BS)
+        h = self.ffn_norm(x_BSH)
+        if self.is_moe:
+            y, aux = self.moe(h)
+        else:
+            y, aux = self.feed_forward(h), h.new_zeros((), dtype=torch.float32)
+        return x_BSH + y, aux
+
+
+class Transformer(nn.Module):
+    """Decoder-only MoE language model. `forward(tokens, positions, labels, normalizer)` -> losses."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # ModuleDict keyed by layer index keeps FQNs stable when layers are wrapped/sharded.
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = OutputHead(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.activation_checkpoint = False  # set by parallelize()/trainer; recompute each block in backward
+
+    # -- initialisation ----------------------------------------------------------------------------
+    def param_init_std(self, fqn: str) -> float | None:
+        """Init rule by parameter name: None = ones (norm scales), 0.0 = zeros (biases), else normal std."""
+        parts = fqn.split(".")
+        if len(parts) >= 2 and parts[-2].endswith("norm"):
+            return None
+        if parts[-1] == "bias":
+            return 0.0
+        std = self.cfg.init_std
+        if fqn.endswith(("attention.wo.weight", "w2.weight")) or fqn.endswith("experts.w2"):
+            std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs: keep the stream's scale
+        return std
+
+    def full_param_value(self, fqn: str, shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+        """The full, layout-independent initial value of parameter `fqn` (fp32).
+
+        Seeded per parameter by (seed, name), so any sharding initialises identically to one device.
+        """
+        std = self.param_init_std(fqn)
+        if std is None:
+            return torch.ones(shape, device=device)
+        if std == 0.0:
+            return torch.zeros(shape, device=device)
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(fqn.encode()))
+        return torch.randn(shape, generator=gen, device=device) * std
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter and buffer of a (non-sharded) model in place."""
+        for fqn, p in self.named_parameters():
+            p.copy_(self.full_param_value(fqn, p.shape, seed, p.device).to(p.dtype))
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        for block in self.layers.values():
+            if block.is_moe:
+                block.moe.router.expert_bias.zero_()
+                block.moe.router.last_tokens_per_expert.zero_()
+
+    # -- forward -----------------------------------------------------------------------------------
+    def hidden_states(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor):
+        """Final-norm hidden states [B, S, H] and the summed auxiliary loss."""
+        h = self.tok_embeddings(tokens_BS)
+        rope = rope_cos_sin(positions_BS, self.cfg.head_dim, self.cfg.rope_theta)
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers.values():
+            if self.activation_checkpoint and self.training:
+                h, aux = checkpoint(block, h, rope, positions_BS, use_reentrant=False)
+            else:
+                h, aux = block(h, rope, positions_BS)
+            aux_total = aux_total + aux
+        return self.norm(h), aux_total
+
+    def forward(self, tokens_BS, positions_BS, labels_BS=None, normalizer=None):
+        """Without labels: hidden states. With labels: (cross-entropy loss, auxiliary loss).
+
+        The cross-entropy is summed over target tokens and divided by `normalizer` (the number of
+        target tokens in the global batch), so per-rank losses add up to the global mean.
+        """
+        hidden, aux = self.hidden_states(tokens_BS, positions_BS)
+        if labels_BS is None:
+            return hidden
+        if normalizer is None:
+            normalizer = (labels_BS != -100).sum().clamp(min=1)
+        ce = self.output(hidden.flatten(0, 1), labels_BS.flatten(), normalizer)
+        return ce, aux
+
+    def routers(self):
+        return [b.moe.router for b in self.layers.values() if b.is_moe]
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_LE: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: move each router's bias towards the mean load.
+
+        `tokens_per_expert_LE` holds the (globally reduced) loads of the last optimizer step.
+        """
+        for router, load_E in zip(self.routers(), tokens_per_expert_LE):
+            if router.use_expert_bias:
+                router.expert_bias.add_(self.cfg.expert_bias_rate * torch.sign(load_E.mean() - load_E))

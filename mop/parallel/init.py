@@ -1,0 +1,25 @@
+"""Layout-independent initialisation of (possibly sharded) parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+@torch.no_grad()
+def init_weights_sharded(model, seed: int, device: torch.device) -> None:
+    """Give every parameter the value it would have on one device (`model.full_param_value`).
+
+    Each parameter's full value is generated from (seed, name) on `device`, one parameter at a time,
+    and only this rank's shard is kept: the whole model never exists in one place, and any layout
+    starts from the same weights, which is what makes the lossless comparisons possible.
+    """
+    for fqn, p in model.named_parameters():
+        full = model.full_param_value(fqn, p.shape, seed, device)
+        if isinstance(p, DTensor):
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().copy_(local.to(p.dtype))
+        else:
+            p.copy_(full.to(p.dtype))
+        del full
+    model.reset_buffers()

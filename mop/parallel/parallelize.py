@@ -1,0 +1,131 @@
+"""`parallelize()`: the one place where the MoP layout is applied to a model.
+
+Steps, in this fixed order (each a small `apply_*` function; later steps see earlier results):
+
+1. `apply_sequence_parallel`  attention cores -> Ulysses over the D-group (D > 1)
+2. `apply_expert_parallel`    routed experts -> Ep x (W/Ep) sharded, token dispatch (alltoall/LLEP)
+3. `apply_vocab_parallel`     embedding and output head -> vocabulary blocks over the P-group (P > 1)
+4. `apply_router_stats`       routers' load statistics summed over all W ranks (global aux loss)
+5. `apply_activation_checkpointing`
+6. `apply_fsdp`               every remaining (dense) parameter sharded over all W with FSDP2
+
+Steps 2 and 3 turn their parameters into DTensors on their own meshes; step 6 shards everything
+that is still a plain tensor, so each parameter is sharded exactly once. The model must still be on
+the meta device; materialise with `to_empty()` and `mop.parallel.init.init_weights_sharded` after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from mop.parallel.layout import Layout
+
+
+class _AllReduceSum:
+    """A picklable callable that sums a small statistics tensor over a process group."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, stats: torch.Tensor) -> torch.Tensor:
+        # Differentiability is not needed: routers reduce detached counts only.
+        out = stats.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+
+def apply_sequence_parallel(model, layout: Layout, pcfg) -> None:
+    """Swap each attention core for Ulysses attention over the sequence group."""
+    if layout.spec.seq == 1:
+        return
+    from mop.parallel.ulysses import UlyssesAttention
+
+    cfg = model.cfg
+    for block in model.layers.values():
+        block.attention.core = UlyssesAttention(layout.seq_group, cfg.n_heads, cfg.n_kv_heads,
+                                                head_chunks=pcfg.ulysses_head_chunks)
+
+
+def apply_expert_parallel(model, layout: Layout, pcfg) -> None:
+    """Replace routed experts by the hybrid EP x sharding module with the configured dispatcher."""
+    try:
+        from mop.parallel.experts import ExpertParallelExperts
+    except ImportError:
+        return  # until the expert-parallel module lands, FSDP shards the experts over W (ZeRO-3)
+    for block in model.layers.values():
+        if block.is_moe:
+            block.moe.experts = ExpertParallelExperts.from_module(block.moe.experts, layout, pcfg)
+
+
+def apply_vocab_parallel(model, layout: Layout, pcfg) -> None:
+    """Embedding and output head as vocabulary blocks over the P-group (sharded over W at rest)."""
+    if layout.spec.vocab == 1:
+        return
+    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead
+
+    if model.cfg.tie_embeddings:
+        raise ValueError("model.tie_embeddings is not supported with parallel.vocab > 1; untie or set parallel.vocab=1")
+    model.tok_embeddings = VocabParallelEmbedding.from_module(model.tok_embeddings, layout)
+    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=pcfg.vocab_schedule)
+
+
+def apply_router_stats(model, layout: Layout) -> None:
+    """Routers see global load fractions: their statistics are summed over all W ranks."""
+    reducer = _AllReduceSum(layout.world_group)
+    for router in model.routers():
+        router.reduce_stats = reducer
+
+
+def apply_activation_checkpointing(model, enabled: bool) -> None:
+    model.activation_checkpoint = enabled
+
+
+def apply_fsdp(model, layout: Layout, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
+               reshard_after_forward: bool = True) -> None:
+    """FSDP2 over all W ranks for every parameter not already sharded by an earlier step.
+
+    One FSDP unit per block (all-gathered just before use, freed after, grads reduce-scattered),
+    plus the root (embedding, final norm, output head). Gradients are SUMMED over ranks: each rank's
+    loss is already divided by the global token count.
+    """
+    mesh = layout.world_mesh
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+    def ignored(module):
+        return {p for p in module.parameters() if isinstance(p, DTensor)}
+
+    units = []
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored(block))
+        units.append(block)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored(model))
+    units.append(model)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+    # Prefetch the next block's all-gather during the current block's compute (forward) and the
+    # previous block's during backward, beyond FSDP2's implicit one-ahead.
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[i + 1]])
+        if i > 0:
+            block.set_modules_to_backward_prefetch([blocks[i - 1]])
+
+
+def parallelize(model, layout: Layout, job, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = None) -> None:
+    """Apply the MoP layout to a meta-device `Transformer` in place (see the module docstring)."""
+    cfg = model.cfg
+    layout.spec.validate_model(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_experts=cfg.n_experts,
+                               seq_len=job.training.seq_len)
+    apply_sequence_parallel(model, layout, job.parallel)
+    apply_expert_parallel(model, layout, job.parallel)
+    apply_vocab_parallel(model, layout, job.parallel)
+    apply_router_stats(model, layout)
+    apply_activation_checkpointing(model, job.training.activation_checkpoint)
+    apply_fsdp(model, layout, param_dtype, reduce_dtype, job.parallel.reshard_after_forward)

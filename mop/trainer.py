@@ -1,0 +1,286 @@
+"""The training loop: data, model build (meta -> parallelize -> materialise), AdamW, schedule,
+gradient accumulation, clipping, metrics and checkpoints. One code path for 1 CPU process, one GPU
+and N ranks under torchrun."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from mop.checkpoint import CheckpointManager, Stateful, rng_state, set_rng_state
+from mop.config import JobConfig
+from mop.distributed import ProcessInfo, init_process
+from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes
+from mop.models.transformer import Transformer
+from mop.parallel.layout import Layout, LayoutSpec
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def build_loader(job: JobConfig, spec: LayoutSpec, rank: int, vocab_size: int):
+    """This rank's loader: its sequence group's sequences, its chunk of each (see mop.data.loader)."""
+    from mop.data import PackedLoader, SyntheticLoader, TokenDataset, ensure_default_dataset
+
+    t = job.training
+    common = dict(seq_len=t.seq_len, batch_size=t.batch_size, dp_rank=spec.dp_rank(rank), dp_size=spec.data_parallel,
+                  seq_rank=spec.seq_rank(rank), seq_size=spec.seq, seed=t.seed)
+    if job.data.dataset == "synthetic":
+        return SyntheticLoader(vocab_size, doc_len=job.data.synthetic_doc_len or None, **common)
+    if job.data.dataset == "default":
+        path = ensure_default_dataset(os.path.expanduser(job.data.cache_dir))
+    else:
+        path = job.data.dataset
+    dataset = TokenDataset(path)
+    if dataset.vocab_size > vocab_size:
+        raise ValueError(f"data.dataset {path} has vocabulary {dataset.vocab_size} > model.vocab_size={vocab_size}; "
+                         f"set --model.vocab_size={dataset.vocab_size} or use a matching tokenizer")
+    return PackedLoader(dataset, **common)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (for callers and tests)."""
+
+    history: list[dict] = field(default_factory=list)
+    captured_grads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds everything from a `JobConfig` and trains. Works in-process under an existing group."""
+
+    def __init__(self, job: JobConfig, proc: ProcessInfo | None = None):
+        self.job = job
+        t = job.training
+        self.proc = proc or init_process(t.device)
+        self.device = self.proc.device
+        self.spec = LayoutSpec(self.proc.world, job.parallel.seq, job.parallel.expert, job.parallel.vocab)
+        self.spec.validate_model(n_heads=job.model.n_heads, n_kv_heads=job.model.n_kv_heads,
+                                 n_experts=job.model.n_experts, seq_len=t.seq_len)
+        # GPUs always take the sharded path (FSDP2 mixed precision, also on one GPU); one CPU process
+        # runs the plain model in fp32.
+        self.sharded = self.proc.world > 1 or self.device.type == "cuda"
+        if self.sharded and not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=0, world_size=1)
+        dtype = t.dtype if t.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        torch.manual_seed(t.seed)
+
+        self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
+        self.model = self._build_model()
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.step = 0
+        self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
+        if job.checkpoint.resume:
+            latest = self.ckpt.latest()
+            if latest is not None:
+                self.load_checkpoint(latest)
+
+    # -- construction ------------------------------------------------------------------------------
+    def _build_model(self) -> Transformer:
+        from mop.parallel.init import init_weights_sharded
+        from mop.parallel.parallelize import parallelize
+
+        job = self.job
+        with torch.device("meta"):
+            model = Transformer(job.model)
+        if self.sharded:
+            self.layout = Layout.build(self.spec, self.device)
+            reduce = torch.float32 if job.parallel.reduce_dtype == "fp32" else torch.bfloat16
+            param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
+            parallelize(model, self.layout, job, param_dtype=param_dtype, reduce_dtype=reduce)
+            model.to_empty(device=self.device)
+            init_weights_sharded(model, job.training.seed, self.device)
+        else:
+            self.layout = None
+            model.activation_checkpoint = job.training.activation_checkpoint
+            model.to_empty(device=self.device)
+            model.init_weights(job.training.seed)
+        model.train()
+        return model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.job.optimizer
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if o.offload != "none":
+            from mop.optim import HostAdamW
+
+            return HostAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, engine=o.offload,
+                             device_fraction=max(o.device_fraction, 0.0), bucket_numel=o.bucket_numel)
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=not fused)
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and self.proc.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def _grad_norm_and_clip(self) -> torch.Tensor:
+        """Global L2 norm of all gradients (every parameter is sharded exactly once), then clip."""
+        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        if grads:
+            sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
+        norm = self._all_reduce(sq).sqrt()
+        max_norm = self.job.training.max_grad_norm
+        if max_norm > 0 and grads:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on device: no host sync
+            torch._foreach_mul_(grads, coef)
+        return norm
+
+    def train_step(self, capture_grads: bool = False) -> dict:
+        t = self.job.training
+        batches = [next(self.loader) for _ in range(t.grad_accum)]
+        n_targets = sum((b["labels"] != -100).sum() for b in batches).to(self.device, torch.float32)
+        normalizer = self._all_reduce(n_targets).clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        routers = self.model.routers()
+        loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
+        autocast = (torch.autocast("cuda", dtype=self.compute_dtype)
+                    if self.device.type == "cuda" and not self.sharded else torch.autocast("cpu", enabled=False))
+        for i, b in enumerate(batches):
+            tokens, positions, labels = (b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels"))
+            with autocast:
+                ce, aux = self.model(tokens, positions, labels, normalizer)
+            loss = ce + aux / t.grad_accum
+            loss.backward()
+            loss_sum += ce.detach()
+            aux_sum += aux.detach() / t.grad_accum
+            if routers:
+                loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
+        captured = self.full_grads() if capture_grads else None
+        grad_norm = self._grad_norm_and_clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if routers and any(r.use_expert_bias for r in routers):
+            self.model.update_expert_bias(self._all_reduce(loads_LE))
+        self.step += 1
+        return {"loss_local": loss_sum, "aux_local": aux_sum, "grad_norm": grad_norm, "loads": loads_LE,
+                "grads": captured}
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def tokens_per_device_per_step(self) -> int:
+        t = self.job.training
+        return t.batch_size * (t.seq_len // self.spec.seq) * t.grad_accum
+
+    def train(self, capture_grads_at: tuple[int, ...] = ()) -> TrainResult:
+        job, t = self.job, self.job.training
+        result = TrainResult()
+        logger = MetricsLogger(job.logging.run_dir, t.steps, job.logging.progress, job.logging.tensorboard,
+                               enabled=self.proc.is_main, start_step=self.step)
+        if self.proc.is_main:
+            counts = job.model.param_counts()
+            print(f"mop: {job.model.shape} ({counts['total'] / 1e6:.1f}M params, {counts['active'] / 1e6:.1f}M active) "
+                  f"on {self.proc.world} x {self.device.type}, layout W={self.spec.world} D={self.spec.seq} "
+                  f"Ep={self.spec.expert} P={self.spec.vocab}, {t.seq_len} tokens/seq, "
+                  f"{self.tokens_per_device_per_step() * self.proc.world} tokens/step", flush=True)
+        meter = Throughput(job.model.flops_per_token(t.seq_len), self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.step < t.steps:
+                out = self.train_step(capture_grads=(self.step + 1) in capture_grads_at)
+                meter.add(self.tokens_per_device_per_step())
+                if out["grads"] is not None:
+                    result.captured_grads[self.step] = out["grads"]
+                if self.step % job.logging.log_every == 0 or self.step == t.steps:
+                    stats = self._all_reduce(torch.stack([out["loss_local"], out["aux_local"]]))
+                    stats = stats.tolist()  # host sync: logging steps only
+                    metrics = {"loss": stats[0], "aux_loss": stats[1], "grad_norm": float(out["grad_norm"]),
+                               "lr": self.scheduler.get_last_lr()[0], **meter.read(), **device_memory(self.device),
+                               "host_rss_gib": host_rss_bytes() / 2**30}
+                    loads = out["loads"]
+                    if loads.numel():
+                        loads = self._all_reduce(loads)
+                        metrics["expert_imbalance"] = float((loads.max(-1).values / loads.mean(-1).clamp(min=1)).max())
+                    result.history.append({"step": self.step, **metrics})
+                    logger.log(self.step, metrics)
+                logger.advance()
+                if job.checkpoint.enabled and ((job.checkpoint.every and self.step % job.checkpoint.every == 0)
+                                               or self.step == t.steps):
+                    self.save_checkpoint()
+        finally:
+            logger.close()
+        return result
+
+    # -- state -------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        model, optim = self.model, self.optimizer
+        if hasattr(optim, "dcp_state_dict"):
+            optim_state = Stateful(optim.dcp_state_dict, optim.load_dcp_state_dict)
+        else:
+            optim_state = Stateful(lambda: get_optimizer_state_dict(model, optim),
+                                   lambda sd: set_optimizer_state_dict(model, optim, sd))
+        return {
+            "model": Stateful(lambda: get_model_state_dict(model), lambda sd: set_model_state_dict(model, sd)),
+            "optimizer": optim_state,
+            "scheduler": Stateful(self.scheduler.state_dict, self.scheduler.load_state_dict),
+            "loader": Stateful(self.loader.state_dict, self.loader.load_state_dict),
+            "trainer": Stateful(lambda: {"step": self.step, "rng": rng_state()}, self._load_trainer_state),
+        }
+
+    def _load_trainer_state(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+        set_rng_state(sd["rng"])
+
+    def save_checkpoint(self):
+        t0 = time.perf_counter()
+        path = self.ckpt.save(self.step, self._state())
+        if self.proc.is_main:
+            print(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s", flush=True)
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        self.ckpt.load(path, self._state())
+        if self.proc.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter as a full (unsharded) CPU tensor, keyed by FQN (collective on all ranks)."""
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
+                for n, p in self.model.named_parameters()}
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Every gradient as a full CPU tensor, keyed by FQN (collective on all ranks)."""
+        out = {}
+        for n, p in self.model.named_parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                out[n] = g.detach().float().cpu()
+        return out
