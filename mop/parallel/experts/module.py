@@ -1,0 +1,117 @@
+"""`ExpertParallelExperts`: the contract's experts module for hybrid expert parallelism x sharding.
+
+Weights `w1` [E, H, I], `w3` [E, H, I], `w2` [E, I, H] are DTensors of the full shapes on
+`layout.expert_mesh` [W/Ep, Ep] ("expert_shard", "expert"): Shard(0) over "expert" (expert-group
+position p owns experts [p*E/Ep, (p+1)*E/Ep)) and the I dim sharded over "expert_shard", so each
+rank persistently holds Θ_exp / W. Every Ep-group (row of the mesh) logically holds all experts:
+the shards are all-gathered over "expert_shard" before the GEMMs and the gradients reduce-scattered
+with SUM back into the shards, which sums the contributions of all Ep-groups' tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from mop.parallel.experts.dispatch import AllToAllDispatcher, LlepDispatcher, TokenDispatcher
+from mop.parallel.experts.pipeline import MoELayerFunction, ShardSpec
+
+DISPATCHERS = ("alltoall", "llep", "llep_pipelined")
+
+
+@dataclass
+class ExpertParallelConfig:
+    """Options of the expert layer; validated on creation."""
+
+    dispatcher: str = "alltoall"          # "alltoall" | "llep" | "llep_pipelined"
+    llep_alpha: float = 1.1               # per-rank capacity = alpha * total / Ep
+    llep_min_chunk: int = 1024            # smallest spilled slice of an expert (tokens)
+    llep_imbalance_threshold: float = 1.3  # lambda: below this max/mean load, plain EP
+    chunk_tokens: int = 4096              # llep_pipelined: tokens per chunk (c)
+    max_chunks: int = 10                  # llep_pipelined: at most this many chunks (K_max)
+
+    def __post_init__(self) -> None:
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"experts.dispatcher={self.dispatcher!r} is not one of {DISPATCHERS}")
+        if not self.llep_alpha >= 1.0:
+            raise ValueError(f"experts.llep_alpha={self.llep_alpha} must be >= 1.0")
+        if self.llep_min_chunk < 1:
+            raise ValueError(f"experts.llep_min_chunk={self.llep_min_chunk} must be >= 1")
+        if not self.llep_imbalance_threshold > 0:
+            raise ValueError(f"experts.llep_imbalance_threshold={self.llep_imbalance_threshold} must be > 0")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"experts.chunk_tokens={self.chunk_tokens} must be >= 1")
+        if self.max_chunks < 1:
+            raise ValueError(f"experts.max_chunks={self.max_chunks} must be >= 1")
+
+    @classmethod
+    def from_any(cls, cfg) -> "ExpertParallelConfig":
+        """Accept None (defaults), an instance, a dict, or any object carrying some of these field names."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
+        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+
+
+def make_dispatcher(cfg: ExpertParallelConfig, n_experts: int, group) -> TokenDispatcher:
+    """The dispatcher named by `cfg.dispatcher` for the expert group `group`."""
+    if cfg.dispatcher == "alltoall":
+        return AllToAllDispatcher(n_experts, group)
+    pipelined = cfg.dispatcher == "llep_pipelined"
+    return LlepDispatcher(n_experts, group, alpha=cfg.llep_alpha, min_chunk=cfg.llep_min_chunk,
+                          imbalance_threshold=cfg.llep_imbalance_threshold, chunk_tokens=cfg.chunk_tokens,
+                          max_chunks=cfg.max_chunks if pipelined else 1, recompute=pipelined)
+
+
+class ExpertParallelExperts(nn.Module):
+    """Drop-in experts module: `forward(x_TH, topk_idx_TK, topk_weight_TK) -> y_TH`, dropless SwiGLU.
+
+    Build with `from_module(orig, layout, cfg)` from the (meta-device) single-device module; the
+    parameters are then meta DTensors to be materialised with `to_empty()` and initialised.
+    """
+
+    # Sharded dim (the expert width I) of w1 [E, H, I], w3 [E, H, I], w2 [E, I, H].
+    SHARD_DIMS = (2, 2, 1)
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, layout, cfg: ExpertParallelConfig,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "meta"):
+        super().__init__()
+        ep = layout.spec.expert
+        if n_experts % ep:
+            raise ValueError(f"parallel.expert (Ep)={ep} must divide the number of experts {n_experts}")
+        self.n_experts, self.dim, self.hidden, self.cfg = n_experts, dim, hidden, cfg
+        self.mesh = layout.expert_mesh
+        shapes = {"w1": (n_experts, dim, hidden), "w3": (n_experts, dim, hidden), "w2": (n_experts, hidden, dim)}
+        for (name, shape), sdim in zip(shapes.items(), self.SHARD_DIMS):
+            full = torch.empty(shape, dtype=dtype, device=device)
+            # src_data_rank=None: no communication, each rank just keeps its own chunk.
+            dt = distribute_tensor(full, self.mesh, (Shard(sdim), Shard(0)), src_data_rank=None)
+            self.register_parameter(name, nn.Parameter(dt))
+        self.dispatcher = make_dispatcher(cfg, n_experts, layout.expert_group)
+        self.shard_spec = ShardSpec(layout.expert_shard_group, self.SHARD_DIMS, (hidden, hidden, hidden))
+
+    @classmethod
+    def from_module(cls, orig: nn.Module, layout, cfg=None) -> "ExpertParallelExperts":
+        """Parallel twin of `orig` (params w1 [E,H,I], w3 [E,H,I], w2 [E,I,H]; shapes only are read)."""
+        E, H, I = orig.w1.shape
+        if tuple(orig.w3.shape) != (E, H, I) or tuple(orig.w2.shape) != (E, I, H):
+            raise ValueError(f"experts weights must be w1/w3 [E,H,I] and w2 [E,I,H]; got w1 {tuple(orig.w1.shape)}, "
+                             f"w3 {tuple(orig.w3.shape)}, w2 {tuple(orig.w2.shape)}")
+        return cls(E, H, I, layout, ExpertParallelConfig.from_any(cfg), dtype=orig.w1.dtype, device="meta")
+
+    from_local_module = from_module  # the name the contract uses as an example
+
+    def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        if x_TH.shape[-1] != self.dim:
+            raise ValueError(f"experts input has width {x_TH.shape[-1]}, expected {self.dim}")
+        plan = self.dispatcher.plan(topk_idx_TK)  # one host sync (split sizes)
+        return MoELayerFunction.apply(x_TH, topk_weight_TK, self.w1.to_local(), self.w3.to_local(),
+                                      self.w2.to_local(), self.dispatcher, plan, self.shard_spec)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, dim={self.dim}, hidden={self.hidden}, dispatcher={self.cfg.dispatcher}"

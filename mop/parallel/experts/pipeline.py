@@ -1,0 +1,159 @@
+"""The expert layer as one autograd Function: gather -> move weights -> per chunk dispatch/GEMMs/combine.
+
+Why one Function: every collective of the layer (shard all-gather, weight point-to-point, the
+per-chunk all-to-alls, their backward counterparts, the gradient reduce-scatter) is issued here in
+a fixed order, identical on every rank whatever its token counts. Left to the autograd engine, a
+rank whose part of the graph is empty (say, an owner that only sends weights) would skip a
+backward collective and hang its peers.
+
+Two memory regimes, chosen by the dispatcher's `recompute` flag:
+* keep (alltoall, llep): the expert GEMM graph of each chunk is kept from forward to backward,
+  like plain autograd (gathered weights included; per-block activation checkpointing frees them).
+* recompute (llep_pipelined): forward runs under no_grad and keeps only the layer inputs and the
+  weight shards; backward re-gathers the weights and, chunk by chunk, redoes the dispatch and the
+  GEMMs under enable_grad, so about one chunk of routed inputs, dispatch buffers and expert
+  intermediates is live at a time.
+Overlap: the next chunk's dispatch all-to-all is issued asynchronously before the current chunk's
+GEMMs, and a chunk's return all-to-all is finished only after the next chunk's GEMMs were issued.
+On CUDA/NCCL an async collective runs on NCCL's own stream and `work.wait()` only makes the compute
+stream wait for it (buffers stay reserved by NCCL's record_stream), so that is comm/compute overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mop.parallel.experts.comm import all_to_all, gather_shards, reduce_scatter_shards, return_expert_grads, \
+    send_expert_weights
+from mop.parallel.experts.dispatch import LayerPlan, TokenDispatcher
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How this rank's expert weights are sharded over the expert-shard group (dim and full size per weight)."""
+
+    group: object
+    dims: tuple[int, int, int]    # sharded dim of w1, w3, w2
+    sizes: tuple[int, int, int]   # full size of that dim
+
+
+def _gather_all(shards, spec: ShardSpec) -> list[torch.Tensor]:
+    return [gather_shards(w, d, n, spec.group) for w, d, n in zip(shards, spec.dims, spec.sizes)]
+
+
+def _move_weights(home, dispatcher: TokenDispatcher, plan: LayerPlan) -> list[torch.Tensor]:
+    return send_expert_weights(home, plan.transfers, plan.foreign, dispatcher.me, dispatcher.experts_per_rank,
+                               dispatcher.group)
+
+
+def _leaves(ws):
+    return [w.detach().requires_grad_() for w in ws]
+
+
+class MoELayerFunction(torch.autograd.Function):
+    """y_TH = experts(x_TH, routing) for the whole expert group; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard, dispatcher: TokenDispatcher,
+                plan: LayerPlan, spec: ShardSpec):
+        recompute = dispatcher.recompute
+        home = _gather_all((w1_shard, w3_shard, w2_shard), spec)
+        foreign = _move_weights(home, dispatcher, plan)
+        if not recompute:
+            home, foreign = _leaves(home), _leaves(foreign)
+            ctx.weights, ctx.chunks = (home, foreign), []
+        out_TH = x_TH.new_empty(x_TH.shape)
+        n_chunks = len(plan.routes)
+
+        def start_dispatch(c):
+            t0, t1 = plan.bounds[c]
+            return dispatcher.dispatch(x_TH[t0:t1], plan.routes[c], async_op=True)
+
+        def finish_combine(c, y_send, work):
+            if work is not None:
+                work.wait()
+            t0, t1 = plan.bounds[c]
+            out_TH[t0:t1] = dispatcher.combine(y_send, plan.routes[c], topk_weight_TK[t0:t1])
+
+        pending, returning = start_dispatch(0), None
+        for c in range(n_chunks):
+            recv, work = pending
+            if work is not None:
+                work.wait()
+            if c + 1 < n_chunks:
+                pending = start_dispatch(c + 1)
+            if recompute:
+                y_recv = dispatcher.compute(recv, plan.routes[c], home, foreign)
+            else:
+                recv.requires_grad_()
+                with torch.enable_grad():
+                    y_recv = dispatcher.compute(recv, plan.routes[c], home, foreign)
+            y_send, back_work = dispatcher.send_back(y_recv.detach(), plan.routes[c], async_op=True)
+            if returning is not None:
+                finish_combine(*returning)
+            returning = (c, y_send, back_work)
+            if not recompute:
+                ctx.chunks.append((recv, y_recv, y_send))
+        finish_combine(*returning)
+
+        ctx.dispatcher, ctx.plan, ctx.spec = dispatcher, plan, spec
+        ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
+        return out_TH
+
+    @staticmethod
+    def backward(ctx, g_TH):
+        x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard = ctx.saved_tensors
+        dispatcher, plan, spec = ctx.dispatcher, ctx.plan, ctx.spec
+        recompute, group = dispatcher.recompute, dispatcher.group
+        if recompute:
+            home = _gather_all((w1_shard, w3_shard, w2_shard), spec)
+            home, foreign = _leaves(home), _leaves(_move_weights(home, dispatcher, plan))
+        else:
+            home, foreign = ctx.weights
+        dx_TH = torch.zeros_like(x_TH)
+        dw_TK = torch.zeros_like(topk_weight_TK)
+        n_chunks = len(plan.routes)
+
+        def start_dispatch(c):
+            t0, t1 = plan.bounds[c]
+            return dispatcher.dispatch(x_TH[t0:t1], plan.routes[c], async_op=True)
+
+        pending = start_dispatch(0) if recompute else None
+        for c in range(n_chunks):
+            route, (t0, t1) = plan.routes[c], plan.bounds[c]
+            if recompute:
+                recv, work = pending
+                if work is not None:
+                    work.wait()
+                if c + 1 < n_chunks:
+                    pending = start_dispatch(c + 1)
+                recv.requires_grad_()
+                with torch.enable_grad():
+                    y_recv = dispatcher.compute(recv, route, home, foreign)
+                y_send, _ = dispatcher.send_back(y_recv.detach(), route)
+            else:
+                recv, y_recv, y_send = ctx.chunks[c]
+            # Combine backward (y = sum_k w * y_k, product in the input dtype).
+            T, K = t1 - t0, topk_weight_TK.shape[1]
+            g_TH1 = g_TH[t0:t1].to(y_send.dtype).unsqueeze(1)
+            y_TKH = y_send.index_select(0, route.send_inv).view(T, K, y_send.shape[-1])
+            dw_TK[t0:t1] = (g_TH1 * y_TKH).sum(-1).to(dw_TK.dtype)
+            dy_TKH = g_TH1 * topk_weight_TK[t0:t1].to(y_send.dtype).unsqueeze(-1)
+            dy_send = dy_TKH.reshape(T * K, y_send.shape[-1]).index_select(0, route.send_copy_idx)
+            dy_recv, _ = all_to_all(dy_send, route.recv_splits, route.send_splits, group)
+            torch.autograd.backward(y_recv, dy_recv)
+            d_recv = recv.grad if recv.grad is not None else torch.zeros_like(recv)
+            d_send, _ = all_to_all(d_recv, route.send_splits, route.recv_splits, group)
+            dx_TH[t0:t1].index_add_(0, route.send_token_idx, d_send)
+            if not recompute:
+                ctx.chunks[c] = None  # free this chunk's graph now
+
+        home_g = [w.grad if w.grad is not None else torch.zeros_like(w) for w in home]
+        foreign_g = [w.grad if w.grad is not None else torch.zeros_like(w) for w in foreign]
+        return_expert_grads(home_g, foreign_g, plan.transfers, plan.foreign, dispatcher.me,
+                            dispatcher.experts_per_rank, group)
+        shard_g = [reduce_scatter_shards(gw, d, spec.group) for gw, d in zip(home_g, spec.dims)]
+        ctx.weights = ctx.chunks = None
+        return dx_TH, dw_TK, *shard_g, None, None, None

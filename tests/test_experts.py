@@ -1,0 +1,215 @@
+"""ExpertParallelExperts vs a single-device reference: values, gradients, weights after AdamW steps.
+
+One spawn per world size runs every (layout, dispatcher, routing) case, to keep the file fast.
+Ranks hold different token counts (T = 64 - 8 * rank), so pipelined ranks also run empty chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.dist_utils import run_distributed
+
+E, H, I, K = 8, 16, 8, 2
+STEPS = 3
+
+# (name, cfg overrides, expect LLEP spilling in the first step: True / False / None = don't care)
+VARIANTS = [
+    ("alltoall", {"dispatcher": "alltoall"}),
+    ("llep", {"dispatcher": "llep", "llep_min_chunk": 4}),
+    ("llep_plain", {"dispatcher": "llep", "llep_min_chunk": 4, "llep_imbalance_threshold": 100.0}),
+    ("pipelined_k1", {"dispatcher": "llep_pipelined", "llep_min_chunk": 4, "chunk_tokens": 4096}),
+    ("pipelined_k4", {"dispatcher": "llep_pipelined", "llep_min_chunk": 2, "chunk_tokens": 16}),
+]
+ROUTINGS = ["balanced", "skewed", "empty_experts"]
+
+
+class SingleDeviceExperts(nn.Module):
+    """Local reference: sort by expert, one matmul per expert, weighted combine (contract semantics)."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(E, H, I, device=device))
+        self.w3 = nn.Parameter(torch.empty(E, H, I, device=device))
+        self.w2 = nn.Parameter(torch.empty(E, I, H, device=device))
+
+    def forward(self, x_TH, topk_idx_TK, topk_weight_TK):
+        T, k = topk_idx_TK.shape
+        flat = topk_idx_TK.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        xs = x_TH[order // k]
+        outs = []
+        for e, xe in enumerate(torch.split(xs, torch.bincount(flat, minlength=E).tolist())):
+            outs.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
+        ys = torch.cat(outs)
+        y_copies = torch.empty_like(ys).index_copy(0, order, ys).view(T, k, -1)
+        return (y_copies * topk_weight_TK.unsqueeze(-1)).float().sum(1).to(x_TH.dtype)
+
+
+def _routing(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "balanced":  # exactly uniform over experts: imbalance 1.0, LLEP must not spill
+        return (torch.arange(T * K) % E).view(T, K)
+    scores = torch.rand(T, E, generator=gen)
+    if kind == "skewed":  # most tokens pick experts 0 and 1 (both homed on expert-group rank 0)
+        scores[:, 0] += 10.0 * (torch.rand(T, generator=gen) < 0.9)
+        scores[:, 1] += 5.0 * (torch.rand(T, generator=gen) < 0.8)
+    else:  # experts 2, 5, 6, 7 never chosen
+        scores[:, [2, 5, 6, 7]] = -1.0
+    return scores.topk(K, dim=1).indices
+
+
+def _data(world: int, routing: str, step: int):
+    gen = torch.Generator().manual_seed(1000 * step + 7)
+    out = []
+    for r in range(world):
+        T = 64 - 8 * r
+        x = torch.randn(T, H, generator=gen)
+        idx = _routing(routing, T, gen)
+        w = torch.softmax(torch.randn(T, K, generator=gen), dim=1)
+        gy = torch.randn(T, H, generator=gen)
+        out.append((x, idx, w, gy))
+    return out
+
+
+def _full_weights():
+    gen = torch.Generator().manual_seed(0)
+    return {"w1": 0.3 * torch.randn(E, H, I, generator=gen), "w3": 0.3 * torch.randn(E, H, I, generator=gen),
+            "w2": 0.3 * torch.randn(E, I, H, generator=gen)}
+
+
+def _reference(world: int, routing: str):
+    ref = SingleDeviceExperts()
+    with torch.no_grad():
+        for n, t in _full_weights().items():
+            getattr(ref, n).copy_(t)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    first = None
+    for step in range(STEPS):
+        per_rank, loss = [], 0.0
+        for x, idx, w, gy in _data(world, routing, step):
+            x, w = x.requires_grad_(), w.requires_grad_()
+            y = ref(x, idx, w)
+            loss = loss + (y * gy).sum()
+            per_rank.append((y, x, w))
+        opt.zero_grad()
+        loss.backward()
+        if first is None:
+            first = {"y": [y.detach() for y, _, _ in per_rank], "dx": [x.grad for _, x, _ in per_rank],
+                     "dw": [w.grad for _, _, w in per_rank],
+                     "grads": {n: p.grad.clone() for n, p in ref.named_parameters()}}
+        opt.step()
+    first["final"] = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    return first
+
+
+def _worker(rank: int, world: int, eps: list[int]):
+    from torch.distributed.tensor import distribute_tensor
+
+    from mop.parallel.experts import ExpertParallelExperts
+    from mop.parallel.layout import Layout, LayoutSpec
+
+    results = {}
+    for ep in eps:
+        layout = Layout.build(LayoutSpec(world, expert=ep), torch.device("cpu"))
+        for name, cfg in VARIANTS:
+            for routing in ROUTINGS:
+                mod = ExpertParallelExperts.from_module(SingleDeviceExperts(device="meta"), layout, cfg)
+                assert mod.w1.device.type == "meta"
+                mod.to_empty(device="cpu")
+                full = _full_weights()
+                with torch.no_grad():
+                    for n, p in mod.named_parameters():
+                        p.to_local().copy_(distribute_tensor(full[n], p.device_mesh, p.placements,
+                                                             src_data_rank=None).to_local())
+                opt = torch.optim.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1)
+                res = {"local_numel": sum(p.to_local().numel() for p in mod.parameters()),
+                       "placements": {n: tuple(p.placements) for n, p in mod.named_parameters()}}
+                for step in range(STEPS):
+                    x, idx, w, gy = _data(world, routing, step)[rank]
+                    x, w = x.requires_grad_(), w.requires_grad_()
+                    y = mod(x, idx, w)
+                    opt.zero_grad()
+                    (y * gy).sum().backward()
+                    if step == 0:
+                        res.update(y=y.detach(), dx=x.grad, dw=w.grad,
+                                   grads={n: p.grad.full_tensor() for n, p in mod.named_parameters()},
+                                   n_llep=mod.dispatcher.n_llep_plans, n_plain=mod.dispatcher.n_plain_plans)
+                    opt.step()
+                res["final"] = {n: p.detach().full_tensor() for n, p in mod.named_parameters()}
+                results[(ep, name, routing)] = res
+    return results
+
+
+def _check(world: int, eps: list[int]):
+    outs = run_distributed(_worker, world, eps)
+    refs = {routing: _reference(world, routing) for routing in ROUTINGS}
+    tol = dict(atol=2e-5, rtol=2e-5)
+    for ep in eps:
+        for name, _ in VARIANTS:
+            for routing in ROUTINGS:
+                ref = refs[routing]
+                ctx = f"W={world} Ep={ep} {name} {routing}"
+                for rank, out in enumerate(outs):
+                    res = out[(ep, name, routing)]
+                    assert res["local_numel"] == 3 * E * H * I // world, ctx
+                    torch.testing.assert_close(res["y"], ref["y"][rank], **tol, msg=f"y {ctx} rank {rank}")
+                    torch.testing.assert_close(res["dx"], ref["dx"][rank], **tol, msg=f"dx {ctx} rank {rank}")
+                    torch.testing.assert_close(res["dw"], ref["dw"][rank], **tol, msg=f"dw {ctx} rank {rank}")
+                    for n in ("w1", "w3", "w2"):
+                        torch.testing.assert_close(res["grads"][n], ref["grads"][n], **tol, msg=f"d{n} {ctx}")
+                        torch.testing.assert_close(res["final"][n], ref["final"][n], **tol, msg=f"{n} {ctx}")
+                    spilled = res["n_llep"] > 0
+                    if name == "alltoall" or name == "llep_plain" or routing == "balanced":
+                        assert not spilled, f"{ctx}: LLEP spilled where plain EP was expected"
+                    elif routing == "skewed":
+                        assert spilled, f"{ctx}: skewed routing should take the LLEP path"
+                    if name == "pipelined_k4":
+                        group = range(rank // ep * ep, rank // ep * ep + ep)
+                        n_chunks = -(-max(64 - 8 * r for r in group) // 16)  # largest rank's T / chunk_tokens
+                        assert res["n_llep"] + res["n_plain"] == n_chunks, ctx
+
+
+def test_placements_and_meta_build():
+    """Params are DTensors of the full shapes on the expert mesh, experts over "expert", I over "expert_shard"."""
+    outs = run_distributed(_placement_worker, 2)
+    for out in outs:
+        assert out["shapes"] == {"w1": (E, H, I), "w3": (E, H, I), "w2": (E, I, H)}
+        assert out["names"] == ("expert_shard", "expert")
+        assert out["placements"]["w1"] == "(Shard(dim=2), Shard(dim=0))"
+        assert out["placements"]["w2"] == "(Shard(dim=1), Shard(dim=0))"
+        assert out["local"]["w1"] == (E // 2, H, I)
+
+
+def _placement_worker(rank: int, world: int):
+    from mop.parallel.experts import ExpertParallelExperts
+    from mop.parallel.layout import Layout, LayoutSpec
+
+    layout = Layout.build(LayoutSpec(world, expert=2), torch.device("cpu"))
+    mod = ExpertParallelExperts.from_module(SingleDeviceExperts(device="meta"), layout, {"dispatcher": "llep"})
+    mod.to_empty(device="cpu")
+    return {"shapes": {n: tuple(p.shape) for n, p in mod.named_parameters()},
+            "names": tuple(mod.w1.device_mesh.mesh_dim_names),
+            "placements": {n: str(tuple(p.placements)) for n, p in mod.named_parameters()},
+            "local": {n: tuple(p.to_local().shape) for n, p in mod.named_parameters()}}
+
+
+def test_bad_config_rejected():
+    from mop.parallel.experts import ExpertParallelConfig
+
+    with pytest.raises(ValueError, match="dispatcher"):
+        ExpertParallelConfig(dispatcher="deepep")
+    with pytest.raises(ValueError, match="llep_alpha"):
+        ExpertParallelConfig(llep_alpha=0.5)
+    with pytest.raises(ValueError, match="max_chunks"):
+        ExpertParallelConfig(max_chunks=0)
+
+
+def test_world2_ep2():
+    _check(2, [2])
+
+
+def test_world4_ep2_and_ep4():
+    _check(4, [2, 4])
