@@ -1,0 +1,315 @@
+"""Data-tensor-parallel vocabulary: output head + loss and token embedding (MOP.md §3.4).
+
+Both modules keep the original parameter name and full shape: `weight` is a DTensor [V, H] on a
+[P, W/P] ("vocab", "vocab_shard") DeviceMesh with placements (Shard(0), Shard(0)). So the
+vocabulary is first cut into P contiguous blocks (one per position in the vocabulary group, the
+contiguous rank block [g*P, (g+1)*P)), and each block is cut again over the W/P ranks of the strided
+vocab-shard group. At rest a rank holds H x V/W; on use it all-gathers its block over the vocab-shard
+group (H x V/P), uses it, frees it, and in backward reduce-scatters (SUM) the block's gradient back
+into `weight.grad` (a DTensor with the same placements).
+
+* `VocabParallelOutputHead`: the loss of this rank's own tokens against all P blocks, assembled
+  round a ring over the vocabulary group (`mop.parallel.vocab_ring`); never N x V logits.
+* `VocabParallelEmbedding`: looks up this rank's own tokens with two all-to-alls over the
+  vocabulary group: token ids go to the rank owning their block, rows come back (backward: row
+  gradients go to the owner, which sums them into its block gradient). Chosen over ringing the
+  blocks because it moves N x H per rank instead of (P-1)/P x V x H, and N < V at every scale we
+  train; it costs one host sync for the split sizes (flagged below).
+
+Tied embeddings: pass the embedding's DTensor `weight` to `VocabParallelOutputHead.from_module(...,
+weight=emb.weight)` (or the other way round); both modules then share one parameter and their
+gradients add up in `weight.grad`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from mop.parallel.vocab_ring import (
+    SCHEDULES,
+    check_loss_inputs,
+    chunk_sizes,
+    make_ring_plan,
+    offsets_of,
+    ring_backward,
+    ring_forward,
+    ring_loss,
+    vocab_parallel_cross_entropy,
+)
+from mop.ops.cross_entropy import grad_coef
+
+__all__ = [
+    "VocabParallelEmbedding",
+    "VocabParallelOutputHead",
+    "build_vocab_block_mesh",
+    "vocab_parallel_cross_entropy",
+]
+
+_PLACEMENTS = (Shard(0), Shard(0))
+
+# The *_tensor collectives are being renamed *_single; torch 2.11 only has the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def build_vocab_block_mesh(layout) -> DeviceMesh:
+    """The [P, W/P] ("vocab", "vocab_shard") mesh over the layout's ranks (same groups as `layout.vocab_mesh`).
+
+    Collective (creates process groups): call it on every rank, once, and share it between modules.
+    """
+    W, P = layout.spec.world, layout.spec.vocab
+    ranks = torch.arange(W).view(W // P, P).t()
+    return DeviceMesh(layout.device.type, ranks, mesh_dim_names=("vocab", "vocab_shard"))
+
+
+class VocabBlockShards:
+    """Geometry of a [V, H] weight on a ("vocab", "vocab_shard") mesh and the gather / reduce-scatter of a block."""
+
+    def __init__(self, mesh: DeviceMesh, vocab_size: int):
+        if mesh.mesh_dim_names != ("vocab", "vocab_shard"):
+            raise ValueError(f"expected a mesh with dims ('vocab', 'vocab_shard'), got {mesh.mesh_dim_names}")
+        self.mesh = mesh
+        self.vocab_size = vocab_size
+        self.P, self.S = mesh.size(0), mesh.size(1)
+        self.vocab_group = mesh.get_group("vocab")
+        self.shard_group = mesh.get_group("vocab_shard")
+        self.block = mesh.get_local_rank("vocab")  # which vocabulary block this rank computes with
+        self.shard = mesh.get_local_rank("vocab_shard")
+        self.block_sizes = chunk_sizes(vocab_size, self.P)
+        self.block_offsets = offsets_of(self.block_sizes)
+        self.block_rows = self.block_sizes[self.block]
+        # DTensor nests the second Shard(0) inside the first: torch.chunk of the block over W/P ranks.
+        self.part_sizes = chunk_sizes(self.block_rows, self.S)
+        self.part_rows = self.part_sizes[self.shard]
+        self.part_stride = max(self.part_sizes)
+
+    def gather(self, local_sH: torch.Tensor) -> torch.Tensor:
+        """All-gather this rank's block [V/P, H] from the vocab-shard group's pieces [V/W, H]."""
+        if self.S == 1:
+            return local_sH
+        H = local_sH.shape[1]
+        out = local_sH.new_empty(self.S * self.part_stride, H)
+        if self.part_stride == 0:
+            return out
+        piece = local_sH
+        if self.part_rows != self.part_stride:  # uneven tail: pad to the common piece size
+            piece = local_sH.new_zeros(self.part_stride, H)
+            piece[: self.part_rows] = local_sH
+        _all_gather(out, piece.contiguous(), group=self.shard_group)
+        # torch.chunk pieces are full except a shorter one followed by empty ones, so the
+        # concatenation of the unpadded pieces is exactly the padded buffer's prefix.
+        return out[: self.block_rows]
+
+    def reduce_scatter(self, grad_block_vH: torch.Tensor) -> torch.Tensor:
+        """Sum a block gradient over the vocab-shard group and keep this rank's piece."""
+        if self.S == 1:
+            return grad_block_vH
+        H = grad_block_vH.shape[1]
+        if self.part_stride == 0:
+            return grad_block_vH.new_zeros(0, H)
+        full = grad_block_vH
+        if self.block_rows != self.S * self.part_stride:
+            full = grad_block_vH.new_zeros(self.S * self.part_stride, H)
+            full[: self.block_rows] = grad_block_vH
+        out = grad_block_vH.new_empty(self.part_stride, H)
+        _reduce_scatter(out, full.contiguous(), op=dist.ReduceOp.SUM, group=self.shard_group)
+        return out[: self.part_rows]
+
+    def local_shape(self, hidden_dim: int) -> tuple[int, int]:
+        return (self.part_rows, hidden_dim)
+
+
+def _make_weight(shards: VocabBlockShards, hidden_dim: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """An uninitialised DTensor parameter [V, H] with this rank's piece allocated (nothing global is built)."""
+    local = torch.empty(shards.local_shape(hidden_dim), dtype=dtype, device=device)
+    full_shape = torch.Size([shards.vocab_size, hidden_dim])
+    dt = DTensor.from_local(local, shards.mesh, _PLACEMENTS, run_check=False, shape=full_shape,
+                            stride=(hidden_dim, 1))
+    return nn.Parameter(dt)
+
+
+def _check_shared_weight(weight, mesh: DeviceMesh, shape) -> None:
+    if not isinstance(weight, DTensor) or tuple(weight.placements) != _PLACEMENTS:
+        raise ValueError("weight= must be a DTensor parameter with placements (Shard(0), Shard(0)) "
+                         "(the weight of another VocabParallel* module)")
+    if tuple(weight.shape) != tuple(shape):
+        raise ValueError(f"weight= has shape {tuple(weight.shape)}, the module needs {tuple(shape)}")
+    if weight.device_mesh.mesh_dim_names != ("vocab", "vocab_shard") or weight.device_mesh != mesh:
+        raise ValueError("weight= must live on the same ('vocab', 'vocab_shard') mesh as this module")
+
+
+def _resolve_mesh(layout, mesh: DeviceMesh | None, weight) -> DeviceMesh:
+    if weight is not None and mesh is None:
+        mesh = weight.device_mesh
+    return build_vocab_block_mesh(layout) if mesh is None else mesh
+
+
+class _ShardedRingCrossEntropy(torch.autograd.Function):
+    """Ring loss over a block gathered on the fly: the gathered block is freed after each pass."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_local_sH, labels_N, normalizer, plan, shards: VocabBlockShards):
+        block_vH = shards.gather(weight_local_sH)
+        lse_N, tgt_N = ring_forward(hidden_NH, block_vH, labels_N, plan)
+        del block_vH  # only the H x V/W piece stays saved; backward gathers again
+        ctx.save_for_backward(hidden_NH, weight_local_sH, labels_N, lse_N)
+        ctx.plan, ctx.normalizer, ctx.shards = plan, normalizer, shards
+        return ring_loss(lse_N, tgt_N, labels_N, normalizer, plan)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden_NH, weight_local_sH, labels_N, lse_N = ctx.saved_tensors
+        block_vH = ctx.shards.gather(weight_local_sH)
+        coef_N = grad_coef(grad_loss, ctx.normalizer, labels_N, ctx.plan.ignore_index)
+        grad_h, grad_block = ring_backward(hidden_NH, block_vH, labels_N, lse_N, coef_N, ctx.plan)
+        del block_vH
+        return grad_h, ctx.shards.reduce_scatter(grad_block), None, None, None, None
+
+
+class VocabParallelOutputHead(nn.Module):
+    """Output projection + loss with the vocabulary split over the P-group (same forward as `OutputHead`).
+
+    `forward(hidden_NH, labels_N, normalizer) -> loss`: this rank's tokens' CE (+ z-loss) summed and
+    divided by the global `normalizer`. `weight`: DTensor [V, H], placements (Shard(0), Shard(0)) on
+    the ("vocab", "vocab_shard") mesh. Build with `from_module`.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, mesh: DeviceMesh, *, schedule: str = "auto",
+                 z_loss_coef: float = 0.0, max_strip_elements: int = 2**28, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None, weight: nn.Parameter | None = None):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if max_strip_elements < 1:
+            raise ValueError(f"max_strip_elements must be positive, got {max_strip_elements}")
+        self.shards = VocabBlockShards(mesh, vocab_size)
+        if weight is not None:
+            _check_shared_weight(weight, mesh, (vocab_size, dim))
+            self.weight = weight
+        else:
+            self.weight = _make_weight(self.shards, dim, dtype, device or torch.device(mesh.device_type))
+        self.schedule = schedule
+        self.z_loss_coef = z_loss_coef
+        self.max_strip_elements = max_strip_elements
+
+    @classmethod
+    def from_module(cls, orig: nn.Module, layout, schedule: str = "auto", *, mesh: DeviceMesh | None = None,
+                    weight: nn.Parameter | None = None) -> "VocabParallelOutputHead":
+        """Replace a (meta-device) `OutputHead`: same V, H, dtype, z_loss_coef and max_strip_elements.
+
+        `mesh`: a shared `build_vocab_block_mesh(layout)` (built here if omitted); `weight`: share an
+        existing vocab-parallel DTensor parameter (tied embeddings).
+        """
+        V, H = orig.weight.shape
+        return cls(V, H, _resolve_mesh(layout, mesh, weight), schedule=schedule,
+                   z_loss_coef=getattr(orig, "z_loss_coef", 0.0),
+                   max_strip_elements=getattr(orig, "max_strip_elements", 2**28), dtype=orig.weight.dtype,
+                   device=layout.device, weight=weight)
+
+    def forward(self, hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer) -> torch.Tensor:
+        check_loss_inputs(hidden_NH, labels_N, normalizer, self.weight.shape[1])
+        plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=self.shards.vocab_group,
+                              vocab_size=self.shards.vocab_size, block_sizes=self.shards.block_sizes,
+                              schedule=self.schedule, z_loss_coef=self.z_loss_coef,
+                              max_strip_elements=self.max_strip_elements)
+        return _ShardedRingCrossEntropy.apply(hidden_NH, self.weight.to_local(), labels_N, normalizer, plan,
+                                              self.shards)
+
+    def extra_repr(self) -> str:
+        return (f"vocab_size={self.shards.vocab_size}, dim={self.weight.shape[1]}, P={self.shards.P}, "
+                f"schedule={self.schedule!r}, z_loss_coef={self.z_loss_coef}")
+
+
+class _VocabParallelLookup(torch.autograd.Function):
+    """Embedding rows of this rank's token ids, fetched from the block owners with two all-to-alls."""
+
+    @staticmethod
+    def forward(ctx, weight_local_sH, ids_N, shards: VocabBlockShards):
+        block_vH = shards.gather(weight_local_sH)
+        H, P = weight_local_sH.shape[1], shards.P
+        if P == 1:  # the whole table is this rank's block: a plain lookup
+            ctx.save_for_backward(ids_N)
+            ctx.splits, ctx.shards, ctx.dtype = None, shards, weight_local_sH.dtype
+            return block_vH.index_select(0, ids_N)
+        chunk = -(-shards.vocab_size // P)  # block b holds ids [b*chunk, (b+1)*chunk)
+        owner_N = torch.div(ids_N, chunk, rounding_mode="floor")
+        order_N = torch.argsort(owner_N, stable=True)
+        send_counts_P = torch.bincount(owner_N, minlength=P)
+        recv_counts_P = torch.empty_like(send_counts_P)
+        dist.all_to_all_single(recv_counts_P, send_counts_P, group=shards.vocab_group)
+        # Host sync: all-to-all split sizes must be Python ints.
+        send_splits, recv_splits = send_counts_P.tolist(), recv_counts_P.tolist()
+        ids_in = ids_N.new_empty(sum(recv_splits))
+        dist.all_to_all_single(ids_in, ids_N[order_N].contiguous(), recv_splits, send_splits,
+                               group=shards.vocab_group)
+        local_ids = ids_in - shards.block_offsets[shards.block]
+        rows_in = block_vH.index_select(0, local_ids)
+        del block_vH
+        rows_out = rows_in.new_empty(ids_N.shape[0], H)
+        dist.all_to_all_single(rows_out, rows_in, send_splits, recv_splits, group=shards.vocab_group)
+        out_NH = torch.empty_like(rows_out)
+        out_NH[order_N] = rows_out
+        ctx.save_for_backward(order_N, local_ids)
+        ctx.splits, ctx.shards, ctx.dtype = (send_splits, recv_splits), shards, weight_local_sH.dtype
+        return out_NH
+
+    @staticmethod
+    def backward(ctx, grad_NH):
+        shards, H = ctx.shards, grad_NH.shape[1]
+        if ctx.splits is None:  # P == 1
+            (local_ids,) = ctx.saved_tensors
+            grad_in = grad_NH
+        else:
+            order_N, local_ids = ctx.saved_tensors
+            send_splits, recv_splits = ctx.splits
+            grad_in = grad_NH.new_empty(local_ids.shape[0], H)
+            dist.all_to_all_single(grad_in, grad_NH[order_N].contiguous(), recv_splits, send_splits,
+                                   group=shards.vocab_group)
+        # Sum repeated ids in fp32: frequent tokens collect thousands of rows.
+        acc_dtype = torch.promote_types(ctx.dtype, torch.float32)
+        grad_block = torch.zeros(shards.block_rows, H, dtype=acc_dtype, device=grad_NH.device)
+        grad_block.index_add_(0, local_ids, grad_in.to(acc_dtype))
+        return shards.reduce_scatter(grad_block.to(ctx.dtype)), None, None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the table split like `VocabParallelOutputHead` (same forward as `nn.Embedding`).
+
+    `forward(tokens) -> x` with `x.shape == tokens.shape + (H,)`; `weight`: DTensor [V, H],
+    placements (Shard(0), Shard(0)) on the ("vocab", "vocab_shard") mesh. Build with `from_module`.
+    Collective: every rank of the vocabulary group must call forward (and backward) together.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, mesh: DeviceMesh, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None, weight: nn.Parameter | None = None):
+        super().__init__()
+        self.shards = VocabBlockShards(mesh, vocab_size)
+        if weight is not None:
+            _check_shared_weight(weight, mesh, (vocab_size, dim))
+            self.weight = weight
+        else:
+            self.weight = _make_weight(self.shards, dim, dtype, device or torch.device(mesh.device_type))
+
+    @classmethod
+    def from_module(cls, orig: nn.Module, layout, *, mesh: DeviceMesh | None = None,
+                    weight: nn.Parameter | None = None) -> "VocabParallelEmbedding":
+        """Replace a (meta-device) `nn.Embedding`-like module with param `weight` [V, H]."""
+        if getattr(orig, "padding_idx", None) is not None or getattr(orig, "max_norm", None) is not None:
+            raise ValueError("VocabParallelEmbedding supports plain embeddings only (padding_idx=None, max_norm=None)")
+        V, H = orig.weight.shape
+        return cls(V, H, _resolve_mesh(layout, mesh, weight), dtype=orig.weight.dtype, device=layout.device,
+                   weight=weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        ids_N = tokens.reshape(-1).to(torch.int64)
+        out_NH = _VocabParallelLookup.apply(self.weight.to_local(), ids_N, self.shards)
+        return out_NH.view(*tokens.shape, self.weight.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.shards.vocab_size}, dim={self.weight.shape[1]}, P={self.shards.P}"

@@ -1,0 +1,330 @@
+"""Vocabulary: chunked CE, the P-rank ring loss and the vocab-parallel head / embedding vs single-process references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from mop.ops.cross_entropy import OutputHead, chunked_cross_entropy
+from mop.parallel.vocab_ring import chunk_sizes, offsets_of, resolve_schedule, vocab_parallel_cross_entropy
+from tests.dist_utils import run_distributed
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def reference_loss(hidden_NH, weight_VH, labels_N, normalizer, z_loss_coef=0.0):
+    """Plain PyTorch on materialised logits: the ground truth."""
+    logits = hidden_NH @ weight_VH.t()
+    loss = F.cross_entropy(logits, labels_N, reduction="sum", ignore_index=-100)
+    if z_loss_coef:
+        lse = logits.logsumexp(dim=1)
+        loss = loss + z_loss_coef * lse[labels_N != -100].square().sum()
+    return loss / normalizer
+
+
+def make_labels(n, V, gen, mask_every=4):
+    labels = torch.randint(0, V, (n,), generator=gen)
+    labels[::mask_every] = -100
+    return labels
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates (outputs of every dispatched op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out
+
+
+# -- single device ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("z_loss_coef", [0.0, 1e-2])
+@pytest.mark.parametrize("max_strip_elements", [2**28, 40])
+def test_chunked_cross_entropy_matches_reference(z_loss_coef, max_strip_elements):
+    gen = torch.Generator().manual_seed(0)
+    N, H, V = 29, 8, 37
+    h = torch.randn(N, H, generator=gen, requires_grad=True)
+    w = torch.randn(V, H, generator=gen, requires_grad=True)
+    labels = make_labels(N, V, gen)
+    norm = torch.tensor(float((labels != -100).sum() + 3))
+    loss = chunked_cross_entropy(h, w, labels, norm, z_loss_coef=z_loss_coef, max_strip_elements=max_strip_elements)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = reference_loss(h, w, labels, norm, z_loss_coef)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(gh, rh, **TOL)
+    torch.testing.assert_close(gw, rw, **TOL)
+
+
+def test_chunked_cross_entropy_chunk_tokens_and_all_ignored():
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(10, 4, generator=gen, requires_grad=True)
+    w = torch.randn(7, 4, generator=gen, requires_grad=True)
+    labels = make_labels(10, 7, gen, mask_every=3)
+    loss = chunked_cross_entropy(h, w, labels, 5.0, chunk_tokens=3)
+    torch.testing.assert_close(loss, reference_loss(h, w, labels, 5.0), **TOL)
+    ignored = torch.full((10,), -100)
+    loss0 = chunked_cross_entropy(h, w, ignored, 5.0)
+    loss0.backward()
+    assert loss0.item() == 0.0 and h.grad.abs().max().item() == 0.0 and w.grad.abs().max().item() == 0.0
+
+
+def test_chunked_cross_entropy_bad_options():
+    h, w, labels = torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_strip_elements"):
+        chunked_cross_entropy(h, w, labels, 1.0, max_strip_elements=0)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunked_cross_entropy(h, w, labels, 1.0, chunk_tokens=0)
+    with pytest.raises(ValueError, match="weight"):
+        chunked_cross_entropy(h, torch.zeros(5, 3), labels, 1.0)
+
+
+def test_chunked_cross_entropy_bf16_close_to_fp32():
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(16, 8, generator=gen)
+    w = torch.randn(37, 8, generator=gen)
+    labels = make_labels(16, 37, gen)
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss = chunked_cross_entropy(hb, wb, labels, 12.0, max_strip_elements=64)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    hr, wr = hb.detach().float().requires_grad_(), wb.detach().float().requires_grad_()
+    reference_loss(hr, wr, labels, 12.0).backward()
+    torch.testing.assert_close(loss, reference_loss(hr, wr, labels, 12.0), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(hb.grad.float(), hr.grad, atol=2e-2, rtol=5e-2)
+
+
+def test_output_head_module():
+    with torch.device("meta"):
+        meta = OutputHead(8, 37, z_loss_coef=1e-3, max_strip_elements=50)
+    head = meta.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(37, 8, generator=gen))
+    h = torch.randn(20, 8, generator=gen, requires_grad=True)
+    labels = make_labels(20, 37, gen)
+    loss = head(h, labels, 15.0)
+    loss.backward()
+    w = head.weight.detach().clone().requires_grad_()
+    hr = h.detach().clone().requires_grad_()
+    ref = reference_loss(hr, w, labels, 15.0, 1e-3)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(h.grad, hr.grad, **TOL)
+    torch.testing.assert_close(head.weight.grad, w.grad, **TOL)
+
+
+def test_chunked_cross_entropy_never_builds_full_logits():
+    gen = torch.Generator().manual_seed(4)
+    N, H, V, strip = 64, 8, 256, 512
+    h = torch.randn(N, H, generator=gen, requires_grad=True)
+    w = torch.randn(V, H, generator=gen, requires_grad=True)
+    labels = make_labels(N, V, gen)
+    with LargestTensor() as tracker:
+        chunked_cross_entropy(h, w, labels, 1.0, max_strip_elements=strip).backward()
+    assert tracker.largest <= max(strip, N * H, V * H), (tracker.largest, tracker.op)
+    with LargestTensor() as control:  # the tracker does see a materialised N x V loss
+        reference_loss(h, w, labels, 1.0).backward()
+    assert control.largest >= N * V
+
+
+def test_vocab_parallel_cross_entropy_p1_and_schedule_choice():
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(12, 6, generator=gen, requires_grad=True)
+    w = torch.randn(37, 6, generator=gen, requires_grad=True)
+    labels = make_labels(12, 37, gen)
+    for schedule in ("weights", "activations", "auto"):
+        loss = vocab_parallel_cross_entropy(h, w, labels, 9.0, vocab_group=None, vocab_size=37, block_sizes=[37],
+                                            schedule=schedule, z_loss_coef=1e-2, max_strip_elements=40)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        ref = reference_loss(h, w, labels, 9.0, 1e-2)
+        rh, rw = torch.autograd.grad(ref, (h, w))
+        torch.testing.assert_close(loss, ref, **TOL)
+        torch.testing.assert_close(gh, rh, **TOL)
+        torch.testing.assert_close(gw, rw, **TOL)
+    assert resolve_schedule("auto", 100, [1000, 999]) == "activations"
+    assert resolve_schedule("auto", 1000, [1000, 999]) == "weights"
+    assert chunk_sizes(37, 4) == [10, 10, 10, 7] and chunk_sizes(5, 4) == [2, 2, 1, 0]
+    with pytest.raises(ValueError, match="schedule"):
+        vocab_parallel_cross_entropy(h, w, labels, 1.0, vocab_group=None, vocab_size=37, block_sizes=[37],
+                                     schedule="tensor")
+    with pytest.raises(ValueError, match="block_sizes"):
+        vocab_parallel_cross_entropy(h, w, labels, 1.0, vocab_group=None, vocab_size=37, block_sizes=[30])
+
+
+# -- the ring, on P ranks -------------------------------------------------------------------------------
+
+def _global_problem(world, V, H, token_counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, H, generator=gen)
+    hs = [torch.randn(n, H, generator=gen) for n in token_counts]
+    labels = [make_labels(n, V, gen, mask_every=3) for n in token_counts]
+    return w, hs, labels
+
+
+def _ring_worker(rank, world, V, H, token_counts, cases):
+    """For each (P, schedule, z): every P-group computes its ranks' losses; compare with a local reference."""
+    out = []
+    groups = {}
+    for P in sorted({c[0] for c in cases}):
+        for g in range(world // P):  # every rank creates every group, in the same order
+            grp = dist.new_group(list(range(g * P, (g + 1) * P)))
+            if rank // P == g:
+                groups[P] = grp
+    w, hs, labels = _global_problem(world, V, H, token_counts)
+    for P, schedule, z in cases:
+        p, g0 = rank % P, (rank // P) * P
+        sizes = chunk_sizes(V, P)
+        off = offsets_of(sizes)[p]
+        group_tokens = sum(token_counts[g0:g0 + P])
+        norm = torch.tensor(float(sum(int((lab != -100).sum()) for lab in labels[g0:g0 + P]) + 1))
+        h = hs[rank].clone().requires_grad_()
+        w_block = w[off:off + sizes[p]].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(h, w_block, labels[rank], norm, vocab_group=groups[P], vocab_size=V,
+                                            block_sizes=sizes, schedule=schedule, z_loss_coef=z,
+                                            max_strip_elements=3 * max(sizes))
+        loss.backward()
+        # Reference: the whole group's tokens on one device against the full weight.
+        hr = torch.cat(hs[g0:g0 + P]).requires_grad_()
+        wr = w.clone().requires_grad_()
+        ref_mine = reference_loss(hr[sum(token_counts[g0:rank]):][: token_counts[rank]], wr, labels[rank], norm, z)
+        ref_all = reference_loss(hr, wr, torch.cat(labels[g0:g0 + P]), norm, z)
+        ref_all.backward()
+        start = sum(token_counts[g0:rank])
+        out.append(dict(case=(P, schedule, z), loss=(loss.detach(), ref_mine.detach()),
+                        grad_h=(h.grad, hr.grad[start:start + token_counts[rank]]),
+                        grad_w=(w_block.grad, wr.grad[off:off + sizes[p]]), group_tokens=group_tokens))
+    return out
+
+
+def _check_ring_results(results):
+    for rank_results in results:
+        for r in rank_results:
+            for key in ("loss", "grad_h", "grad_w"):
+                got, ref = r[key]
+                torch.testing.assert_close(got, ref, **TOL, msg=lambda m, r=r, key=key: f"{r['case']} {key}: {m}")
+
+
+def test_ring_cross_entropy_two_ranks():
+    cases = [(2, "weights", 0.0), (2, "activations", 1e-2), (2, "auto", 0.0), (1, "weights", 0.0)]
+    _check_ring_results(run_distributed(_ring_worker, 2, 37, 6, [9, 14], cases))
+
+
+def test_ring_cross_entropy_four_ranks_uneven_tokens():
+    # V = 37 over 4 blocks (10, 10, 10, 7); one rank has no tokens at all.
+    cases = [(4, "weights", 1e-2), (4, "activations", 0.0), (4, "auto", 1e-2), (2, "activations", 0.0)]
+    _check_ring_results(run_distributed(_ring_worker, 4, 37, 6, [7, 0, 11, 4], cases))
+
+
+def _memory_worker(rank, world, N, H, V, strip):
+    gen = torch.Generator().manual_seed(rank)
+    sizes = chunk_sizes(V, world)
+    results = {}
+    for schedule in ("weights", "activations"):
+        h = torch.randn(N, H, generator=gen, requires_grad=True)
+        w = torch.randn(sizes[rank], H, generator=gen, requires_grad=True)
+        labels = make_labels(N, V, gen)
+        with LargestTensor() as tracker:
+            vocab_parallel_cross_entropy(h, w, labels, 1.0, vocab_group=dist.group.WORLD, vocab_size=V,
+                                         block_sizes=sizes, schedule=schedule, max_strip_elements=strip).backward()
+        results[schedule] = (tracker.largest, str(tracker.op))
+    return results
+
+
+def test_ring_cross_entropy_never_builds_full_logits():
+    N, H, V, strip = 64, 8, 256, 512
+    for rank_results in run_distributed(_memory_worker, 2, N, H, V, strip):
+        for schedule, (largest, op) in rank_results.items():
+            assert largest < N * V // 2 * 2, (schedule, largest, op)
+            assert largest <= max(strip, N * H, V // 2 * H, 3 * N), (schedule, largest, op)
+
+
+# -- the modules: W = 4 ranks, P = 4, 2 (vocab-shard groups of 2) and 1 ---------------------------------
+
+def _init_like_contract(param, full):
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+
+
+def _modules_worker(rank, world, V, H, P, tied):
+    from mop.parallel.layout import Layout, LayoutSpec
+    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead, build_vocab_block_mesh
+
+    layout = Layout.build(LayoutSpec(world, vocab=P), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(11)
+    w_out, w_emb = torch.randn(V, H, generator=gen), torch.randn(V, H, generator=gen)
+    seq = [3 + r for r in range(world)]  # different token counts per rank
+    tokens = [torch.randint(0, V, (2, s), generator=gen) for s in seq]
+    labels = [make_labels(2 * s, V, gen, mask_every=3) for s in seq]
+    mix = [torch.randn(2, s, H, generator=gen) for s in seq]  # stands in for the model between the two
+    norm = float(sum(int((lab != -100).sum()) for lab in labels))
+    z, lr = 1e-3, 0.5
+
+    # Single-process reference: all ranks' tokens, full weights.
+    ref_emb, ref_head = nn.Embedding(V, H), OutputHead(H, V, z_loss_coef=z, max_strip_elements=64)
+    with torch.no_grad():
+        ref_emb.weight.copy_(w_emb)
+        ref_head.weight.copy_(w_out)
+    if tied:
+        ref_head.weight = ref_emb.weight
+    ref_losses = [ref_head((ref_emb(t) * m).view(-1, H), lab, norm) for t, m, lab in zip(tokens, mix, labels)]
+    sum(ref_losses).backward()
+    ref_params = [ref_emb.weight] + ([] if tied else [ref_head.weight])
+    ref_grads = [p.grad.clone() for p in ref_params]
+    torch.optim.SGD(ref_params, lr=lr).step()
+
+    # The vocab-parallel modules, built from meta-device originals.
+    with torch.device("meta"):
+        meta_emb, meta_head = nn.Embedding(V, H), OutputHead(H, V, z_loss_coef=z, max_strip_elements=64)
+    mesh = build_vocab_block_mesh(layout)
+    emb = VocabParallelEmbedding.from_module(meta_emb, layout, mesh=mesh).to_empty(device="cpu")
+    head = VocabParallelOutputHead.from_module(meta_head, layout, schedule="auto", mesh=mesh,
+                                               weight=emb.weight if tied else None)
+    head.to_empty(device="cpu")
+    if tied:
+        head.weight = emb.weight  # to_empty re-creates parameters; tie again before init (as a model would)
+    _init_like_contract(emb.weight, w_emb)
+    if not tied:
+        _init_like_contract(head.weight, w_out)
+    x = emb(tokens[rank]) * mix[rank]
+    loss = head(x.view(-1, H), labels[rank], norm)
+    loss.backward()
+    params = [emb.weight] + ([] if tied else [head.weight])
+    grads = [p.grad.full_tensor() for p in params]
+    placements_ok = all(tuple(p.grad.placements) == tuple(p.placements) for p in params)
+    torch.optim.SGD(params, lr=lr).step()
+    return dict(loss=(loss.detach(), ref_losses[rank].detach()),
+                grads=list(zip(grads, ref_grads)),
+                weights=[(p.full_tensor().detach(), r.detach()) for p, r in zip(params, ref_params)],
+                placements_ok=placements_ok, local_rows=emb.weight.to_local().shape[0])
+
+
+@pytest.mark.parametrize("P,tied", [(4, False), (2, False), (2, True), (1, False)])
+def test_vocab_parallel_modules_match_single_process(P, tied):
+    V, H, W = 37, 6, 4
+    results = run_distributed(_modules_worker, W, V, H, P, tied)
+    for r in results:
+        torch.testing.assert_close(r["loss"][0], r["loss"][1], **TOL)
+        for got, ref in r["grads"]:
+            torch.testing.assert_close(got, ref, **TOL)
+        for got, ref in r["weights"]:
+            torch.testing.assert_close(got, ref, **TOL)
+        assert r["placements_ok"]
+    # At rest each rank holds about V/W rows (torch.chunk of torch.chunk), all rows exactly once.
+    assert sum(r["local_rows"] for r in results) == V
+    assert max(r["local_rows"] for r in results) <= -(-(-(-V // P)) // (W // P))
