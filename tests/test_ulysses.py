@@ -63,54 +63,54 @@ def _run_configs(rank: int, world: int, configs: list[dict]):
     return results
 
 
-def _check(world: int, configs: list[dict]) -> None:
-    per_rank = run_distributed(_run_configs, world, configs)
-    for n, cfg in enumerate(configs):
-        D = cfg["D"]
-        q, k, v, pos, w = _inputs(cfg)
-        q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-        ref = causal_attention(q, k, v, pos if cfg["docs"] else None)
-        (ref * w).sum().backward()
-        expected = {"out": ref.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
-        for g0 in range(0, world, D):  # each seq group computed the same rows independently
-            mine = per_rank[g0:g0 + D]
-            assert mine[0][n]["UR"] == cfg["UR"], cfg
-            for key, exp in expected.items():
-                got = torch.cat([r[n][key] for r in mine], dim=2)
-                torch.testing.assert_close(got, exp, **TOL, msg=lambda m: f"{key} {cfg}: {m}")
-
-
 def _cfg(D, hq, hkv, chunks=1, ring=None, docs=True, S=32, UR=None, seed=0):
     return dict(D=D, hq=hq, hkv=hkv, chunks=chunks, ring=ring, docs=docs, S=S, UR=UR, seed=seed)
 
 
-def test_ulysses_world2_mha_gqa_chunks_docs():
-    """D=2: MHA and GQA, head_chunks 1 and 2, with and without documents crossing the boundary."""
-    _check(2, [
-        _cfg(2, 4, 4, 1, docs=False, UR=(2, 1)),
-        _cfg(2, 4, 4, 2, docs=True, UR=(2, 1), seed=1),
-        _cfg(2, 8, 2, 1, docs=True, UR=(2, 1), seed=2),
-        _cfg(2, 8, 2, 2, docs=False, UR=(2, 1), seed=3),
-        _cfg(2, 8, 2, 4, docs=True, UR=(2, 1), seed=4),  # 1 q head per chunk: KV head resent per chunk
-        _cfg(2, 1, 1, 1, docs=True, UR=(1, 2), seed=5),  # one head: pure all-gather-KV, zig-zag
-    ])
+WORLD = 4
+CONFIGS = {  # D=2 runs as two seq groups {0,1}, {2,3} of the world of 4 (group ranks != global ranks)
+    "D2-mha": _cfg(2, 4, 4, 1, docs=False, UR=(2, 1)),
+    "D2-mha-chunks2-docs": _cfg(2, 4, 4, 2, docs=True, UR=(2, 1), seed=1),
+    "D2-gqa-docs": _cfg(2, 8, 2, 1, docs=True, UR=(2, 1), seed=2),
+    "D2-gqa-chunks2": _cfg(2, 8, 2, 2, docs=False, UR=(2, 1), seed=3),
+    "D2-gqa-chunks4-docs": _cfg(2, 8, 2, 4, docs=True, UR=(2, 1), seed=4),  # KV head resent per chunk
+    "D2-one-head-ring": _cfg(2, 1, 1, 1, docs=True, UR=(1, 2), seed=5),  # pure all-gather-KV, zig-zag
+    "D2-hq3-ring": _cfg(2, 3, 3, 1, docs=True, UR=(1, 2), seed=6),
+    "D4-mha-docs": _cfg(4, 4, 4, 1, docs=True, UR=(4, 1), seed=7),
+    "D4-gqa-D>Hkv-docs": _cfg(4, 8, 2, 1, docs=True, UR=(4, 1), seed=8),  # each KV head serves 2 ranks
+    "D4-gqa-D>Hkv-chunks2": _cfg(4, 8, 2, 2, docs=False, UR=(4, 1), seed=9),
+    "D4-hq2-U2R2-docs": _cfg(4, 2, 2, 1, docs=True, UR=(2, 2), seed=10),  # D > Hq
+    "D4-hq6-U2R2-docs": _cfg(4, 6, 6, 1, docs=True, UR=(2, 2), seed=11),  # D does not divide Hq
+    "D4-hq6-U2R2-chunks3": _cfg(4, 6, 6, 3, docs=False, UR=(2, 2), seed=12),
+    "D4-gqa-hq6-hkv3-U1R4-chunks3": _cfg(4, 6, 3, 3, docs=True, UR=(1, 4), seed=13),  # no U > 1 splits (6, 3)
+    "D4-explicit-ring4-chunks2": _cfg(4, 4, 2, 2, ring=4, docs=True, UR=(1, 4), seed=14),
+    "D4-ring4-contiguous-slots": _cfg(4, 4, 4, 1, ring=4, docs=True, S=36, UR=(1, 4), seed=15),  # 2R does not divide S
+}
 
 
-def test_ulysses_world4_gqa_ring_fallback_and_subgroups():
-    """D=4 (and two D=2 groups in a world of 4): GQA with D > Hkv, and the U x R fallback."""
-    _check(4, [
-        _cfg(4, 4, 4, 1, docs=True, UR=(4, 1)),
-        _cfg(4, 8, 2, 1, docs=True, UR=(4, 1), seed=1),  # D > Hkv: each KV head serves 2 ranks
-        _cfg(4, 8, 2, 2, docs=False, UR=(4, 1), seed=2),
-        _cfg(4, 2, 2, 1, docs=True, UR=(2, 2), seed=3),  # D > Hq
-        _cfg(4, 6, 6, 1, docs=True, UR=(2, 2), seed=4),  # D does not divide Hq: U=2, R=2
-        _cfg(4, 6, 6, 3, docs=False, UR=(2, 2), seed=5),
-        _cfg(4, 6, 3, 3, docs=True, UR=(1, 4), seed=6),  # no U > 1 splits (6, 3): all-gather-KV over 4
-        _cfg(4, 4, 2, 2, ring=4, docs=True, UR=(1, 4), seed=7),  # explicit ring degree
-        _cfg(4, 4, 4, 1, ring=4, docs=True, S=36, UR=(1, 4), seed=8),  # 2R does not divide S: contiguous slots
-        _cfg(2, 8, 2, 2, docs=True, UR=(2, 1), seed=9),  # seq groups {0,1} and {2,3}
-        _cfg(2, 3, 3, 1, docs=True, UR=(1, 2), seed=10),
-    ])
+@pytest.fixture(scope="module")
+def distributed_results():
+    """One spawn of 4 gloo ranks runs every config (spawning dominates the cost on CPU)."""
+    per_rank = run_distributed(_run_configs, WORLD, list(CONFIGS.values()))
+    return {name: [r[n] for r in per_rank] for n, name in enumerate(CONFIGS)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_single_process_attention(distributed_results, name):
+    """Output and q/k/v gradients of every rank, assembled, equal causal_attention on the full sequence."""
+    cfg, per_rank = CONFIGS[name], distributed_results[name]
+    D = cfg["D"]
+    q, k, v, pos, w = _inputs(cfg)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = causal_attention(q, k, v, pos if cfg["docs"] else None)
+    (ref * w).sum().backward()
+    expected = {"out": ref.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    for g0 in range(0, WORLD, D):  # each seq group computed the same rows independently
+        group = per_rank[g0:g0 + D]
+        assert all(r["UR"] == cfg["UR"] for r in group)
+        for key, exp in expected.items():
+            got = torch.cat([r[key] for r in group], dim=2)
+            torch.testing.assert_close(got, exp, **TOL, msg=lambda m: f"{key}: {m}")
 
 
 def test_factorization_choices():
