@@ -218,15 +218,37 @@ def _check_ring_results(results):
                 torch.testing.assert_close(got, ref, **TOL, msg=lambda m, r=r, key=key: f"{r['case']} {key}: {m}")
 
 
-def test_ring_cross_entropy_two_ranks():
+# Spawning ranks costs seconds, so each world size is spawned once per module and the tests below
+# check different parts of its results.
+
+def _two_rank_worker(rank, world):
     cases = [(2, "weights", 0.0), (2, "activations", 1e-2), (2, "auto", 0.0), (1, "weights", 0.0)]
-    _check_ring_results(run_distributed(_ring_worker, 2, 37, 6, [9, 14], cases))
+    return dict(ring=_ring_worker(rank, world, 37, 6, [9, 14], cases), memory=_memory_worker(rank, world, *MEMORY_CASE))
 
 
-def test_ring_cross_entropy_four_ranks_uneven_tokens():
+def _four_rank_worker(rank, world):
     # V = 37 over 4 blocks (10, 10, 10, 7); one rank has no tokens at all.
     cases = [(4, "weights", 1e-2), (4, "activations", 0.0), (4, "auto", 1e-2), (2, "activations", 0.0)]
-    _check_ring_results(run_distributed(_ring_worker, 4, 37, 6, [7, 0, 11, 4], cases))
+    return dict(ring=_ring_worker(rank, world, 37, 6, [7, 0, 11, 4], cases),
+                modules={case: _modules_worker(rank, world, 37, 6, *case) for case in MODULE_CASES})
+
+
+@pytest.fixture(scope="module")
+def two_rank_results():
+    return run_distributed(_two_rank_worker, 2)
+
+
+@pytest.fixture(scope="module")
+def four_rank_results():
+    return run_distributed(_four_rank_worker, 4)
+
+
+def test_ring_cross_entropy_two_ranks(two_rank_results):
+    _check_ring_results([r["ring"] for r in two_rank_results])
+
+
+def test_ring_cross_entropy_four_ranks_uneven_tokens(four_rank_results):
+    _check_ring_results([r["ring"] for r in four_rank_results])
 
 
 def _memory_worker(rank, world, N, H, V, strip):
@@ -244,9 +266,12 @@ def _memory_worker(rank, world, N, H, V, strip):
     return results
 
 
-def test_ring_cross_entropy_never_builds_full_logits():
-    N, H, V, strip = 64, 8, 256, 512
-    for rank_results in run_distributed(_memory_worker, 2, N, H, V, strip):
+MEMORY_CASE = (64, 8, 256, 512)  # N, H, V, max_strip_elements
+
+
+def test_ring_cross_entropy_never_builds_full_logits(two_rank_results):
+    N, H, V, strip = MEMORY_CASE
+    for rank_results in (r["memory"] for r in two_rank_results):
         for schedule, (largest, op) in rank_results.items():
             assert largest < N * V // 2 * 2, (schedule, largest, op)
             assert largest <= max(strip, N * H, V // 2 * H, 3 * N), (schedule, largest, op)
@@ -314,10 +339,13 @@ def _modules_worker(rank, world, V, H, P, tied):
                 placements_ok=placements_ok, local_rows=emb.weight.to_local().shape[0])
 
 
-@pytest.mark.parametrize("P,tied", [(4, False), (2, False), (2, True), (1, False)])
-def test_vocab_parallel_modules_match_single_process(P, tied):
-    V, H, W = 37, 6, 4
-    results = run_distributed(_modules_worker, W, V, H, P, tied)
+MODULE_CASES = [(4, False), (2, False), (2, True), (1, False)]  # (P, tied embeddings) on W = 4
+
+
+@pytest.mark.parametrize("P,tied", MODULE_CASES)
+def test_vocab_parallel_modules_match_single_process(P, tied, four_rank_results):
+    V, W = 37, 4
+    results = [r["modules"][(P, tied)] for r in four_rank_results]
     for r in results:
         torch.testing.assert_close(r["loss"][0], r["loss"][1], **TOL)
         for got, ref in r["grads"]:
