@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if job.parallel.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from mop.launch import launch_local
 
-        return launch_local(job.parallel.nproc, "mop.train", [a for a in argv if not a.startswith("--nproc")
-                                                              and not a.startswith("--parallel.nproc")],
-                            device=job.training.device)
+        # Workers get the same options (--nproc spelled as an override, which torchrun's own parser
+        # would otherwise claim); they see LOCAL_RANK and do not launch again.
+        worker_argv = ([f"--config={args.config}"] if args.config else []) + overrides
+        return launch_local(job.parallel.nproc, "mop.train", worker_argv, device=job.training.device)
     from mop.trainer import Trainer
 
     trainer = Trainer(job)

@@ -107,6 +107,8 @@ def apply_fsdp(model, layout: Layout, param_dtype: torch.dtype | None, reduce_dt
     units.append(model)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
+        # Plain SUM collectives (gloo has no PREMUL_SUM; with a factor of 1 nothing needs scaling).
+        unit.set_force_sum_reduction_for_comms(True)
     # Prefetch the next block's all-gather during the current block's compute (forward) and the
     # previous block's during backward, beyond FSDP2's implicit one-ahead.
     blocks = list(model.layers.values())
