@@ -104,18 +104,24 @@ class Trainer:
                 self.load_checkpoint(latest)
 
     # -- construction ------------------------------------------------------------------------------
+    def apply_parallelism(self, model: Transformer) -> None:
+        """Shard the meta-device model: the MoP layout. (The FSDP-best baseline overrides this.)"""
+        from mop.parallel.parallelize import parallelize
+
+        job = self.job
+        self.layout = Layout.build(self.spec, self.device)
+        reduce = torch.float32 if job.parallel.reduce_dtype == "fp32" else torch.bfloat16
+        param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
+        parallelize(model, self.layout, job, param_dtype=param_dtype, reduce_dtype=reduce)
+
     def _build_model(self) -> Transformer:
         from mop.parallel.init import init_weights_sharded
-        from mop.parallel.parallelize import parallelize
 
         job = self.job
         with torch.device("meta"):
             model = Transformer(job.model)
         if self.sharded:
-            self.layout = Layout.build(self.spec, self.device)
-            reduce = torch.float32 if job.parallel.reduce_dtype == "fp32" else torch.bfloat16
-            param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
-            parallelize(model, self.layout, job, param_dtype=param_dtype, reduce_dtype=reduce)
+            self.apply_parallelism(model)
             model.to_empty(device=self.device)
             init_weights_sharded(model, job.training.seed, self.device)
         else:

@@ -61,14 +61,16 @@ class Attention(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions_BS: torch.Tensor):
         B, S, _ = x_BSH.shape
-        q = self.wq(x_BSH).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
+        # Head counts come from the projections' widths (-1), so a tensor-parallel split of the
+        # projections (the FSDP-best baseline) gives local heads without a model change.
+        q = self.wq(x_BSH).view(B, S, -1, self.head_dim)
+        k = self.wk(x_BSH).view(B, S, -1, self.head_dim)
+        v = self.wv(x_BSH).view(B, S, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions_BS)
-        return self.wo(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class FeedForward(nn.Module):

@@ -176,12 +176,15 @@ class _Route:
 class _Pending:
     """An all-to-all in flight; `finish()` waits (a stream wait on CUDA, no host sync) and unpacks."""
 
-    def __init__(self, work, recv_1d: torch.Tensor, unpack):
-        self.work, self.recv_1d, self.unpack = work, recv_1d, unpack
+    def __init__(self, work, send_1d: torch.Tensor, recv_1d: torch.Tensor, unpack):
+        # Holding send_1d until the wait keeps the allocator from handing its memory to the compute
+        # stream while the communication stream may still read it.
+        self.work, self.send_1d, self.recv_1d, self.unpack = work, send_1d, recv_1d, unpack
 
     def finish(self):
         if self.work is not None:
             self.work.wait()
+        self.send_1d = None
         return self.unpack(self.recv_1d)
 
 
@@ -192,7 +195,7 @@ def _exchange(send_pieces: list[list[torch.Tensor]], recv_counts: list[int], lik
     send_1d = torch.cat(flat) if flat else like.new_empty(0)
     recv_1d = like.new_empty(sum(recv_counts))
     work = dist.all_to_all_single(recv_1d, send_1d, recv_counts, send_counts, group=group, async_op=like.is_cuda)
-    return _Pending(work if like.is_cuda else None, recv_1d, unpack)
+    return _Pending(work if like.is_cuda else None, send_1d, recv_1d, unpack)
 
 
 def gather_heads(items: list[tuple[torch.Tensor, _Route]], me: int, group) -> _Pending:
