@@ -189,7 +189,6 @@ def _ring_worker(rank, world, V, H, token_counts, cases):
         p, g0 = rank % P, (rank // P) * P
         sizes = chunk_sizes(V, P)
         off = offsets_of(sizes)[p]
-        group_tokens = sum(token_counts[g0:g0 + P])
         norm = torch.tensor(float(sum(int((lab != -100).sum()) for lab in labels[g0:g0 + P]) + 1))
         h = hs[rank].clone().requires_grad_()
         w_block = w[off:off + sizes[p]].clone().requires_grad_()
@@ -206,7 +205,7 @@ def _ring_worker(rank, world, V, H, token_counts, cases):
         start = sum(token_counts[g0:rank])
         out.append(dict(case=(P, schedule, z), loss=(loss.detach(), ref_mine.detach()),
                         grad_h=(h.grad, hr.grad[start:start + token_counts[rank]]),
-                        grad_w=(w_block.grad, wr.grad[off:off + sizes[p]]), group_tokens=group_tokens))
+                        grad_w=(w_block.grad, wr.grad[off:off + sizes[p]])))
     return out
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mop.ops.cross_entropy import chunked_cross_entropy
-from mop.parallel.vocab_ring import chunk_sizes, offsets_of, vocab_parallel_cross_entropy
+from mop.parallel.vocab_ring import chunk_sizes, vocab_parallel_cross_entropy
 
 GIB = 2**30
 METHODS = ("plain", "chunked", "ring-weights", "ring-activations")
