@@ -72,8 +72,15 @@ CONFIGS += [("device", 0.0, b) for b in (7, 64, 2**20)]
 def test_matches_torch_adamw(engine, fraction, bucket_numel):
     xs = batches(5)
     model = make_model()
-    opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine,
-                    device_fraction=fraction, bucket_numel=bucket_numel)
+    opt = HostAdamW(
+        two_groups(model),
+        lr=LR,
+        betas=BETAS,
+        weight_decay=WD,
+        engine=engine,
+        device_fraction=fraction,
+        bucket_numel=bucket_numel,
+    )
     train(model, opt, xs)
     assert_same_params(model, reference(xs))
     if bucket_numel == 7:  # the 16x8 weight cannot fit one bucket: params really straddle buckets
@@ -82,7 +89,15 @@ def test_matches_torch_adamw(engine, fraction, bucket_numel):
 
 def test_plan_buckets_layout():
     buckets = plan_buckets([10, 3, 4, 6], [0, 0, 1, 1], [torch.float32] * 3 + [torch.bfloat16], 5, 4)
-    got = [(b.group_index, b.dtype, b.on_device, [(p.param_index, p.param_offset, p.bucket_offset, p.numel) for p in b.pieces]) for b in buckets]
+    got = [
+        (
+            b.group_index,
+            b.dtype,
+            b.on_device,
+            [(p.param_index, p.param_offset, p.bucket_offset, p.numel) for p in b.pieces],
+        )
+        for b in buckets
+    ]
     f32, bf16 = torch.float32, torch.bfloat16
     assert got == [
         (0, f32, True, [(0, 0, 0, 4)]),
@@ -132,7 +147,9 @@ def test_clip_coef_folded_in(engine, as_tensor):
         clip_grads(ref)
         ref_opt.step()
     model = make_model()
-    opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine, device_fraction=0.5, bucket_numel=50)
+    opt = HostAdamW(
+        two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine, device_fraction=0.5, bucket_numel=50
+    )
     train(model, opt, xs, clip_coef_of=clip_coef)
     assert_same_params(model, ref, atol=2e-6, rtol=1e-5)
 
@@ -156,7 +173,9 @@ def test_lambda_lr_schedule_and_group_hyperparameters():
 def test_step_async_wait_params_synchronize(engine):
     xs = batches(4)
     model = make_model()
-    opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine, device_fraction=0.3, bucket_numel=40)
+    opt = HostAdamW(
+        two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine, device_fraction=0.3, bucket_numel=40
+    )
     params = list(model.parameters())
     for x in xs:
         opt.zero_grad()
@@ -252,7 +271,9 @@ def test_thread_pool_slices_and_intra_op_pinning():
         pool.shutdown()
     xs = batches(4)
     model = make_model()
-    opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine="cpu", cpu_threads=2, bucket_numel=100)
+    opt = HostAdamW(
+        two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine="cpu", cpu_threads=2, bucket_numel=100
+    )
     opt._pool.min_slice_numel = 8  # tiny buckets still split across both threads
     train(model, opt, xs)
     assert_same_params(model, reference(xs))
@@ -266,7 +287,10 @@ def test_memory_accounting_and_check():
     assert opt.host_memory_bytes() == offloaded * (12 + 4) + 4  # fp32 state + fp32 grad staging + clip
     assert opt.device_memory_bytes() == (numel - offloaded) * 12 + 4 * 64
     assert HostAdamW.check_host_memory(10, 2, available_bytes=1000) == 240
-    with pytest.raises(ValueError, match=r"4 local rank\(s\).*1,000,000,000,000 offloaded params.*44703.48 GiB needed.*1.00 GiB available"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 local rank\(s\).*1,000,000,000,000 offloaded params.*44703.48 GiB needed.*1.00 GiB available",
+    ):
         HostAdamW.check_host_memory(10**12, 4, available_bytes=2**30)
 
 
@@ -321,8 +345,15 @@ def _fsdp_run(rank, world_size, engine, fraction, bucket_numel, ckpt_dir):
         for layer in model:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine,
-                        device_fraction=fraction, bucket_numel=bucket_numel)
+        opt = HostAdamW(
+            two_groups(model),
+            lr=LR,
+            betas=BETAS,
+            weight_decay=WD,
+            engine=engine,
+            device_fraction=fraction,
+            bucket_numel=bucket_numel,
+        )
         return model, opt
 
     def run_steps(model, opt, xs):
@@ -385,8 +416,15 @@ def _resume_single_process(ckpt_dir, cfg, xs):
 
     engine, fraction, bucket_numel = cfg
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 5), nn.Linear(5, 3))
-    opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine,
-                    device_fraction=fraction, bucket_numel=bucket_numel)
+    opt = HostAdamW(
+        two_groups(model),
+        lr=LR,
+        betas=BETAS,
+        weight_decay=WD,
+        engine=engine,
+        device_fraction=fraction,
+        bucket_numel=bucket_numel,
+    )
     state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=ckpt_dir)
     model.load_state_dict(state["model"])

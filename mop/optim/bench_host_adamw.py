@@ -71,8 +71,15 @@ def run_engine(engine: str, args, device: torch.device) -> dict:
     torch.cuda.empty_cache()
 
     before = torch.cuda.memory_allocated(device)
-    opt = HostAdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, engine=engine,
-                    device_fraction=args.device_fraction, bucket_numel=args.bucket_numel)
+    opt = HostAdamW(
+        params,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        engine=engine,
+        device_fraction=args.device_fraction,
+        bucket_numel=args.bucket_numel,
+    )
     for p, g in zip(params, grads):
         p.grad = g
     for _ in range(args.warmup):
@@ -122,11 +129,15 @@ def run_engine(engine: str, args, device: torch.device) -> dict:
 def check_cuda_paths(engine: str, device: torch.device) -> dict:
     """Small fp32 model on the GPU: async API, backward-hook grad offload, device clip tensor, split
     device/host state and a state_dict round trip, against torch.optim.AdamW with clipped grads."""
+
     def build(seed):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.LayerNorm(96), torch.nn.Linear(96, 32)).to(device)
         params = list(model.parameters())
-        groups = [{"params": [p for p in params if p.ndim == 2]}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.ndim == 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
         return model, groups
 
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -179,7 +190,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_host_adamw needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
-    print(json.dumps({"link": torch.cuda.get_device_name(device), **link_bandwidth(min(args.numel, 2**28), device)}), flush=True)
+    print(
+        json.dumps({"link": torch.cuda.get_device_name(device), **link_bandwidth(min(args.numel, 2**28), device)}),
+        flush=True,
+    )
     failed = []
     for engine in engines:
         result = check_cuda_paths(engine, device)

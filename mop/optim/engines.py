@@ -16,10 +16,26 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
+GiB = 1024**3
+
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of `t`: the local tensor of a DTensor, `t` itself otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shards_device(locals_: list[torch.Tensor]) -> torch.device:
+    """The one device all local shards live on; ValueError if they are unusable or spread out."""
+    for i, t in enumerate(locals_):
+        if t.is_meta or not t.is_floating_point() or not t.is_contiguous():
+            raise ValueError(
+                f"params[{i}]: expected a materialised, contiguous floating-point (local) tensor, got "
+                f"dtype={t.dtype} device={t.device} contiguous={t.is_contiguous()}"
+            )
+    devices = {t.device for t in locals_}
+    if len(devices) != 1:
+        raise ValueError(f"params: all local shards must be on one device, found {sorted(map(str, devices))}")
+    return devices.pop()
 
 
 @dataclass(frozen=True)
@@ -168,7 +184,9 @@ class HostThreadPool:
     Torch releases the GIL inside ops, so N Python threads give N-way parallelism. Each worker is
     pinned to one intra-op thread: otherwise every slice would open its own OpenMP team of
     `torch.get_num_threads()` threads and the machine would be oversubscribed N-fold. The global
-    intra-op setting seen by the caller is restored once the workers are up.
+    intra-op setting seen by the caller is restored once the workers are up. Measured on a 16-core
+    H200 host, 2^26 elements, bf16 grads: 16 such threads 2.8-3.2 Gparam/s, one fused call with 16
+    intra-op threads 1.7, 16 unpinned threads 2.6-3.1 (and oversubscribed when ranks share a host).
     """
 
     def __init__(self, num_threads: int, min_slice_numel: int = 1 << 16):
@@ -212,3 +230,99 @@ class HostThreadPool:
     def shutdown(self) -> None:
         """Stop the worker threads."""
         self._executor.shutdown(wait=True)
+
+
+def host_available_bytes() -> int | None:
+    """Host memory available to new allocations (psutil, else /proc/meminfo MemAvailable), or None."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(
+    num_offloaded_params: int,
+    local_ranks: int,
+    available_bytes: int | None = None,
+    *,
+    bytes_per_param: int = 12,
+    staging_bytes: int = 0,
+) -> int:
+    """Raise ValueError unless `local_ranks` x (params x bytes_per_param + staging) fits; return bytes needed."""
+    if num_offloaded_params < 0 or local_ranks < 1:
+        raise ValueError(
+            "check_host_memory: need num_offloaded_params >= 0 and local_ranks >= 1, "
+            f"got {num_offloaded_params}, {local_ranks}"
+        )
+    needed = local_ranks * (num_offloaded_params * bytes_per_param + staging_bytes)
+    if available_bytes is None:
+        available_bytes = host_available_bytes()
+    if available_bytes is not None and needed > available_bytes:
+        raise ValueError(
+            f"HostAdamW host memory: {local_ranks} local rank(s) x ({num_offloaded_params:,} offloaded params x "
+            f"{bytes_per_param} B + {staging_bytes / GiB:.2f} GiB staging) = {needed / GiB:.2f} GiB needed, but only "
+            f"{available_bytes / GiB:.2f} GiB available; raise device_fraction, shard over more ranks, or run fewer "
+            f"ranks per host"
+        )
+    return needed
+
+
+def record_event(stream):
+    """A CUDA event recorded on `stream` now."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def as_param_layout(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Wrap a local fp32 state tensor as a DTensor laid out like parameter `p` (no data movement)."""
+    if not isinstance(p, DTensor):
+        return local
+    # DTensor.from_local would move host state to the mesh's device; build the DTensor in place,
+    # as FSDP2's CPU offload does.
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(p.device_mesh, tuple(p.placements), tensor_meta=TensorMeta(p.shape, p.stride(), torch.float32))
+    return DTensor(local, spec, requires_grad=False)
+
+
+def check_hyper(lr, betas, eps, weight_decay) -> None:
+    """Raise ValueError naming the AdamW hyperparameter that is out of range."""
+    if isinstance(lr, torch.Tensor) or lr < 0:
+        raise ValueError(f"lr={lr}: expected a non-negative float")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas={betas}: expected two floats in [0, 1)")
+    if eps < 0 or weight_decay < 0:
+        raise ValueError(f"eps={eps}, weight_decay={weight_decay}: expected non-negative floats")
+
+
+def group_hyper(group: dict) -> AdamWHyper:
+    """A param group's hyperparameters, validated, as Python floats."""
+    check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    beta1, beta2 = group["betas"]
+    return AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+
+
+def check_clip(clip_coef):
+    """Validate a clip coefficient: None, a float, or a one-element float tensor (returned 0-dim)."""
+    if clip_coef is None:
+        return None
+    if isinstance(clip_coef, torch.Tensor):
+        if clip_coef.numel() != 1 or not clip_coef.is_floating_point():
+            raise ValueError(
+                f"clip_coef: expected a float or a one-element float tensor, got shape {tuple(clip_coef.shape)}"
+            )
+        return clip_coef.detach().reshape(())
+    if isinstance(clip_coef, (int, float)):
+        return float(clip_coef)
+    raise ValueError(f"clip_coef: expected None, a float or a one-element tensor, got {type(clip_coef).__name__}")

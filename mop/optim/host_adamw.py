@@ -26,31 +26,24 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from mop.optim.engines import AdamWHyper, Bucket, HostThreadPool, adamw_flat_, local_shard, plan_buckets
+from mop.optim.engines import (
+    Bucket,
+    HostThreadPool,
+    adamw_flat_,
+    as_param_layout,
+    check_clip,
+    check_host_memory,
+    check_hyper,
+    group_hyper,
+    local_shard,
+    shards_device,
+    plan_buckets,
+    record_event,
+)
 
 ENGINES = ("cpu", "gpu_stream", "device")
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-GiB = 1024**3
-
-
-def host_available_bytes() -> int | None:
-    """Host memory available to new allocations (psutil, else /proc/meminfo MemAvailable), or None."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class _Slot:
@@ -92,7 +85,7 @@ class HostAdamW(torch.optim.Optimizer):
             raise ValueError(f"staging_slots={staging_slots}: expected at least 1")
         if cpu_threads is not None and int(cpu_threads) < 1:
             raise ValueError(f"cpu_threads={cpu_threads}: expected None (auto) or at least 1")
-        _check_hyper(lr, betas, eps, weight_decay)
+        check_hyper(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.engine = engine
         self.bucket_numel = int(bucket_numel)
@@ -102,21 +95,14 @@ class HostAdamW(torch.optim.Optimizer):
             raise ValueError("params: a parameter appears more than once across the param groups")
         group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         locals_ = [local_shard(p) for p in self._params]
-        for i, t in enumerate(locals_):
-            if t.is_meta or not t.is_floating_point() or not t.is_contiguous():
-                raise ValueError(
-                    f"params[{i}]: expected a materialised, contiguous floating-point (local) tensor, got "
-                    f"dtype={t.dtype} device={t.device} contiguous={t.is_contiguous()}"
-                )
-        devices = {t.device for t in locals_}
-        if len(devices) != 1:
-            raise ValueError(f"params: all local shards must be on one device, found {sorted(map(str, devices))}")
-        self._device = devices.pop()
+        self._device = shards_device(locals_)
         self._cuda = self._device.type == "cuda"
         numels = [t.numel() for t in locals_]
         fraction = 1.0 if engine == "device" else float(device_fraction)
         self._device_numel = round(fraction * sum(numels))
-        self._buckets = plan_buckets(numels, group_of, [t.dtype for t in locals_], self._device_numel, self.bucket_numel)
+        self._buckets = plan_buckets(
+            numels, group_of, [t.dtype for t in locals_], self._device_numel, self.bucket_numel
+        )
         self._buckets_of_param: list[list[int]] = [[] for _ in self._params]
         for b in self._buckets:
             for piece in b.pieces:
@@ -176,7 +162,11 @@ class HostAdamW(torch.optim.Optimizer):
             b.exp_avg.zero_()
             b.exp_avg_sq.zero_()
             for piece in b.pieces:
-                src = locals_[piece.param_index].detach().reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
+                src = (
+                    locals_[piece.param_index]
+                    .detach()
+                    .reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
+                )
                 b.master[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(src)
             if self.engine == "cpu" and not b.on_device:
                 b.host_grad = torch.empty(b.numel, dtype=b.dtype, pin_memory=self._pin)
@@ -201,19 +191,21 @@ class HostAdamW(torch.optim.Optimizer):
     def step_async(self, clip_coef: torch.Tensor | float | None = None) -> None:
         """Start the update bucket by bucket in parameter order and return; see `wait_params`."""
         self.synchronize()  # the previous update must be done before its buffers are reused
-        clip_coef = _check_clip(clip_coef)
+        clip_coef = check_clip(clip_coef)
         grads = [local_shard(p.grad) if p.grad is not None else None for p in self._params]
         # Detached aliases: writes through them are invisible to autograd, in any thread's grad mode.
         locals_ = [local_shard(p).detach() for p in self._params]
         for i, (g, t) in enumerate(zip(grads, locals_)):
             if g is not None and (g.is_sparse or g.shape != t.shape or g.device != t.device):
-                raise ValueError(f"params[{i}].grad: expected a dense gradient shaped like the local shard {tuple(t.shape)}")
+                raise ValueError(
+                    f"params[{i}].grad: expected a dense gradient shaped like the local shard {tuple(t.shape)}"
+                )
             if not t.is_contiguous():
                 raise ValueError(f"params[{i}]: the local shard became non-contiguous; HostAdamW writes it flat")
         has_grad = [g is not None for g in grads]
         for i, flag in enumerate(has_grad):
             self._steps[i] += int(flag)
-        hypers = [_group_hyper(g) for g in self.param_groups]
+        hypers = [group_hyper(g) for g in self.param_groups]
         ready = self._record_ready()
         if self._cuda:
             self._streams["update"].wait_event(ready)
@@ -250,7 +242,9 @@ class HostAdamW(torch.optim.Optimizer):
     def offload_grads_async(self, params) -> None:
         """Start the device->host copy of these parameters' (final) gradients now (cpu engine).
 
-        The other engines consume gradients on the device, so for them this returns at once.
+        The copy is ordered after the work already on the current stream, so call it once the
+        gradients' producer is ordered before that stream (with FSDP2: after the reduce-scatter's
+        result was waited for). The other engines consume gradients on the device: a no-op for them.
         """
         if self.engine != "cpu":
             return
@@ -295,7 +289,15 @@ class HostAdamW(torch.optim.Optimizer):
         def work():
             grad_flat = self._gather_grads(b, grads, has_grad)
             for start, end, step in runs:
-                adamw_flat_(b.master[start:end], b.exp_avg[start:end], b.exp_avg_sq[start:end], grad_flat[start:end], hyper, step, clip_coef)
+                adamw_flat_(
+                    b.master[start:end],
+                    b.exp_avg[start:end],
+                    b.exp_avg_sq[start:end],
+                    grad_flat[start:end],
+                    hyper,
+                    step,
+                    clip_coef,
+                )
             self._write_params(b, b.master, locals_, has_grad)
 
         if self._cuda:
@@ -303,7 +305,7 @@ class HostAdamW(torch.optim.Optimizer):
             with torch.cuda.stream(update):
                 work()
                 self._record_grads_use(b, grads, has_grad, update)
-                b.params_ready = _record(update)
+                b.params_ready = record_event(update)
         else:
             b.future = self._driver.submit(work)
 
@@ -338,17 +340,17 @@ class HostAdamW(torch.optim.Optimizer):
                     h2d.wait_event(ev)
             for dst, src in zip(staged, host):
                 dst.copy_(src, non_blocking=True)
-            loaded = _record(h2d)
+            loaded = record_event(h2d)
         with torch.cuda.stream(update):
             update.wait_event(loaded)
             update_staged()
             self._record_grads_use(b, grads, has_grad, update)
-            b.params_ready = _record(update)
+            b.params_ready = record_event(update)
         with torch.cuda.stream(d2h):
             d2h.wait_event(b.params_ready)
             for dst, src in zip(host, staged):
                 dst.copy_(src, non_blocking=True)
-            b.host_ready = slot.free = _record(d2h)
+            b.host_ready = slot.free = record_event(d2h)
 
     def _launch_host(self, b, runs, grads, locals_, has_grad, hyper, clip_host, clip_event, ready) -> None:
         missing = [k for k, piece in enumerate(b.pieces) if has_grad[piece.param_index] and k not in b.offloaded]
@@ -372,7 +374,15 @@ class HostAdamW(torch.optim.Optimizer):
             out = b.host_weight if b.host_weight is not None else b.master
 
             def update_slice(start, end, step):
-                adamw_flat_(b.master[start:end], b.exp_avg[start:end], b.exp_avg_sq[start:end], b.host_grad[start:end], hyper, step, clip_host)
+                adamw_flat_(
+                    b.master[start:end],
+                    b.exp_avg[start:end],
+                    b.exp_avg_sq[start:end],
+                    b.host_grad[start:end],
+                    hyper,
+                    step,
+                    clip_host,
+                )
                 if out is not b.master:
                     out[start:end].copy_(b.master[start:end])
 
@@ -391,7 +401,7 @@ class HostAdamW(torch.optim.Optimizer):
                 h2d.wait_event(ready)  # backward may still be reading the old weights
                 for piece, dst in targets:
                     dst.copy_(out[piece.bucket_offset : piece.bucket_offset + piece.numel], non_blocking=True)
-                b.params_ready = b.host_ready = _record(h2d)
+                b.params_ready = b.host_ready = record_event(h2d)
 
     # ---------------------------------------------------------------- small helpers
     def _param_index(self, p) -> int:
@@ -433,7 +443,9 @@ class HostAdamW(torch.optim.Optimizer):
             for k in piece_ids:
                 piece = b.pieces[k]
                 src = grads[piece.param_index].reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
-                b.host_grad[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(src, non_blocking=non_blocking)
+                b.host_grad[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(
+                    src, non_blocking=non_blocking
+                )
 
         if self._cuda:
             d2h = self._streams["d2h"]
@@ -442,7 +454,7 @@ class HostAdamW(torch.optim.Optimizer):
                 copy(True)
                 for k in piece_ids:
                     grads[b.pieces[k].param_index].record_stream(d2h)
-                b.grads_ready = _record(d2h)
+                b.grads_ready = record_event(d2h)
         else:
             copy(False)
         b.offloaded.update(piece_ids)
@@ -454,7 +466,7 @@ class HostAdamW(torch.optim.Optimizer):
 
     def _record_ready(self):
         """CUDA: an event on the current stream after the grads (and clip coefficient) are final."""
-        return _record(torch.cuda.current_stream(self._device)) if self._cuda else None
+        return record_event(torch.cuda.current_stream(self._device)) if self._cuda else None
 
     def _clip_for_host(self, clip_coef, ready):
         """The clip coefficient as the host engine sees it, plus the event its copy completes on."""
@@ -467,7 +479,7 @@ class HostAdamW(torch.optim.Optimizer):
             d2h.wait_event(ready)
             self._clip_host.copy_(clip_coef.detach().reshape(()), non_blocking=True)
             clip_coef.record_stream(d2h)
-            return self._clip_host, _record(d2h)
+            return self._clip_host, record_event(d2h)
 
     def _wait_future(self, b: Bucket) -> None:
         future, b.future = b.future, None
@@ -491,7 +503,9 @@ class HostAdamW(torch.optim.Optimizer):
         total = self._clip_host.nbytes
         for b in self._buckets:
             if not b.on_device:
-                total += sum(t.nbytes for t in (b.master, b.exp_avg, b.exp_avg_sq, b.host_grad, b.host_weight) if t is not None)
+                total += sum(
+                    t.nbytes for t in (b.master, b.exp_avg, b.exp_avg_sq, b.host_grad, b.host_weight) if t is not None
+                )
         return total
 
     def device_memory_bytes(self) -> int:
@@ -519,19 +533,13 @@ class HostAdamW(torch.optim.Optimizer):
 
         `available_bytes` defaults to MemAvailable; returns the bytes needed.
         """
-        if num_offloaded_params < 0 or local_ranks < 1:
-            raise ValueError(f"check_host_memory: need num_offloaded_params >= 0 and local_ranks >= 1, got {num_offloaded_params}, {local_ranks}")
-        needed = local_ranks * (num_offloaded_params * bytes_per_param + staging_bytes)
-        if available_bytes is None:
-            available_bytes = host_available_bytes()
-        if available_bytes is not None and needed > available_bytes:
-            raise ValueError(
-                f"HostAdamW host memory: {local_ranks} local rank(s) x ({num_offloaded_params:,} offloaded params x "
-                f"{bytes_per_param} B + {staging_bytes / GiB:.2f} GiB staging) = {needed / GiB:.2f} GiB needed, but only "
-                f"{available_bytes / GiB:.2f} GiB available; raise device_fraction, shard over more ranks, or run fewer "
-                f"ranks per host"
-            )
-        return needed
+        return check_host_memory(
+            num_offloaded_params,
+            local_ranks,
+            available_bytes,
+            bytes_per_param=bytes_per_param,
+            staging_bytes=staging_bytes,
+        )
 
     # ---------------------------------------------------------------- checkpointing
     @torch.no_grad()
@@ -547,7 +555,7 @@ class HostAdamW(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             entry = {"step": torch.tensor(float(self._steps[i]), dtype=torch.float32)}
             for key in STATE_KEYS:
-                entry[key] = _as_param_layout(p, self._gather_state(i, key))
+                entry[key] = as_param_layout(p, self._gather_state(i, key))
             state[i] = entry
         groups, offset = [], 0
         for g in self.param_groups:
@@ -561,7 +569,9 @@ class HostAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a `state_dict()` (possibly reloaded through DCP) and write the masters into the params."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("load_state_dict: expected a dict with 'state' and 'param_groups' (from HostAdamW.state_dict())")
+            raise ValueError(
+                "load_state_dict: expected a dict with 'state' and 'param_groups' (from HostAdamW.state_dict())"
+            )
         saved_groups = state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
@@ -589,11 +599,18 @@ class HostAdamW(torch.optim.Optimizer):
             torch.cuda.current_stream(self._device).synchronize()  # host buffers may be reused right after
 
     def _pieces_of(self, i: int):
-        return [(self._buckets[bi], piece) for bi in self._buckets_of_param[i] for piece in self._buckets[bi].pieces if piece.param_index == i]
+        return [
+            (self._buckets[bi], piece)
+            for bi in self._buckets_of_param[i]
+            for piece in self._buckets[bi].pieces
+            if piece.param_index == i
+        ]
 
     def _gather_state(self, i: int, key: str) -> torch.Tensor:
         shape = local_shard(self._params[i]).shape
-        parts = [getattr(b, key)[piece.bucket_offset : piece.bucket_offset + piece.numel] for b, piece in self._pieces_of(i)]
+        parts = [
+            getattr(b, key)[piece.bucket_offset : piece.bucket_offset + piece.numel] for b, piece in self._pieces_of(i)
+        ]
         if not parts:
             return torch.zeros(shape, dtype=torch.float32, device=self._device)
         if len(parts) == 1:
@@ -606,54 +623,11 @@ class HostAdamW(torch.optim.Optimizer):
         flat = value.reshape(-1)
         numel = local_shard(self._params[i]).numel()
         if flat.numel() != numel:
-            raise ValueError(f"load_state_dict: state[{i}][{key!r}] has {flat.numel()} elements, the local shard has {numel}")
+            raise ValueError(
+                f"load_state_dict: state[{i}][{key!r}] has {flat.numel()} elements, the local shard has {numel}"
+            )
         for b, piece in self._pieces_of(i):
             dst = getattr(b, key)[piece.bucket_offset : piece.bucket_offset + piece.numel]
             src = flat[piece.param_offset : piece.param_offset + piece.numel]
             if dst.data_ptr() != src.data_ptr() or dst.device != src.device:
                 dst.copy_(src)
-
-
-def _record(stream):
-    event = torch.cuda.Event()
-    event.record(stream)
-    return event
-
-
-def _as_param_layout(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Wrap a local fp32 state tensor as a DTensor laid out like parameter `p` (no data movement)."""
-    if not isinstance(p, DTensor):
-        return local
-    # DTensor.from_local would move host state to the mesh's device; build the DTensor in place,
-    # as FSDP2's CPU offload does.
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-
-    spec = DTensorSpec(p.device_mesh, tuple(p.placements), tensor_meta=TensorMeta(p.shape, p.stride(), torch.float32))
-    return DTensor(local, spec, requires_grad=False)
-
-
-def _check_hyper(lr, betas, eps, weight_decay) -> None:
-    if isinstance(lr, torch.Tensor) or lr < 0:
-        raise ValueError(f"lr={lr}: expected a non-negative float")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas={betas}: expected two floats in [0, 1)")
-    if eps < 0 or weight_decay < 0:
-        raise ValueError(f"eps={eps}, weight_decay={weight_decay}: expected non-negative floats")
-
-
-def _group_hyper(group: dict) -> AdamWHyper:
-    _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-    beta1, beta2 = group["betas"]
-    return AdamWHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
-
-
-def _check_clip(clip_coef):
-    if clip_coef is None:
-        return None
-    if isinstance(clip_coef, torch.Tensor):
-        if clip_coef.numel() != 1 or not clip_coef.is_floating_point():
-            raise ValueError(f"clip_coef: expected a float or a one-element float tensor, got shape {tuple(clip_coef.shape)}")
-        return clip_coef.detach().reshape(())
-    if isinstance(clip_coef, (int, float)):
-        return float(clip_coef)
-    raise ValueError(f"clip_coef: expected None, a float or a one-element tensor, got {type(clip_coef).__name__}")
