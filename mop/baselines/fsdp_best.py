@@ -1,0 +1,337 @@
+"""The FSDP-best baseline: the same model trained the way a careful user of stock PyTorch would.
+
+`BaselineTrainer(job, baseline_cfg, proc)` is the `Trainer` with `apply_parallelism` replaced by
+`parallelize_baseline`, whose steps run in this order on the meta-device model:
+
+1. `apply_loss_head`   output projection + loss as one (compiled) `cross_entropy(hidden @ W.T)`
+2. `apply_tp`          `parallelize_module`: attention wq/wk/wv colwise, wo rowwise; dense FFN and
+                        shared experts w1/w3 colwise, w2 rowwise (the model infers local head counts)
+3. `apply_ep`          routed experts -> `AllToAllExperts` (DTensor Shard(0) over the EP dim)
+4. router statistics summed over the ranks that hold distinct tokens (global aux loss)
+5. activation checkpointing, optional `torch.compile` of each block
+6. `apply_fsdp`        FSDP2 `fully_shard` per block (+ experts on their own mesh) and the root, over
+                        dp_shard x cp (HSDP with dp_replicate), optional `CPUOffloadPolicy`
+
+Context parallelism wraps each micro-batch in `context_parallel` (PyTorch's ring attention over
+SDPA), which shards tokens / positions / labels along the sequence in place (head-tail load balanced).
+
+Exactness: the Trainer divides each rank's summed loss by the global target count, and FSDP sums
+(never averages) gradients. tp x cp ranks share a sequence, so the target count is divided by that
+replication; q/k-norm weights see only the local heads under TP, so their gradients are summed over
+the TP group; the gradient norm counts each replicated shard once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+from mop.baselines.config import BaselineConfig
+from mop.baselines.expert_parallel import AllToAllExperts
+from mop.config import JobConfig
+from mop.distributed import ProcessInfo
+from mop.parallel.layout import LayoutSpec
+from mop.trainer import Trainer, build_loader
+
+
+# -- meshes -------------------------------------------------------------------------------------------
+class BaselineMeshes:
+    """Every DeviceMesh of one baseline config, built once from the world (rank = row-major index).
+
+    world = dp_replicate x dp_shard x cp x tp (tp innermost). Meshes that feed FSDP2 and a DTensor
+    param (TP, EP) come from the same root so FSDP can compose them into 2-D/3-D placements.
+    """
+
+    def __init__(self, cfg: BaselineConfig, device: torch.device):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        dr, ds, cp, tp, ep = cfg.dp_replicate, cfg.dp_shard, cfg.cp, cfg.tp, cfg.ep
+        world = dr * ds * cp * tp
+        ranks = torch.arange(world)
+        dev = device.type
+        self.cfg = cfg
+        # Dense path: FSDP over dp_shard x cp, TP innermost.
+        self.dense = DeviceMesh(dev, ranks.view(dr, ds * cp, tp), mesh_dim_names=("dp_replicate", "dp_shard_cp", "tp"))
+        self.fsdp = self.dense["dp_replicate", "dp_shard_cp"] if dr > 1 else self.dense["dp_shard_cp"]
+        self.tp = self.dense["tp"] if tp > 1 else None
+        self.cp = None
+        if cp > 1:
+            self.cp = DeviceMesh(dev, ranks.view(dr, ds, cp, tp), mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))["cp"]
+        self.ep = self.expert_fsdp = None
+        if ep > 1:
+            experts = DeviceMesh(dev, ranks.view(dr, ds * cp // ep, ep, tp),
+                                 mesh_dim_names=("dp_replicate", "dp_mod_ep", "ep", "tp"))
+            self.ep = experts["ep"]
+            self.expert_fsdp = experts["dp_replicate", "dp_mod_ep"] if dr > 1 else experts["dp_mod_ep"]
+        # Ranks with distinct tokens (everything but TP): router statistics are summed over them.
+        self.batch_group = None
+        if tp > 1:
+            self.batch_group = DeviceMesh(dev, ranks.view(world // tp, tp), mesh_dim_names=("batch", "tp")).get_group("batch")
+        else:
+            self.batch_group = dist.group.WORLD
+
+
+# -- model transformations (meta device) ----------------------------------------------------------
+def linear_cross_entropy_sum(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    """Sum over target tokens of CE(hidden @ W.T) with fp32 log-softmax (labels -100 ignored)."""
+    logits_NV = hidden_NH @ weight_VH.t()
+    return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=-100, reduction="sum")
+
+
+class LinearCrossEntropyHead(nn.Module):
+    """The plain output head: materialises N x V logits (what stock PyTorch does).
+
+    With `compile=True` the fp32 upcast and log-softmax are fused by inductor, so only the bf16
+    logits (and their gradient) are live. Same parameter name (`weight`) as `OutputHead`.
+    """
+
+    def __init__(self, weight: nn.Parameter, compile: bool):
+        super().__init__()
+        self.weight = weight
+        self.compiled = compile
+        self._loss = torch.compile(linear_cross_entropy_sum) if compile else linear_cross_entropy_sum
+
+    def forward(self, hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer) -> torch.Tensor:
+        return self._loss(hidden_NH, self.weight, labels_N) / normalizer
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.weight.shape[0]}, dim={self.weight.shape[1]}, compiled={self.compiled}"
+
+
+def apply_loss_head(model, compile: bool) -> None:
+    model.output = LinearCrossEntropyHead(model.output.weight, compile)
+
+
+def apply_tp(model, tp_mesh) -> list[nn.Module]:
+    """Megatron-style TP of attention and dense FFNs; returns the modules whose grads are TP-partial.
+
+    (Modules, not parameters: FSDP later replaces each parameter object by its sharded DTensor.)
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    partial = []
+    for block in model.layers.values():
+        plan = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
+        plan["attention.wo"] = RowwiseParallel()
+        ffn = "feed_forward" if not block.is_moe else ("moe.shared_experts" if block.moe.shared_experts else None)
+        if ffn:
+            plan.update({f"{ffn}.w1": ColwiseParallel(), f"{ffn}.w3": ColwiseParallel(), f"{ffn}.w2": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, plan)
+        # q/k norms are replicated but only see this rank's heads: their gradients are partial sums.
+        for norm in (block.attention.q_norm, block.attention.k_norm):
+            if norm is not None:
+                partial.append(norm)
+    return partial
+
+
+def apply_ep(model, ep_mesh) -> None:
+    for block in model.layers.values():
+        if block.is_moe:
+            block.moe.experts = AllToAllExperts.from_module(block.moe.experts, ep_mesh)
+
+
+def apply_fsdp(model, meshes: BaselineMeshes, param_dtype, reduce_dtype, reshard_after_forward: bool,
+               cpu_offload: bool) -> None:
+    """FSDP2 units: each block (and, under EP, its experts on the expert mesh), then the root.
+
+    Gradients are summed (divide factor 1, plain SUM collectives): each rank's loss is already
+    divided by the global target count.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    common = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    units = []
+    for block in model.layers.values():
+        if block.is_moe and meshes.ep is not None:
+            experts = block.moe.experts
+            n_fsdp = meshes.expert_fsdp.size()
+            # Few local experts for many shards: shard each expert's H dim instead (like torchtitan).
+            dim = 1 if experts.w1.to_local().shape[0] < n_fsdp else 0
+            fully_shard(experts, mesh=meshes.expert_fsdp, shard_placement_fn=lambda p, d=dim: Shard(d), **common)
+            units.append(experts)
+        fully_shard(block, mesh=meshes.fsdp, **common)
+        units.append(block)
+    fully_shard(model, mesh=meshes.fsdp, **common)
+    units.append(model)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[i + 1]])
+        if i > 0:
+            block.set_modules_to_backward_prefetch([blocks[i - 1]])
+
+
+def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job: JobConfig, param_dtype,
+                         reduce_dtype) -> list[nn.Module]:
+    """Apply the baseline to a meta-device `Transformer` in place; returns modules with TP-partial grads."""
+    from mop.parallel.parallelize import _AllReduceSum
+
+    cfg.validate_model(model.cfg, job.training.seq_len)
+    apply_loss_head(model, cfg.compile_loss)
+    partial = apply_tp(model, meshes.tp) if meshes.tp is not None else []
+    if meshes.ep is not None:
+        apply_ep(model, meshes.ep)
+    reducer = _AllReduceSum(meshes.batch_group)
+    for router in model.routers():
+        router.reduce_stats = reducer
+    model.activation_checkpoint = cfg.activation_checkpoint
+    if cfg.compile_blocks:
+        for block in model.layers.values():
+            block.compile()  # in place: parameter names unchanged
+    apply_fsdp(model, meshes, param_dtype, reduce_dtype, job.parallel.reshard_after_forward, cfg.cpu_offload)
+    return partial
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+class BaselineTrainer(Trainer):
+    """`Trainer` running the FSDP-best baseline config `baseline` (see the module docstring)."""
+
+    def __init__(self, job: JobConfig, baseline: BaselineConfig, proc: ProcessInfo | None = None):
+        from mop.distributed import init_process
+
+        proc = proc or init_process(job.training.device)
+        self.baseline = baseline.resolved(proc.world)
+        b = self.baseline
+        b.validate_model(job.model, job.training.seq_len)
+        if b.cp > 1:
+            if proc.device.type != "cuda":
+                raise ValueError("baseline.cp > 1 needs CUDA: PyTorch's context_parallel ring attention only "
+                                 "handles the CUDA SDPA kernels (flash / efficient / cuDNN); use cp=1 on CPU")
+            if job.data.dataset != "synthetic" or job.data.synthetic_doc_len:
+                raise ValueError("baseline.cp > 1 needs one document per sequence (ring attention is plain causal): "
+                                 "set --data.dataset=synthetic --data.synthetic_doc_len=0")
+        if job.parallel.seq != 1 or job.parallel.expert != 1 or job.parallel.vocab != 1:
+            raise ValueError("the baseline takes its degrees from BaselineConfig; leave parallel.seq/expert/vocab at 1")
+        if job.optimizer.offload != "none":
+            raise ValueError("the baseline offloads with FSDP2's CPUOffloadPolicy (baseline.cpu_offload); "
+                             "set optimizer.offload=none")
+        self._tp_partial: list[nn.Module] = []
+        super().__init__(job, proc)
+        # The tp x cp ranks of a replica group read the same (whole) sequences; CP shards them later.
+        old = self.loader
+        r = b.replicas
+        self.loader = build_loader(job, LayoutSpec(self.proc.world // r), self.proc.rank // r, job.model.vocab_size)
+        self.loader.load_state_dict(old.state_dict())  # keeps a resumed position
+
+    def apply_parallelism(self, model) -> None:
+        job = self.job
+        self.layout = None
+        self.meshes = BaselineMeshes(self.baseline, self.device)
+        reduce = torch.float32 if job.parallel.reduce_dtype == "fp32" else torch.bfloat16
+        param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
+        self._tp_partial = parallelize_baseline(model, self.meshes, self.baseline, job, param_dtype, reduce)
+
+    def _build_model(self):
+        if not (self.sharded and self.baseline.cpu_offload):
+            model = super()._build_model()
+            if not self.sharded:
+                model.activation_checkpoint = self.baseline.activation_checkpoint
+                apply_loss_head(model, self.baseline.compile_loss)
+            return model
+        # CPUOffloadPolicy: sharded parameters live on the host; buffers (router state) on the device.
+        from mop.models.transformer import Transformer
+        from mop.parallel.init import init_weights_sharded
+
+        with torch.device("meta"):
+            model = Transformer(self.job.model)
+        self.apply_parallelism(model)
+        model.to_empty(device="cpu")
+        init_weights_sharded(model, self.job.training.seed, torch.device("cpu"))
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.device)
+        model.train()
+        return model
+
+    def tokens_per_device_per_step(self) -> int:
+        t = self.job.training
+        return t.batch_size * t.seq_len * t.grad_accum // self.baseline.replicas
+
+    def _context(self, buffers: list[torch.Tensor]):
+        if self.baseline.cp == 1 or not self.sharded:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.experimental import context_parallel
+
+        return context_parallel(self.meshes.cp, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
+                                no_restore_buffers=set(buffers))
+
+    def _sum_tp_partial_grads(self) -> None:
+        group = self.meshes.tp.get_group()
+        for module in self._tp_partial:
+            p = module.weight
+            if p.grad is None:
+                continue
+            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            buf = local.to(self.device)  # CPU-offloaded grads: reduce on the device (NCCL)
+            dist.all_reduce(buf, group=group)
+            local.copy_(buf)
+
+    def _grad_norm_and_clip(self) -> torch.Tensor:
+        """Global L2 norm: each local shard weighted by 1/(number of ranks holding the same shard)."""
+        world = self.proc.world
+        sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            g = p.grad
+            shards = 1
+            if isinstance(g, DTensor):
+                shards = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+                g = g.to_local()
+            by_device.setdefault(g.device, []).append(g)
+            sq = sq + (torch.linalg.vector_norm(g.float()) ** 2).to(self.device) / (world // shards)
+        norm = self._all_reduce(sq).sqrt()
+        max_norm = self.job.training.max_grad_norm
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on device: no host sync
+            for dev, grads in by_device.items():
+                torch._foreach_mul_(grads, coef.to(dev))
+        return norm
+
+    def train_step(self, capture_grads: bool = False) -> dict:
+        """As `Trainer.train_step`, with the replica-aware target count, CP context and TP-partial grads."""
+        t, b = self.job.training, self.baseline
+        batches = [next(self.loader) for _ in range(t.grad_accum)]
+        n_targets = sum((x["labels"] != -100).sum() for x in batches).to(self.device, torch.float32)
+        # Every rank of a tp x cp replica group counted the same whole sequences.
+        normalizer = (self._all_reduce(n_targets) / b.replicas).clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        routers = self.model.routers()
+        loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
+        for x in batches:
+            tokens, positions, labels = (x[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels"))
+            with self._context([tokens, positions, labels]):
+                ce, aux = self.model(tokens, positions, labels, normalizer)
+                loss = ce + aux / t.grad_accum
+                loss.backward()
+            loss_sum += ce.detach()
+            aux_sum += aux.detach() / t.grad_accum
+            if routers:
+                loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
+        if self._tp_partial:
+            self._sum_tp_partial_grads()
+        captured = self.full_grads() if capture_grads else None
+        grad_norm = self._grad_norm_and_clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if routers and any(r.use_expert_bias for r in routers):
+            self.model.update_expert_bias(self._all_reduce(loads_LE))
+        self.step += 1
+        # TP ranks computed the same loss: report 1/tp each so the Trainer's world sum is the loss.
+        return {"loss_local": loss_sum / b.tp, "aux_local": aux_sum / b.tp, "grad_norm": grad_norm, "loads": loads_LE,
+                "grads": captured}
