@@ -91,9 +91,9 @@ class DataConfig:
 class TrainingConfig:
     """The training loop."""
 
-    steps: int = 200
+    steps: int = 120
     seq_len: int = 256
-    batch_size: int = 8  # sequences per sequence-parallel group per micro-batch
+    batch_size: int = 4  # sequences per sequence-parallel group per micro-batch
     grad_accum: int = 1
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

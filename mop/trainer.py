@@ -123,14 +123,22 @@ class Trainer:
         if self.sharded:
             self.apply_parallelism(model)
             model.to_empty(device=self.device)
+            self._retie(model)
             init_weights_sharded(model, job.training.seed, self.device)
         else:
             self.layout = None
             model.activation_checkpoint = job.training.activation_checkpoint
             model.to_empty(device=self.device)
+            self._retie(model)
             model.init_weights(job.training.seed)
         model.train()
         return model
+
+    @staticmethod
+    def _retie(model: Transformer) -> None:
+        """`to_empty` gives shared parameters separate storage: share the embedding table again."""
+        if model.cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
+            model.output.weight = model.tok_embeddings.weight
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.job.optimizer

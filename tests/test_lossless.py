@@ -8,3 +8,33 @@ from tests.lossless import compare_with_reference
 @pytest.mark.parametrize("world", [2, 4])
 def test_dense_path_sharded_equals_single_process(world, tmp_path):
     compare_with_reference(world, {}, tmp_path)
+
+
+@pytest.mark.parametrize("world,layout", [
+    (2, {"expert": 2}),
+    (4, {"expert": 2}),  # Ep=2 x W/Ep=2: experts partitioned and each sharded
+    (4, {"expert": 4, "dispatcher": "llep", "llep_min_chunk": 8, "llep_lambda": 1.0}),
+    (4, {"expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8, "moe_chunk_tokens": 32}),
+])
+def test_expert_parallel_equals_single_process(world, layout, tmp_path):
+    compare_with_reference(world, layout, tmp_path)
+
+
+@pytest.mark.parametrize("world,layout", [(2, {"vocab": 2}), (4, {"vocab": 2}), (4, {"vocab": 4, "vocab_schedule": "activations"})])
+def test_vocab_parallel_equals_single_process(world, layout, tmp_path):
+    compare_with_reference(world, layout, tmp_path)
+
+
+@pytest.mark.parametrize("world,layout,extra", [
+    (2, {"seq": 2, "ulysses_head_chunks": 2}, []),
+    (4, {"seq": 4}, []),  # D=4 > 2 KV heads: KV heads replicated
+    (4, {"seq": 4}, ["--model.n_heads=2", "--model.n_kv_heads=1"]),  # D > heads: Ulysses x all-gather-KV
+])
+def test_ulysses_equals_single_process(world, layout, extra, tmp_path):
+    compare_with_reference(world, layout, tmp_path, extra=extra)
+
+
+def test_full_mop_layout_equals_single_process(tmp_path):
+    """All components at once: D=2, Ep=2 (x2 sharding), P=4, LLEP, aux loss, grad accumulation."""
+    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 4, "dispatcher": "llep", "llep_min_chunk": 8},
+                           tmp_path, extra=["--training.grad_accum=2", "--model.aux_loss_coef=0.01"])

@@ -49,27 +49,31 @@ def apply_sequence_parallel(model, layout: Layout, pcfg) -> None:
                                                 head_chunks=pcfg.ulysses_head_chunks)
 
 
-def apply_expert_parallel(model, layout: Layout, pcfg) -> None:
-    """Replace routed experts by the hybrid EP x sharding module with the configured dispatcher."""
-    try:
-        from mop.parallel.experts import ExpertParallelExperts
-    except ImportError:
-        return  # until the expert-parallel module lands, FSDP shards the experts over W (ZeRO-3)
+def apply_expert_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype | None) -> None:
+    """Replace routed experts by the hybrid EP x (W/Ep) sharding module with the configured dispatcher."""
+    from mop.parallel.experts import ExpertParallelConfig, ExpertParallelExperts
+
+    ecfg = ExpertParallelConfig(dispatcher=pcfg.dispatcher, llep_alpha=pcfg.llep_alpha,
+                                llep_min_chunk=pcfg.llep_min_chunk, llep_imbalance_threshold=pcfg.llep_lambda,
+                                chunk_tokens=pcfg.moe_chunk_tokens, max_chunks=pcfg.moe_max_chunks)
     for block in model.layers.values():
         if block.is_moe:
-            block.moe.experts = ExpertParallelExperts.from_module(block.moe.experts, layout, pcfg)
+            block.moe.experts = ExpertParallelExperts.from_module(block.moe.experts, layout, ecfg)
+            block.moe.experts.param_dtype = param_dtype
 
 
-def apply_vocab_parallel(model, layout: Layout, pcfg) -> None:
+def apply_vocab_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype | None) -> None:
     """Embedding and output head as vocabulary blocks over the P-group (sharded over W at rest)."""
     if layout.spec.vocab == 1:
-        return
-    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead
+        return  # one block: FSDP over W is the same data movement
+    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead, build_vocab_block_mesh
 
-    if model.cfg.tie_embeddings:
-        raise ValueError("model.tie_embeddings is not supported with parallel.vocab > 1; untie or set parallel.vocab=1")
-    model.tok_embeddings = VocabParallelEmbedding.from_module(model.tok_embeddings, layout)
-    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=pcfg.vocab_schedule)
+    mesh = build_vocab_block_mesh(layout)  # collective: once, shared by both modules
+    model.tok_embeddings = VocabParallelEmbedding.from_module(model.tok_embeddings, layout, mesh=mesh)
+    tied = model.tok_embeddings.weight if model.cfg.tie_embeddings else None
+    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=pcfg.vocab_schedule, mesh=mesh,
+                                                       weight=tied)
+    model.tok_embeddings.param_dtype = model.output.param_dtype = param_dtype
 
 
 def apply_router_stats(model, layout: Layout) -> None:
@@ -126,8 +130,8 @@ def parallelize(model, layout: Layout, job, param_dtype: torch.dtype | None = No
     layout.spec.validate_model(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_experts=cfg.n_experts,
                                seq_len=job.training.seq_len)
     apply_sequence_parallel(model, layout, job.parallel)
-    apply_expert_parallel(model, layout, job.parallel)
-    apply_vocab_parallel(model, layout, job.parallel)
+    apply_expert_parallel(model, layout, job.parallel, param_dtype)
+    apply_vocab_parallel(model, layout, job.parallel, param_dtype)
     apply_router_stats(model, layout)
     apply_activation_checkpointing(model, job.training.activation_checkpoint)
     apply_fsdp(model, layout, param_dtype, reduce_dtype, job.parallel.reshard_after_forward)

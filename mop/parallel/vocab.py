@@ -216,8 +216,12 @@ class VocabParallelOutputHead(nn.Module):
                               vocab_size=self.shards.vocab_size, block_sizes=self.shards.block_sizes,
                               schedule=self.schedule, z_loss_coef=self.z_loss_coef,
                               max_strip_elements=self.max_strip_elements)
-        return _ShardedRingCrossEntropy.apply(hidden_NH, self.weight.to_local(), labels_N, normalizer, plan,
-                                              self.shards)
+        w_local = self.weight.to_local()
+        if self.param_dtype is not None:  # mixed precision (set by parallelize): gather in compute dtype
+            w_local = w_local.to(self.param_dtype)
+        return _ShardedRingCrossEntropy.apply(hidden_NH, w_local, labels_N, normalizer, plan, self.shards)
+
+    param_dtype: torch.dtype | None = None
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.shards.vocab_size}, dim={self.weight.shape[1]}, P={self.shards.P}, "
@@ -284,6 +288,8 @@ class VocabParallelEmbedding(nn.Module):
     Collective: every rank of the vocabulary group must call forward (and backward) together.
     """
 
+    param_dtype: torch.dtype | None = None  # compute dtype (set by parallelize)
+
     def __init__(self, vocab_size: int, dim: int, mesh: DeviceMesh, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None, weight: nn.Parameter | None = None):
         super().__init__()
@@ -308,7 +314,10 @@ class VocabParallelEmbedding(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
         ids_N = tokens.reshape(-1).to(torch.int64)
-        out_NH = _VocabParallelLookup.apply(self.weight.to_local(), ids_N, self.shards)
+        w_local = self.weight.to_local()
+        if self.param_dtype is not None:  # mixed precision (set by parallelize): rows move in compute dtype
+            w_local = w_local.to(self.param_dtype)
+        out_NH = _VocabParallelLookup.apply(w_local, ids_N, self.shards)
         return out_NH.view(*tokens.shape, self.weight.shape[1])
 
     def extra_repr(self) -> str:

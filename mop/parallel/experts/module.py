@@ -110,8 +110,14 @@ class ExpertParallelExperts(nn.Module):
         if x_TH.shape[-1] != self.dim:
             raise ValueError(f"experts input has width {x_TH.shape[-1]}, expected {self.dim}")
         plan = self.dispatcher.plan(topk_idx_TK)  # one host sync (split sizes)
-        return MoELayerFunction.apply(x_TH, topk_weight_TK, self.w1.to_local(), self.w3.to_local(),
-                                      self.w2.to_local(), self.dispatcher, plan, self.shard_spec)
+        # Mixed precision (set by parallelize): shards are cast before the gather, as FSDP does, so
+        # the all-gather and the GEMMs run in the compute dtype; grads flow back to the fp32 shards.
+        w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
+        if self.param_dtype is not None:
+            w1, w3, w2 = (w.to(self.param_dtype) for w in (w1, w3, w2))
+        return MoELayerFunction.apply(x_TH, topk_weight_TK, w1, w3, w2, self.dispatcher, plan, self.shard_spec)
+
+    param_dtype: torch.dtype | None = None  # compute dtype of the gathered weights (None: storage dtype)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, dim={self.dim}, hidden={self.hidden}, dispatcher={self.cfg.dispatcher}"

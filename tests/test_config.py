@@ -1,0 +1,100 @@
+"""Configuration: defaults, TOML, overrides, validation messages, and the frozen option set."""
+
+import pytest
+
+from mop.config import build_config, option_names
+from mop.parallel.layout import LayoutSpec
+
+
+def test_overrides_and_shape(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\nshape = "qwen3-30b-a3b"\nn_layers = 2\n[training]\nsteps = 7\nseq_len = 1024\n')
+    job = build_config(f, ["--training.steps=9", "--optimizer.betas=0.9,0.99", "--parallel.seq=4"])
+    assert job.model.dim == 2048 and job.model.n_layers == 2 and job.model.n_experts == 128
+    assert job.training.steps == 9 and job.training.seq_len == 1024
+    assert job.optimizer.betas == (0.9, 0.99)
+    assert job.parallel.seq == 4
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.toml"))
+    assert files, "configs/ should ship named runs"
+    for f in files:
+        build_config(f)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--training.steps=0", "training.steps: must be >= 1"),
+    ("--parallel.dispatcher=magic", "parallel.dispatcher: 'magic' is not one of"),
+    ("--model.shape=nope", "model.shape: unknown shape 'nope'"),
+    ("--model.n_kv_heads=3", "model.n_kv_heads: 3 must divide n_heads"),
+    ("--training.bogus=1", "training.bogus: unknown option"),
+    ("--nosection.x=1", "unknown section"),
+    ("--training.steps=abc", "training.steps: expected int"),
+    ("--optimizer.offload=disk", "optimizer.offload"),
+    ("--model.top_k=99", "model.top_k: 99 exceeds n_experts"),
+    ("training.steps", "expected --section.key=value"),
+])
+def test_validation_names_the_option(override, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        build_config(overrides=[override])
+    assert needle in str(e.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        build_config("/nonexistent/run.toml")
+
+
+def test_layout_validation_messages():
+    with pytest.raises(ValueError, match=r"parallel.seq \(D\)=3 must divide the world size 4; valid values: \[1, 2, 4\]"):
+        LayoutSpec(4, seq=3)
+    with pytest.raises(ValueError, match=r"parallel.expert \(Ep\)=8 must divide the world size 4"):
+        LayoutSpec(4, expert=8)
+    with pytest.raises(ValueError, match=r"parallel.expert \(Ep\)=4 must divide the number of experts 6"):
+        LayoutSpec(4, expert=4).validate_model(n_heads=4, n_kv_heads=2, n_experts=6)
+    with pytest.raises(ValueError, match="must divide the 6 attention heads"):
+        LayoutSpec(4, seq=4).validate_model(n_heads=6, n_kv_heads=2, n_experts=8, ulysses_ring_fallback=False)
+    with pytest.raises(ValueError, match="training.seq_len=10 must be divisible by parallel.seq"):
+        LayoutSpec(4, seq=4).validate_model(n_heads=4, n_kv_heads=2, n_experts=8, seq_len=10)
+
+
+@pytest.mark.parametrize("W,D,Ep,P", [(4, 2, 2, 4), (8, 4, 2, 8), (8, 8, 1, 2), (6, 3, 2, 1)])
+def test_layout_group_membership(W, D, Ep, P):
+    s = LayoutSpec(W, seq=D, expert=Ep, vocab=P)
+    for r in range(W):
+        assert r in s.seq_ranks(r) and len(s.seq_ranks(r)) == D
+        assert s.seq_ranks(r) == list(range(r // D * D, r // D * D + D))  # contiguous blocks
+        assert len(s.expert_ranks(r)) == Ep and len(s.expert_shard_ranks(r)) == W // Ep
+        assert set(s.expert_ranks(r)) & set(s.expert_shard_ranks(r)) == {r}  # complementary groups meet in r
+        assert set(s.vocab_ranks(r)) & set(s.vocab_shard_ranks(r)) == {r}
+        assert s.seq_ranks(r)[s.seq_rank(r)] == r
+    # Groups partition the ranks.
+    for groups in ({tuple(s.seq_ranks(r)) for r in range(W)}, {tuple(s.expert_shard_ranks(r)) for r in range(W)}):
+        assert sorted(x for g in groups for x in g) == list(range(W))
+    assert s.data_parallel == W // D and s.expert_shard == W // Ep
+
+
+def test_option_set_is_frozen():
+    """Adding an option is a deliberate act: update this list (and the README) together."""
+    assert option_names() == [
+        "model.shape", "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+        "model.head_dim", "model.qk_norm", "model.attn_bias", "model.rope_theta", "model.norm_eps",
+        "model.n_experts", "model.top_k", "model.expert_dim", "model.n_shared_experts", "model.shared_expert_dim",
+        "model.score_func", "model.norm_topk", "model.route_scale", "model.aux_loss_coef", "model.expert_bias",
+        "model.expert_bias_rate", "model.n_dense_layers", "model.dense_dim", "model.tie_embeddings", "model.init_std",
+        "parallel.nproc", "parallel.seq", "parallel.expert", "parallel.vocab", "parallel.ulysses_head_chunks",
+        "parallel.dispatcher", "parallel.llep_alpha", "parallel.llep_min_chunk", "parallel.llep_lambda",
+        "parallel.moe_chunk_tokens", "parallel.moe_max_chunks", "parallel.vocab_schedule", "parallel.reduce_dtype",
+        "parallel.reshard_after_forward",
+        "optimizer.lr", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.offload",
+        "optimizer.device_fraction", "optimizer.bucket_numel",
+        "data.dataset", "data.cache_dir", "data.synthetic_doc_len",
+        "training.steps", "training.seq_len", "training.batch_size", "training.grad_accum", "training.warmup_steps",
+        "training.min_lr_ratio", "training.max_grad_norm", "training.seed", "training.device", "training.dtype",
+        "training.activation_checkpoint", "training.compile",
+        "checkpoint.every", "checkpoint.keep", "checkpoint.enabled", "checkpoint.resume",
+        "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard",
+    ]
