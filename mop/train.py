@@ -1,12 +1,14 @@
 """Train a MoE language model with mop.
 
-Tiny model on the bundled corpus, one CPU process (about a minute, loss visibly falls):
+The embedded default (mop/configs/default.toml): the tiny MoE on the bundled corpus, 2 CPU
+workers with a MoP layout D=2 (Ulysses), Ep=2 (experts), P=2 (vocabulary); about a minute:
 
     mop train
 
-Same, on 4 CPU worker processes with a real MoP layout (D=2 sequence, Ep=2 expert, P=2 vocabulary):
+One CPU process, or 4 workers with another layout:
 
-    mop train --nproc 4 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2
+    mop train --nproc 1 --parallel.seq=1 --parallel.expert=1 --parallel.vocab=1
+    mop train --nproc 4 --parallel.seq=4 --parallel.expert=2 --parallel.vocab=4
 
 A named config (TOML) with overrides, on one GPU:
 
@@ -27,13 +29,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 from mop.config import build_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="mop train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="TOML file with [model], [parallel], [training], ... sections")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="TOML file with [model], [parallel], [training], ... sections "
+                             "(default: the embedded mop/configs/default.toml)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="launch this many local worker processes (CPU or GPUs); same as --parallel.nproc")
     args, rest = parser.parse_known_args(argv)
