@@ -140,6 +140,34 @@ class Trainer:
         if model.cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
             model.output.weight = model.tok_embeddings.weight
 
+    def _auto_device_fraction(self, local_numel: int) -> float:
+        """Share of this rank's optimizer state (12 B/param) that fits on the device next to training.
+
+        Measured, not guessed: one forward/backward on the first batch (the loader is rewound, no
+        update is made) gives the peak activation memory at the configured context; what is left
+        (minus a 10% margin) holds device-resident state. At long context this falls to 0 by itself.
+        """
+        if self.device.type != "cuda":
+            return 0.0
+        state = self.loader.state_dict()
+        batch = next(self.loader)
+        self.loader.load_state_dict(state)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens, positions, labels = (batch[k].to(self.device) for k in ("tokens", "positions", "labels"))
+        normalizer = self._all_reduce((labels != -100).sum().float()).clamp(min=1.0)
+        ce, aux = self.model(tokens, positions, labels, normalizer)
+        (ce + aux).backward()
+        for p in self.model.parameters():
+            p.grad = None
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        room = 0.9 * total - peak
+        fraction = max(0.0, min(1.0, room / max(1, 12 * local_numel)))
+        t = torch.tensor([fraction], device=self.device)
+        if dist.is_initialized() and self.proc.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # one value for all ranks: same bucket plan
+        return float(t)  # host sync, once at start-up
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.job.optimizer
         decay, no_decay = [], []
@@ -149,8 +177,15 @@ class Trainer:
         if o.offload != "none":
             from mop.optim import HostAdamW
 
-            return HostAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, engine=o.offload,
-                             device_fraction=max(o.device_fraction, 0.0), bucket_numel=o.bucket_numel)
+            local_numel = sum(_local(p).numel() for p in self.model.parameters())
+            fraction = o.device_fraction if o.device_fraction >= 0 else self._auto_device_fraction(local_numel)
+            # Reject a host state that cannot fit before allocating any of it.
+            extra = 4 if (o.offload == "cpu" and self.device.type == "cuda") else 0
+            HostAdamW.check_host_memory(int(local_numel * (1 - fraction)), self.proc.local_world,
+                                        bytes_per_param=12 + extra)
+            self.device_fraction = fraction
+            return HostAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, engine=o.offload, device_fraction=fraction,
+                             bucket_numel=o.bucket_numel)
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=not fused)
 
@@ -168,9 +203,13 @@ class Trainer:
             sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
         norm = self._all_reduce(sq).sqrt()
         max_norm = self.job.training.max_grad_norm
+        self.clip_coef = None
         if max_norm > 0 and grads:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on device: no host sync
-            torch._foreach_mul_(grads, coef)
+            if self.job.optimizer.offload != "none":
+                self.clip_coef = coef  # folded into the host optimizer's update: no extra pass
+            else:
+                torch._foreach_mul_(grads, coef)
         return norm
 
     def train_step(self, capture_grads: bool = False) -> dict:
@@ -196,7 +235,10 @@ class Trainer:
                 loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
         captured = self.full_grads() if capture_grads else None
         grad_norm = self._grad_norm_and_clip()
-        self.optimizer.step()
+        if self.job.optimizer.offload != "none":
+            self.optimizer.step(self.clip_coef)
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if routers and any(r.use_expert_bias for r in routers):

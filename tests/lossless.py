@@ -71,13 +71,19 @@ def run_reference(overrides: list[str], run_dir: str, steps: int = 3) -> dict:
 
 
 def compare_with_reference(world: int, layout: dict[str, int], tmp_path, extra: list[str] = (), steps: int = 3,
-                           batch_size: int = 2, rtol: float = 1e-5, atol: float = 1e-5) -> None:
-    """Assert the parallel run equals the single-process run of the same global batch."""
+                           batch_size: int = 2, rtol: float = 1e-5, atol: float = 1e-5,
+                           ref_extra: list[str] | None = None) -> None:
+    """Assert the parallel run equals the single-process run of the same global batch.
+
+    `extra` options apply to both runs unless `ref_extra` gives the reference its own (e.g. plain
+    torch AdamW as the reference of the host-resident optimizer).
+    """
     seq = layout.get("seq", 1)
     par = [f"--parallel.{k}={v}" for k, v in layout.items()] + list(extra)
     got = run_parallel(world, par + [f"--training.batch_size={batch_size}"], str(tmp_path / "par"), steps)
     ref_batch = batch_size * (world // seq)
-    ref = run_reference(list(extra) + [f"--training.batch_size={ref_batch}"], str(tmp_path / "ref"), steps)
+    ref_opts = list(extra if ref_extra is None else ref_extra)
+    ref = run_reference(ref_opts + [f"--training.batch_size={ref_batch}"], str(tmp_path / "ref"), steps)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=atol)
     # Guard against a vacuous comparison: the reference must have trained (non-zero gradients,
     # changing losses).

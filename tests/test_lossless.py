@@ -38,3 +38,11 @@ def test_full_mop_layout_equals_single_process(tmp_path):
     """All components at once: D=2, Ep=2 (x2 sharding), P=4, LLEP, aux loss, grad accumulation."""
     compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 4, "dispatcher": "llep", "llep_min_chunk": 8},
                            tmp_path, extra=["--training.grad_accum=2", "--model.aux_loss_coef=0.01"])
+
+
+@pytest.mark.parametrize("engine", ["cpu", "gpu_stream"])
+def test_host_optimizer_equals_single_process(engine, tmp_path):
+    """Host-resident AdamW (clip folded into the update, grad accumulation) under a MoP layout."""
+    common = ["--training.grad_accum=2", "--training.max_grad_norm=0.5"]
+    compare_with_reference(2, {"expert": 2}, tmp_path, ref_extra=common,  # reference: torch.optim.AdamW
+                           extra=[f"--optimizer.offload={engine}", "--optimizer.device_fraction=0.3", *common])
