@@ -4,8 +4,9 @@
 # Usage (on a 4-GPU machine): OUT=some/dir bash bench/scripts/components_4gpu.sh
 set -u
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT=${OUT:-bench/results/raw}
-mkdir -p "$OUT"
+FINAL=${OUT:-bench/results/raw}
+OUT=$(mktemp -d)  # many files: packed into one archive under $FINAL at the end
+mkdir -p "$FINAL"
 TR="python -m torch.distributed.run --standalone --nproc-per-node 4"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/hardware.txt" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/hardware.txt"
@@ -31,4 +32,5 @@ done
 echo "== 4. experts micro-benchmark (qwen3 widths, 2 skews)"
 timeout 60 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
   --out "$OUT/experts.jsonl" > "$OUT/experts.log" 2>&1; tail -8 "$OUT/experts.log"
+tar czf "$FINAL/components.tgz" -C "$OUT" .
 echo "== done"
