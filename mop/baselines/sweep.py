@@ -1,0 +1,110 @@
+"""The FSDP-best sweep: enumerate sensible baseline configs for a shape / context / GPU count, run
+each in its own subprocess, record every attempt and keep the fastest that fits.
+
+Order and pruning: configs are tried from the most memory-frugal to the least, and a config is
+skipped (recorded as "skipped") when a config at least as frugal on every axis (tp, cp, ep,
+activation checkpointing, offload) already ran out of memory. Offloaded configs (FSDP2
+CPUOffloadPolicy) are tried only when nothing fits on the device, unless `offload="always"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from mop.baselines.config import BaselineConfig
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_configs(model_cfg, seq_len: int, gpus: int, *, mode: str = "quick", cuda: bool = True,
+                      compile_loss: bool = True) -> list[BaselineConfig]:
+    """Valid, non-offloaded configs, most frugal first. `mode`: "quick" (a few per axis) or "full"."""
+    if mode not in ("quick", "full"):
+        raise ValueError(f"sweep mode {mode!r} is not one of 'quick', 'full'")
+    out = []
+    for tp in _divisors(gpus):
+        for cp in _divisors(gpus // tp):
+            if cp > 1 and not cuda:
+                continue  # context_parallel needs CUDA SDPA kernels
+            eps = [ep for ep in _divisors(gpus // tp) if model_cfg.n_experts % ep == 0]
+            for ep in eps:
+                for ac in (True, False):
+                    cfg = BaselineConfig(tp=tp, cp=cp, ep=ep, activation_checkpoint=ac, compile_loss=compile_loss)
+                    try:
+                        cfg = cfg.resolved(gpus)
+                        cfg.validate_model(model_cfg, seq_len)
+                    except ValueError:
+                        continue
+                    if mode == "quick" and not _in_quick(cfg, gpus, eps):
+                        continue
+                    out.append(cfg)
+    return sorted(out, key=_frugality, reverse=True)
+
+
+def _in_quick(cfg: BaselineConfig, gpus: int, eps: list[int]) -> bool:
+    """A small, sensible subset: EP none or widest; (tp, cp) in {(1,1), (1,2), (1,G), (2,1)}; no-AC only plain."""
+    if cfg.ep not in (1, max(e for e in eps if (cfg.dp_shard * cfg.cp) % e == 0)):
+        return False
+    if (cfg.tp, cfg.cp) not in {(1, 1), (1, 2), (1, gpus), (2, 1)}:
+        return False
+    return cfg.activation_checkpoint or (cfg.tp == 1 and cfg.cp == 1)
+
+
+def _frugality(cfg: BaselineConfig) -> tuple:
+    return (cfg.cpu_offload, cfg.activation_checkpoint, cfg.cp * cfg.tp, cfg.ep, cfg.cp)
+
+
+def _at_least_as_frugal(a: BaselineConfig, b: BaselineConfig) -> bool:
+    """a saves at least as much memory as b on every axis (so b cannot fit where a did not)."""
+    return (a.tp >= b.tp and a.cp >= b.cp and a.ep >= b.ep and a.activation_checkpoint >= b.activation_checkpoint
+            and a.cpu_offload >= b.cpu_offload)
+
+
+def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dict], *, offload: str = "auto",
+              max_runs: int | None = None, log: Callable[[str], None] = print) -> tuple[dict | None, list[dict]]:
+    """Run `configs` (then offloaded variants per `offload`: "auto" | "always" | "never").
+
+    `run(cfg)` returns a point record with a `status`. Returns (best record or None, all records);
+    every record carries `config` (dict) and `label`.
+    """
+    if offload not in ("auto", "always", "never"):
+        raise ValueError(f"offload {offload!r} is not one of 'auto', 'always', 'never'")
+    records: list[dict] = []
+    ooms: list[BaselineConfig] = []
+    runs = 0
+
+    def attempt(cfg: BaselineConfig) -> None:
+        nonlocal runs
+        base = {"config": dataclasses.asdict(cfg), "label": cfg.label}
+        blocker = next((o for o in ooms if _at_least_as_frugal(o, cfg)), None)
+        if blocker is not None:
+            records.append({**base, "status": "skipped", "error": f"OOM of at least as frugal '{blocker.label}'"})
+            return
+        if max_runs is not None and runs >= max_runs:
+            records.append({**base, "status": "skipped", "error": f"sweep budget of {max_runs} runs spent"})
+            return
+        runs += 1
+        log(f"  baseline sweep: {cfg.label} ...")
+        rec = {**base, **run(cfg)}
+        log(f"    -> {rec['status']}" + (f" {rec['tokens_per_s_per_gpu']:.0f} tok/s/GPU" if rec["status"] == "ok" else ""))
+        if rec["status"] == "oom":
+            ooms.append(cfg)
+        records.append(rec)
+
+    plain = [c for c in configs if not c.cpu_offload]
+    for cfg in plain:
+        attempt(cfg)
+    fits = any(r["status"] == "ok" for r in records)
+    if offload == "always" or (offload == "auto" and not fits):
+        seen = set()
+        for cfg in plain:
+            off = dataclasses.replace(cfg, cpu_offload=True, activation_checkpoint=True)
+            if off not in seen:
+                seen.add(off)
+                attempt(off)
+    ok = [r for r in records if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["tokens_per_s_per_gpu"]) if ok else None
+    return best, records

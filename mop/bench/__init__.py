@@ -1,0 +1,1 @@
+"""`mop bench`: mop and the FSDP-best baseline side by side (see mop.bench.cli)."""

@@ -1,0 +1,206 @@
+"""`mop bench`: mop against the FSDP-best baseline, side by side, on this machine.
+
+First table (4 x H200; the lead's run):
+
+    mop bench --shape qwen3-30b-a3b --contexts 8K,32K,64K,128K,256K,512K,1M --gpus 4 \
+        --batch-setting both --out bench/results/qwen3-30b-a3b-4xh200
+
+Longest contexts with fewer layers of the same shape (say so in the table: --layers is recorded):
+
+    mop bench --shape qwen3-30b-a3b --layers 8 --contexts 512K,1M --gpus 4 --out bench/results/qwen3-8l
+
+CPU smoke test (what CI runs; gloo workers, same code):
+
+    mop bench --device cpu --shape debug --gpus 2 --contexts 64 --warmup 1 --steps 1 --out /tmp/bench
+
+Every (system, config, context, batch setting) point is a `torchrun --nproc-per-node G -m
+mop.bench.worker` subprocess with a timeout, so an OOM, a NCCL failure or a hang is recorded and the
+run goes on. Results are written after every point; `--resume` skips points already in the out dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+ONE_M = 2**20
+
+
+def parse_context(text: str) -> int:
+    """'8192', '8K', '1M' -> tokens (K = 1024, M = 2^20)."""
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": ONE_M}.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise ValueError(f"--contexts: {text!r} is not a length like 8192, 8K or 1M") from None
+    if value < 2:
+        raise ValueError(f"--contexts: {text!r} must be at least 2 tokens")
+    return value
+
+
+def parse_args(argv: list[str]):
+    p = argparse.ArgumentParser(prog="mop bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-30b-a3b", help="named model shape (mop.models.shapes)")
+    p.add_argument("--contexts", default="8K,32K", help="comma-separated tokens per sequence: 8192,32K,1M")
+    p.add_argument("--gpus", type=int, default=4, help="ranks per point (GPUs; CPU processes with --device cpu)")
+    p.add_argument("--layers", type=int, default=None, help="use this many layers of the shape (recorded)")
+    p.add_argument("--batch-setting", choices=("paper", "1M", "both"), default="paper")
+    p.add_argument("--systems", default="mop,baseline", help="comma-separated subset of mop,baseline")
+    p.add_argument("--mop-overrides", action="append", default=[],
+                   help="--section.key=value options for mop (quoted, repeatable); default: "
+                        "D = Ep = P = G, activation checkpointing")
+    p.add_argument("--overrides", action="append", default=[], help="--section.key=value options for both systems")
+    p.add_argument("--baseline-configs", default=None,
+                   help="JSON list of BaselineConfig dicts to run instead of the sweep, e.g. '[{\"ep\": 4}]'")
+    p.add_argument("--sweep", choices=("quick", "full"), default="quick", help="baseline sweep breadth")
+    p.add_argument("--sweep-offload", choices=("auto", "always", "never"), default="auto",
+                   help="try FSDP2 CPUOffloadPolicy configs: only when nothing fits on the device (auto)")
+    p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
+    p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point before it is killed")
+    p.add_argument("--out", default="bench/results/latest", help="output directory")
+    p.add_argument("--resume", action="store_true", help="keep points already in OUT/results.json")
+    args = p.parse_args(argv)
+    args.context_list = [parse_context(c) for c in args.contexts.split(",") if c.strip()]
+    args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in args.system_list if s not in ("mop", "baseline")]
+    if bad or not args.system_list:
+        p.error(f"--systems: {bad or args.systems!r}: choose from mop, baseline")
+    if args.gpus < 1 or args.warmup < 0 or args.steps < 1:
+        p.error("--gpus and --steps must be >= 1, --warmup >= 0")
+    if not 0.0 <= args.skew <= 1.0:
+        p.error(f"--skew must be in [0, 1], got {args.skew}")
+    return args
+
+
+def _device(option: str) -> str:
+    import torch
+
+    if option == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if option == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    return option
+
+
+def _split(items: list[str]) -> list[str]:
+    return [tok for item in items for tok in shlex.split(item)]
+
+
+def grad_accum_for(setting: str, context: int, streams: int) -> int:
+    """Micro-batches per step: 1 (paper), or enough for 2^20 tokens over `streams` sequence groups."""
+    if setting == "paper":
+        return 1
+    return max(1, round(ONE_M / (context * streams)))
+
+
+def common_overrides(args, device: str, context: int, accum: int, run_dir: str) -> list[str]:
+    out = [f"--model.shape={args.shape}", "--data.dataset=synthetic", "--data.synthetic_doc_len=0",
+           f"--training.seq_len={context}", "--training.batch_size=1", f"--training.grad_accum={accum}",
+           f"--training.steps={args.warmup + args.steps + 1}", f"--training.device={device}",
+           "--logging.progress=none", f"--logging.run_dir={run_dir}", "--checkpoint.enabled=false"]
+    if args.layers:
+        out.append(f"--model.n_layers={args.layers}")
+    return out + _split(args.overrides)
+
+
+def default_mop_overrides(model_cfg, gpus: int) -> list[str]:
+    ep = max(d for d in range(1, gpus + 1) if gpus % d == 0 and model_cfg.n_experts % d == 0)
+    return [f"--parallel.seq={gpus}", f"--parallel.expert={ep}", f"--parallel.vocab={gpus}",
+            "--training.activation_checkpoint=true"]
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `mop bench` (see the module docstring)."""
+    from mop.baselines import BaselineConfig
+    from mop.baselines.sweep import candidate_configs, run_sweep
+    from mop.bench.report import environment, markdown, plots
+    from mop.bench.runner import run_point
+    from mop.config import build_config
+
+    args = parse_args(argv)
+    device = _device(args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "work"
+    work.mkdir(exist_ok=True)
+    model_cfg = build_config(None, [f"--model.shape={args.shape}"] +
+                             ([f"--model.n_layers={args.layers}"] if args.layers else [])).model
+    mop_extra = _split(args.mop_overrides) or default_mop_overrides(model_cfg, args.gpus)
+    explicit = None
+    if args.baseline_configs:
+        try:
+            explicit = [BaselineConfig(**d) for d in json.loads(args.baseline_configs)]
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--baseline-configs: expected a JSON list of BaselineConfig dicts ({e})") from None
+    settings = ["paper", "1M"] if args.batch_setting == "both" else [args.batch_setting]
+    results_path = out_dir / "results.json"
+    points: list[dict] = []
+    if args.resume and results_path.is_file():
+        points = json.loads(results_path.read_text())["points"]
+    done = {(p["system"], p["context"], p["batch_setting"]) for p in points}
+    results = {"environment": environment("mop bench " + shlex.join(argv)),
+               "args": {k: v for k, v in vars(args).items() if k not in ("context_list", "system_list")},
+               "mop_overrides": mop_extra, "points": points}
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=1))
+        (out_dir / "results.md").write_text(markdown(results))
+        plots(results, out_dir)
+
+    common = dict(device=device, warmup=args.warmup, steps=args.steps, skew=args.skew, timeout=args.timeout,
+                  workdir=str(work))
+    for context in args.context_list:
+        for setting in settings:
+            run_dir = str(work / "run")
+            if "mop" in args.system_list and ("mop", context, setting) not in done:
+                job = build_config(None, common_overrides(args, device, context, 1, run_dir) + mop_extra)
+                accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq)
+                print(f"mop bench: mop, context {context}, batch {setting} ...", flush=True)
+                rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + mop_extra,
+                                **common)
+                print(f"  -> {rec['status']}", flush=True)
+                points.append({"system": "mop", "label": " ".join(mop_extra), "context": context,
+                               "batch_setting": setting, **rec})
+                save()
+            if "baseline" in args.system_list and ("baseline", context, setting) not in done:
+                configs = explicit or candidate_configs(model_cfg, context, args.gpus, mode=args.sweep,
+                                                        cuda=device == "cuda", compile_loss=device == "cuda")
+
+                def run_cfg(cfg, context=context, setting=setting):
+                    cfg = cfg.resolved(args.gpus)
+                    accum = grad_accum_for(setting, context, args.gpus // cfg.replicas)
+                    return run_point("baseline", args.gpus, common_overrides(args, device, context, accum, run_dir),
+                                     baseline_json=cfg.to_json(), **common)
+
+                print(f"mop bench: baseline sweep, context {context}, batch {setting} ...", flush=True)
+                best, records = run_sweep(configs, run_cfg, offload="never" if explicit else args.sweep_offload,
+                                          max_runs=args.sweep_max)
+                point = {"system": "baseline", "context": context, "batch_setting": setting, "sweep": records}
+                if best is not None:
+                    point.update({k: v for k, v in best.items() if k != "sweep"})
+                else:
+                    point.update({"label": "none fits", "status": _sweep_status(records)})
+                points.append(point)
+                save()
+    save()
+    print(f"mop bench: wrote {results_path}, {out_dir / 'results.md'} and plots", flush=True)
+    return 0
+
+
+def _sweep_status(records: list[dict]) -> str:
+    statuses = {r["status"] for r in records}
+    return "oom" if statuses <= {"oom", "skipped"} and "oom" in statuses else (
+        "error" if records else "no valid config")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,78 @@
+"""Run one benchmark point as a `torchrun` subprocess, with a timeout; never raises for a bad point."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OUTPUT_TAIL = 6000  # characters of a failed worker's stdout/stderr kept in the JSON
+
+
+def worker_command(system: str, gpus: int, result_dir: str, overrides: list[str], warmup: int, steps: int,
+                   skew: float, baseline_json: str | None = None) -> list[str]:
+    """The exact `torchrun --nproc-per-node G -m mop.bench.worker ...` command of one point."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+           "-m", "mop.bench.worker", "--system", system, "--result-dir", result_dir, "--warmup", str(warmup),
+           "--steps", str(steps), "--skew", str(skew)]
+    if baseline_json is not None:
+        cmd += ["--baseline", baseline_json]
+    return cmd + list(overrides)
+
+
+def worker_env(gpus: int, device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Same allocator setting for both systems: fewer fragmentation OOMs at long context.
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // gpus))
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    return env
+
+
+def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warmup: int, steps: int, skew: float,
+              timeout: float, baseline_json: str | None = None, workdir: str | None = None) -> dict:
+    """Run one point; returns rank 0's record plus `status` (ok / oom / error / timeout) and the command."""
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=f"{system}-") as result_dir:
+        cmd = worker_command(system, gpus, result_dir, overrides, warmup, steps, skew, baseline_json)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=worker_env(gpus, device), start_new_session=True, cwd=str(REPO_ROOT))
+        timed_out = False
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and all of its workers (own session)
+            output, _ = proc.communicate()
+        wall_s = time.perf_counter() - t0
+        ranks = {}
+        for f in Path(result_dir).glob("rank*.json"):
+            try:
+                ranks[int(f.stem[4:])] = json.loads(f.read_text())
+            except (ValueError, json.JSONDecodeError):
+                continue
+    statuses = {r.get("status") for r in ranks.values()}
+    if "oom" in statuses:
+        record = next(r for r in ranks.values() if r.get("status") == "oom")
+    elif "error" in statuses:
+        record = next(r for r in ranks.values() if r.get("status") == "error")
+    elif timed_out:
+        record = {"status": "timeout", "error": f"no result within {timeout:.0f} s"}
+    elif 0 in ranks and statuses == {"ok"}:
+        record = ranks[0]  # every rank finished (a non-zero exit after that is teardown noise)
+    else:
+        record = {"status": "error", "error": f"worker exited with code {proc.returncode} and no result"}
+    record = dict(record)
+    record["command"] = " ".join(cmd[:1] + ["-m", "torch.distributed.run"] + cmd[3:])
+    record["wall_s"] = wall_s
+    if record["status"] != "ok":
+        record["output_tail"] = (output or "")[-OUTPUT_TAIL:]
+    return record

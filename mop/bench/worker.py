@@ -1,0 +1,148 @@
+"""One benchmark point on this machine's ranks: `torchrun --nproc-per-node G -m mop.bench.worker ...`.
+
+Builds the `Trainer` (mop) or `BaselineTrainer` (FSDP-best) from `--section.key=value` overrides,
+optionally skews routing, runs warm-up steps (not timed), then timed steps, and writes one JSON per
+rank into --result-dir: `rank{R}.json` with status "ok", "oom" or "error". A rank that hits
+`torch.OutOfMemoryError` records it and exits at once, so torchrun tears the others down instead
+of letting them wait in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def parse_args(argv: list[str]):
+    p = argparse.ArgumentParser(prog="mop.bench.worker")
+    p.add_argument("--system", choices=("mop", "baseline"), required=True)
+    p.add_argument("--result-dir", required=True)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--skew", type=float, default=0.0)
+    p.add_argument("--baseline", default=None, help="BaselineConfig as JSON (system=baseline)")
+    return p.parse_known_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _reduce(values: list[float], op, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t.tolist()  # host sync: once, after timing
+
+
+def run(args, overrides: list[str]) -> dict:
+    """Build, warm up, time; returns this rank's record (rank 0's is the point's result)."""
+    from mop.bench.skew import apply_skew
+    from mop.config import build_config
+    from mop.distributed import init_process
+    from mop.metrics import device_peak_flops
+
+    job = build_config(None, overrides)
+    proc = init_process(job.training.device)
+    device = proc.device
+    t_build = time.perf_counter()
+    if args.system == "baseline":
+        from mop.baselines import BaselineConfig, BaselineTrainer
+
+        trainer = BaselineTrainer(job, BaselineConfig.from_json(args.baseline), proc)
+    else:
+        from mop.trainer import Trainer
+
+        trainer = Trainer(job, proc)
+    build_s = time.perf_counter() - t_build
+    biases = []
+    if args.skew > 0:
+        batch = next(trainer.loader)
+        biases = apply_skew(trainer.model, args.skew, batch["tokens"].to(device), batch["positions"].to(device))
+    for _ in range(args.warmup):
+        trainer.train_step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, loads = [], None
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        out = trainer.train_step()
+        _sync(device)  # step boundary: every rank's kernels done
+        step_times.append(time.perf_counter() - t0)
+        loads = out["loads"] if loads is None else loads + out["loads"]
+    imbalance = {}
+    if loads is not None and loads.numel():
+        if dist.is_initialized():
+            dist.all_reduce(loads)
+        ratio_L = loads.max(-1).values / loads.mean(-1).clamp(min=1e-9)
+        imbalance = {"imbalance_max": float(ratio_L.max()), "imbalance_mean": float(ratio_L.mean())}
+    peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    peak_reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    maxes = _reduce(step_times + [peak_alloc, peak_reserved, rss, build_s], dist.ReduceOp.MAX, device)
+    rss_sum = _reduce([rss], dist.ReduceOp.SUM, device)[0]
+    n = len(step_times)
+    step_s = sum(maxes[:n]) / max(n, 1)  # slowest rank per step
+    tokens = trainer.tokens_per_device_per_step()
+    tps = tokens / step_s if step_s > 0 else 0.0
+    flops_per_token = job.model.flops_per_token(job.training.seq_len)
+    peak = device_peak_flops(device)
+    gib = 2**30
+    return {
+        "status": "ok",
+        "world": proc.world,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "tokens_per_device_per_step": tokens,
+        "tokens_per_step": tokens * proc.world,
+        "step_s": step_s,
+        "step_times_s": maxes[:n],
+        "tokens_per_s_per_gpu": tps,
+        "tflops_per_gpu": tps * flops_per_token / 1e12,
+        "mfu": tps * flops_per_token / peak if peak else None,
+        "flops_per_token": flops_per_token,
+        "peak_alloc_gib": maxes[n] / gib,
+        "peak_reserved_gib": maxes[n + 1] / gib,
+        "host_rss_peak_gib": maxes[n + 2] / gib,
+        "host_rss_total_gib": rss_sum / gib,
+        "build_s": maxes[n + 3],
+        "skew_bias": biases,
+        **imbalance,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one point on this rank, write rank{R}.json, exit with 0 / 3 (OOM) / 4 (error)."""
+    args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    rank = int(os.environ.get("RANK", "0"))
+    out_path = Path(args.result_dir) / f"rank{rank}.json"
+    try:
+        record = run(args, overrides)
+        code = 0
+    except torch.OutOfMemoryError as e:
+        record, code = {"status": "oom", "error": str(e)[-4000:]}, 3
+    except Exception:  # recorded, so the sweep goes on with the next point
+        record, code = {"status": "error", "error": traceback.format_exc()[-8000:]}, 4
+    out_path.write_text(json.dumps(record, indent=1))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without interpreter teardown: a failed rank must not wait in a collective the others never
+    # join, and process-group teardown after a finished run adds nothing but occasional aborts
+    # (gloo threads at exit). The result is already on disk.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

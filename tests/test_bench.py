@@ -1,0 +1,77 @@
+"""`mop bench` end to end on CPU: debug shape, 2 gloo ranks, mop and the baseline (no timing checks)."""
+
+import json
+
+import pytest
+
+from mop.bench.cli import grad_accum_for, parse_context
+from mop.bench.report import COLUMNS
+
+
+def test_bench_cpu_end_to_end(tmp_path):
+    from mop.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--device", "cpu", "--shape", "debug", "--gpus", "2", "--contexts", "64",
+            "--warmup", "1", "--steps", "1", "--skew", "0.5", "--out", str(out),
+            # Two baseline configs instead of the whole sweep keep the test fast.
+            "--baseline-configs", '[{"ep": 2, "compile_loss": false}, {"tp": 2, "compile_loss": false}]']
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    env = results["environment"]
+    assert env["command"].startswith("mop bench --device cpu") and env["torch"] and env["cpu_count"] >= 1
+    points = {p["system"]: p for p in results["points"]}
+    assert set(points) == {"mop", "baseline"}
+    for p in points.values():
+        assert p["status"] == "ok", p.get("output_tail", p)
+        assert p["context"] == 64 and p["batch_setting"] == "paper"
+        assert p["tokens_per_s_per_gpu"] > 0 and p["step_s"] > 0 and p["host_rss_peak_gib"] > 0
+        assert p["imbalance_max"] >= 1.0
+        assert p["mfu"] is None  # no known peak on CPU
+    # Skew 0.5: experts 0..top_k-1 get about half of the slots -> clearly imbalanced routing.
+    assert points["mop"]["imbalance_max"] > 1.5 and any(b > 0 for b in points["mop"]["skew_bias"])
+    sweep = points["baseline"]["sweep"]
+    assert [s["status"] for s in sweep] == ["ok", "ok"]
+    assert points["baseline"]["tokens_per_s_per_gpu"] == max(s["tokens_per_s_per_gpu"] for s in sweep)
+    table = (out / "results.md").read_text()
+    header = "| " + " | ".join(COLUMNS) + " |"
+    assert header in table and env["git_commit"] in table
+    rows = [line for line in table.splitlines() if line.startswith("| mop ") or line.startswith("| baseline ")]
+    assert len(rows) == 2 + 2 and all(line.count("|") == len(COLUMNS) + 1 for line in rows)
+    for png in ("throughput.png", "memory.png"):
+        if (out / png).exists():
+            assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_helpers():
+    assert [parse_context(c) for c in ("64", "8K", "1M")] == [64, 8192, 2**20]
+    with pytest.raises(ValueError, match="--contexts"):
+        parse_context("8Q")
+    assert grad_accum_for("paper", 8192, 4) == 1
+    assert grad_accum_for("1M", 8192, 4) == 32  # 32 x 4 sequence groups x 8K = 2^20
+    assert grad_accum_for("1M", 2**21, 1) == 1
+
+
+def test_sweep_prunes_after_oom():
+    from mop.baselines import BaselineConfig
+    from mop.baselines.sweep import candidate_configs, run_sweep
+    from mop.models.shapes import get_shape
+
+    cfgs = candidate_configs(get_shape("qwen3-30b-a3b"), 8192, 4, mode="full", cuda=True)
+    assert cfgs and all(c.resolved(4) == c for c in cfgs)
+    assert len(set(cfgs)) == len(cfgs) and cfgs[0].activation_checkpoint
+    ran = []
+
+    def fake(cfg):  # everything runs out of memory without offload
+        ran.append(cfg)
+        if cfg.cpu_offload:
+            return {"status": "ok", "tokens_per_s_per_gpu": 100.0 * cfg.ep}
+        return {"status": "oom", "error": "CUDA out of memory"}
+
+    best, records = run_sweep(cfgs, fake, log=lambda s: None)
+    assert records[0]["status"] == "oom" and any(r["status"] == "skipped" for r in records)
+    assert best["config"]["cpu_offload"] and best["tokens_per_s_per_gpu"] == max(
+        r["tokens_per_s_per_gpu"] for r in records if r["status"] == "ok")
+    assert len(ran) < len(cfgs)  # frugal-first order plus pruning skipped hopeless configs
+    with pytest.raises(ValueError, match="offload"):
+        run_sweep([BaselineConfig()], fake, offload="sometimes")
