@@ -56,6 +56,13 @@ def _baseline_rank(rank: int, world: int, cfgs: dict, run_dir: str) -> dict:
     return out
 
 
+# Four ranks: experts further FSDP-sharded over dp_mod_ep = 2; TP x EP on the same world.
+CONFIGS_W4 = {
+    "fsdp4_ep2": BaselineConfig(ep=2, compile_loss=False),
+    "fsdp2_tp2_ep2": BaselineConfig(tp=2, ep=2, compile_loss=False),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from mop.distributed import ProcessInfo
@@ -63,8 +70,9 @@ def runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("baseline")
     got = run_distributed(_baseline_rank, 2, CONFIGS, str(tmp))[0]
+    got.update(run_distributed(_baseline_rank, 4, CONFIGS_W4, str(tmp))[0])
     refs = {}
-    for dp in (1, 2):  # data-parallel width 2 (FSDP, EP, HSDP) or 1 (TP: both ranks read the same sequences)
+    for dp in (1, 2, 4):  # data-parallel width 2 (FSDP, EP, HSDP) or 1 (TP: both ranks read the same sequences)
         trainer = Trainer(_job(str(tmp / f"ref{dp}"), 2 * dp), ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
         refs[dp] = _summary(trainer, trainer.train(capture_grads_at=(1,)))
     return got, refs
@@ -81,11 +89,30 @@ def _assert_same(got: dict, ref: dict, rtol=1e-5, atol=1e-5) -> None:
         torch.testing.assert_close(got["weights"][name], w, rtol=rtol, atol=atol, msg=lambda m: f"weight {name}: {m}")
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CONFIGS) + sorted(CONFIGS_W4))
 def test_baseline_equals_single_process(runs, name):
     got, refs = runs
-    dp = 2 // CONFIGS[name].replicas
+    world, cfg = (2, CONFIGS[name]) if name in CONFIGS else (4, CONFIGS_W4[name])
+    dp = world // cfg.replicas
     _assert_same(got[name], refs[dp])
+
+
+def test_compiled_loss_head_matches_eager():
+    from mop.baselines.fsdp_best import LinearCrossEntropyHead
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(97, 32, generator=gen))
+    hidden = torch.randn(50, 32, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 97, (50,), generator=gen)
+    labels[3] = -100
+    loss = LinearCrossEntropyHead(weight, compile=True)(hidden, labels, torch.tensor(49.0))
+    loss.backward()
+    got = (loss.detach(), weight.grad.clone(), hidden.grad.clone())
+    weight.grad = hidden.grad = None
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum") / 49
+    ref.backward()
+    for a, b in zip(got, (ref.detach(), weight.grad, hidden.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_baseline_config_validation():

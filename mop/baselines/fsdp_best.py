@@ -289,7 +289,9 @@ class BaselineTrainer(Trainer):
             g = p.grad
             shards = 1
             if isinstance(g, DTensor):
-                shards = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+                # Shard and _StridedShard (FSDP over TP on one dim) both split; only Replicate copies.
+                shards = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements)
+                                   if not pl.is_replicate())
                 g = g.to_local()
             by_device.setdefault(g.device, []).append(g)
             sq = sq + (torch.linalg.vector_norm(g.float()) ** 2).to(self.device) / (world // shards)
