@@ -21,7 +21,6 @@ run goes on. Results are written after every point; `--resume` skips points alre
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys

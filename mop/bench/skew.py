@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def _hot_fraction(scores_TE: torch.Tensor, bias: float, hot: torch.Tensor, top_k: int) -> float:
@@ -56,7 +57,7 @@ def apply_skew(model, skew: float, tokens_BS: torch.Tensor, positions_BS: torch.
         def capture(module, args):
             x_TH = args[0]
             logits_TE = x_TH.float() @ module.gate.weight.float().t()  # full weight inside the FSDP unit
-            if isinstance(logits_TE, torch.distributed.tensor.DTensor):
+            if isinstance(logits_TE, DTensor):
                 logits_TE = logits_TE.full_tensor()
             scores_TE = logits_TE.softmax(-1) if module.score_func == "softmax" else logits_TE.sigmoid()
             if module.use_expert_bias:
