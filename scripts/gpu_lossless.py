@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-COMMON = ["--model.shape=qwen3-30b-a3b", "--model.n_layers=2", "--model.n_experts=32", "--model.vocab_size=32768",
+COMMON = ["--parallel.nproc=1", "--model.shape=qwen3-30b-a3b", "--model.n_layers=2", "--model.n_experts=32", "--model.vocab_size=32768",
           "--data.dataset=synthetic", "--training.seq_len=4096", "--training.steps=10", "--training.warmup_steps=2",
-          "--optimizer.lr=1e-3", "--logging.log_every=1", "--logging.progress=plain", "--training.device=cuda"]
+          "--optimizer.lr=1e-3", "--logging.log_every=1", "--logging.progress=plain", "--training.device=cuda", "--training.activation_checkpoint=true"]
 
 
 def run(gpus: int, overrides: list[str], run_dir: Path) -> list[dict]:
@@ -41,7 +41,8 @@ def main() -> int:
     layout = dict(kv.split("=") for kv in args.layout.split(","))
     seq = int(layout.get("seq", 1))
     par = [f"--parallel.{k}={v}" for k, v in layout.items()] + [f"--training.batch_size={args.batch_size}"]
-    ref = [f"--training.batch_size={args.batch_size * args.gpus // seq}"]
+    ref = [f"--training.batch_size={args.batch_size * args.gpus // seq}", "--parallel.seq=1", "--parallel.expert=1",
+           "--parallel.vocab=1"]
     with tempfile.TemporaryDirectory() as tmp:
         got = run(args.gpus, par, Path(tmp) / "par")
         want = run(1, ref, Path(tmp) / "ref")

@@ -59,8 +59,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.core = AttentionCore()
 
-    def forward(self, x_BSH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions_BS: torch.Tensor):
+    def forward(self, x_BSH: torch.Tensor, positions_BS: torch.Tensor):
         B, S, _ = x_BSH.shape
+        # cos/sin are recomputed per layer from the integer positions (S x Dh/2, negligible): passing
+        # float tables between blocks would let mixed precision cast them to bf16 on the way in.
+        rope = rope_cos_sin(positions_BS, self.head_dim, self.rope_theta)
         # Head counts come from the projections' widths (-1), so a tensor-parallel split of the
         # projections (the FSDP-best baseline) gives local heads without a model change.
         q = self.wq(x_BSH).view(B, S, -1, self.head_dim)

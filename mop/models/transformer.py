@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from mop.models.config import ModelConfig
-from mop.models.layers import Attention, FeedForward, RMSNorm, rope_cos_sin
+from mop.models.layers import Attention, FeedForward, RMSNorm
 from mop.models.moe import MoE
 from mop.ops.cross_entropy import OutputHead
 
@@ -41,9 +41,9 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.dense_dim)
 
-    def forward(self, x_BSH, rope, positions_BS):
+    def forward(self, x_BSH, positions_BS):
         """Returns (x_BSH, aux_loss)."""
-        x_BSH = x_BSH + self.attention(self.attention_norm(x_BSH), rope, positions_BS)
+        x_BSH = x_BSH + self.attention(self.attention_norm(x_BSH), positions_BS)
         h = self.ffn_norm(x_BSH)
         if self.is_moe:
             y, aux = self.moe(h)
@@ -111,13 +111,12 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor):
         """Final-norm hidden states [B, S, H] and the summed auxiliary loss."""
         h = self.tok_embeddings(tokens_BS)
-        rope = rope_cos_sin(positions_BS, self.cfg.head_dim, self.cfg.rope_theta)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             if self.activation_checkpoint and self.training:
-                h, aux = checkpoint(block, h, rope, positions_BS, use_reentrant=False)
+                h, aux = checkpoint(block, h, positions_BS, use_reentrant=False)
             else:
-                h, aux = block(h, rope, positions_BS)
+                h, aux = block(h, positions_BS)
             aux_total = aux_total + aux
         return self.norm(h), aux_total
 
