@@ -4,6 +4,7 @@ and N ranks under torchrun."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -97,6 +98,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.step = 0
+        self.clip_coef = None  # set per step when the host optimizer folds clipping into its update
         self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
         if job.checkpoint.resume:
             latest = self.ckpt.latest()
@@ -212,27 +214,44 @@ class Trainer:
                 torch._foreach_mul_(grads, coef)
         return norm
 
+    # Hooks for trainers that place data differently (the FSDP-best baseline): the defaults are MoP's.
+    def _normalizer(self, n_targets_local: torch.Tensor) -> torch.Tensor:
+        """Target tokens in the global batch: every rank holds distinct tokens, so a plain sum."""
+        return self._all_reduce(n_targets_local).clamp(min=1.0)
+
+    def _micro_batch_context(self, tensors: list[torch.Tensor]):
+        """Context around one micro-batch's forward and backward (e.g. context parallelism)."""
+        if self.device.type == "cuda" and not self.sharded:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def _after_backward(self) -> None:
+        """Called once per step after the last backward, before the gradient norm."""
+
+    def _loss_report_scale(self) -> float:
+        """Factor making the sum over ranks of the reported local losses the global loss."""
+        return 1.0
+
     def train_step(self, capture_grads: bool = False) -> dict:
         t = self.job.training
         batches = [next(self.loader) for _ in range(t.grad_accum)]
         n_targets = sum((b["labels"] != -100).sum() for b in batches).to(self.device, torch.float32)
-        normalizer = self._all_reduce(n_targets).clamp(min=1.0)
+        normalizer = self._normalizer(n_targets)
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         routers = self.model.routers()
         loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
-        autocast = (torch.autocast("cuda", dtype=self.compute_dtype)
-                    if self.device.type == "cuda" and not self.sharded else torch.autocast("cpu", enabled=False))
-        for i, b in enumerate(batches):
-            tokens, positions, labels = (b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels"))
-            with autocast:
-                ce, aux = self.model(tokens, positions, labels, normalizer)
-            loss = ce + aux / t.grad_accum
-            loss.backward()
+        for b in batches:
+            tensors = [b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels")]
+            with self._micro_batch_context(tensors):
+                ce, aux = self.model(*tensors, normalizer)
+                loss = ce + aux / t.grad_accum
+                loss.backward()
             loss_sum += ce.detach()
             aux_sum += aux.detach() / t.grad_accum
             if routers:
                 loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
+        self._after_backward()
         captured = self.full_grads() if capture_grads else None
         grad_norm = self._grad_norm_and_clip()
         if self.job.optimizer.offload != "none":
@@ -244,8 +263,9 @@ class Trainer:
         if routers and any(r.use_expert_bias for r in routers):
             self.model.update_expert_bias(self._all_reduce(loads_LE))
         self.step += 1
-        return {"loss_local": loss_sum, "aux_local": aux_sum, "grad_norm": grad_norm, "loads": loads_LE,
-                "grads": captured}
+        scale = self._loss_report_scale()
+        return {"loss_local": loss_sum * scale, "aux_local": aux_sum * scale, "grad_norm": grad_norm,
+                "loads": loads_LE, "grads": captured}
 
     # -- the loop ----------------------------------------------------------------------------------
     def tokens_per_device_per_step(self) -> int:

@@ -37,6 +37,7 @@ from mop.baselines.expert_parallel import AllToAllExperts
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo
 from mop.parallel.layout import LayoutSpec
+from mop.parallel.parallelize import configure_fsdp_units
 from mop.trainer import Trainer, build_loader
 
 
@@ -161,15 +162,7 @@ def apply_fsdp(model, meshes: BaselineMeshes, param_dtype, reduce_dtype, reshard
         units.append(block)
     fully_shard(model, mesh=meshes.fsdp, **common)
     units.append(model)
-    for unit in units:
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
-    blocks = list(model.layers.values())
-    for i, block in enumerate(blocks):
-        if i + 1 < len(blocks):
-            block.set_modules_to_forward_prefetch([blocks[i + 1]])
-        if i > 0:
-            block.set_modules_to_backward_prefetch([blocks[i - 1]])
+    configure_fsdp_units(units, list(model.layers.values()))
 
 
 def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job: JobConfig, param_dtype,
@@ -303,37 +296,17 @@ class BaselineTrainer(Trainer):
                 torch._foreach_mul_(grads, coef.to(dev))
         return norm
 
-    def train_step(self, capture_grads: bool = False) -> dict:
-        """As `Trainer.train_step`, with the replica-aware target count, CP context and TP-partial grads."""
-        t, b = self.job.training, self.baseline
-        batches = [next(self.loader) for _ in range(t.grad_accum)]
-        n_targets = sum((x["labels"] != -100).sum() for x in batches).to(self.device, torch.float32)
+    def _normalizer(self, n_targets_local: torch.Tensor) -> torch.Tensor:
         # Every rank of a tp x cp replica group counted the same whole sequences.
-        normalizer = (self._all_reduce(n_targets) / b.replicas).clamp(min=1.0)
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
-        routers = self.model.routers()
-        loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
-        for x in batches:
-            tokens, positions, labels = (x[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels"))
-            with self._context([tokens, positions, labels]):
-                ce, aux = self.model(tokens, positions, labels, normalizer)
-                loss = ce + aux / t.grad_accum
-                loss.backward()
-            loss_sum += ce.detach()
-            aux_sum += aux.detach() / t.grad_accum
-            if routers:
-                loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
+        return (self._all_reduce(n_targets_local) / self.baseline.replicas).clamp(min=1.0)
+
+    def _micro_batch_context(self, tensors: list[torch.Tensor]):
+        return self._context(tensors)
+
+    def _after_backward(self) -> None:
         if self._tp_partial:
             self._sum_tp_partial_grads()
-        captured = self.full_grads() if capture_grads else None
-        grad_norm = self._grad_norm_and_clip()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if routers and any(r.use_expert_bias for r in routers):
-            self.model.update_expert_bias(self._all_reduce(loads_LE))
-        self.step += 1
+
+    def _loss_report_scale(self) -> float:
         # TP ranks computed the same loss: report 1/tp each so the Trainer's world sum is the loss.
-        return {"loss_local": loss_sum / b.tp, "aux_local": aux_sum / b.tp, "grad_norm": grad_norm, "loads": loads_LE,
-                "grads": captured}
+        return 1.0 / self.baseline.tp

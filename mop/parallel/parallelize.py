@@ -109,13 +109,20 @@ def apply_fsdp(model, layout: Layout, param_dtype: torch.dtype | None, reduce_dt
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                 ignored_params=ignored(model))
     units.append(model)
+    configure_fsdp_units(units, list(model.layers.values()))
+
+
+def configure_fsdp_units(units, blocks) -> None:
+    """SUM-reduced gradients and explicit all-gather prefetch for a model's FSDP2 units.
+
+    Each rank's loss is already divided by the global token count, so gradients are summed, never
+    averaged. Plain SUM collectives (gloo has no PREMUL_SUM; with a factor of 1 nothing needs
+    scaling). Each block prefetches the next block's all-gather in forward and the previous one's in
+    backward, beyond FSDP2's implicit one-ahead.
+    """
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
-        # Plain SUM collectives (gloo has no PREMUL_SUM; with a factor of 1 nothing needs scaling).
         unit.set_force_sum_reduction_for_comms(True)
-    # Prefetch the next block's all-gather during the current block's compute (forward) and the
-    # previous block's during backward, beyond FSDP2's implicit one-ahead.
-    blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         if i + 1 < len(blocks):
             block.set_modules_to_forward_prefetch([blocks[i + 1]])
