@@ -46,3 +46,10 @@ def test_host_optimizer_equals_single_process(engine, tmp_path):
     common = ["--training.grad_accum=2", "--training.max_grad_norm=0.5"]
     compare_with_reference(2, {"expert": 2}, tmp_path, ref_extra=common,  # reference: torch.optim.AdamW
                            extra=[f"--optimizer.offload={engine}", "--optimizer.device_fraction=0.3", *common])
+
+
+def test_activation_checkpointing_equals_single_process(tmp_path):
+    """Per-block recomputation under FSDP2, Ulysses, pipelined LLEP (which recomputes itself) and P=2."""
+    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": "llep_pipelined",
+                               "llep_min_chunk": 8, "moe_chunk_tokens": 32}, tmp_path,
+                           extra=["--training.activation_checkpoint=true"])

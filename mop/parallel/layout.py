@@ -129,7 +129,6 @@ class Layout:
     def build(spec: LayoutSpec, device: torch.device) -> "Layout":
         """Create every mesh once. Requires an initialised default process group of size W."""
         import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh  # noqa: F401  (checks availability)
         from torch.distributed.device_mesh import DeviceMesh
 
         if not dist.is_initialized():
