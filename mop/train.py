@@ -70,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"--parallel.nproc={args.nproc}")
     job = build_config(args.config, overrides)  # validate before launching anything
     if job.parallel.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        import torch
+
         from mop.launch import launch_local
+
+        gpus = torch.cuda.device_count() if job.training.device != "cpu" else 0
+        if gpus and job.parallel.nproc > gpus:
+            raise SystemExit(f"mop train: parallel.nproc={job.parallel.nproc} exceeds the {gpus} visible GPU(s); use "
+                             f"--nproc {gpus} with degrees that divide it, or --training.device=cpu")
 
         # Workers get the same options (--nproc spelled as an override, which torchrun's own parser
         # would otherwise claim); they see LOCAL_RANK and do not launch again.
