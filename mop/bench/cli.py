@@ -133,7 +133,10 @@ def main(argv: list[str]) -> int:
     work.mkdir(exist_ok=True)
     model_cfg = build_config(None, [f"--model.shape={args.shape}"] +
                              ([f"--model.n_layers={args.layers}"] if args.layers else [])).model
-    mop_extra = _split(args.mop_overrides) or default_mop_overrides(model_cfg, args.gpus)
+    # User overrides are applied after the default MoP layout (later options win), so
+    # `--mop-overrides "--parallel.dispatcher=llep"` keeps D = Ep = P = G instead of silently
+    # falling back to D = Ep = P = 1.
+    mop_extra = default_mop_overrides(model_cfg, args.gpus) + _split(args.mop_overrides)
     explicit = None
     if args.baseline_configs:
         try:
