@@ -208,3 +208,23 @@ def test_flops_formula():
     expected = 6 * (c["active"] - c["embedding"]) + 6 * cfg.n_layers * S * cfg.n_heads * cfg.head_dim
     assert cfg.flops_per_token(S) == expected
     assert math.isclose(cfg.flops_per_token(S) / 1e9, 6 * 3.04 + 6 * 48 * 8192 * 4096 / 1e9, rel_tol=0.02)
+
+
+def test_document_spans_computed_once_per_forward(monkeypatch):
+    """The spans (a host sync) are shared by all layers of a forward, recomputed for new positions."""
+    import mop.ops.attention as attn
+
+    calls = []
+    real = attn.document_spans
+    monkeypatch.setattr(attn, "document_spans", lambda p: calls.append(1) or real(p))
+    cfg = get_shape("debug", n_layers=3)
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    m.to_empty(device="cpu")
+    m.init_weights(0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    m(tokens, positions)
+    assert len(calls) == 1
+    m(tokens, positions.clone())
+    assert len(calls) == 2

@@ -11,6 +11,7 @@ memory-efficient; the math backend is the CPU path.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,32 @@ def document_spans(positions_BS: torch.Tensor) -> list[list[tuple[int, int]]] | 
     return spans
 
 
+class SpansMemo:
+    """The value computed for the last `positions` tensor seen, reused while it is the same object.
+
+    Every layer receives the same positions tensor of a micro-batch (and recomputation in backward
+    passes it again), so its document spans (a host sync) are computed once per micro-batch instead
+    of once per layer: each avoided sync lets the CPU keep queueing GPU work ahead.
+    """
+
+    def __init__(self):
+        self._ref = None
+        self._version = None
+        self._key = None
+        self._value = None
+
+    def get(self, positions: torch.Tensor, compute, key=None):
+        if (self._ref is not None and self._ref() is positions and positions._version == self._version
+                and self._key == key):
+            return self._value
+        value = compute()
+        self._ref, self._version, self._key, self._value = weakref.ref(positions), positions._version, key, value
+        return value
+
+
+_SPANS = SpansMemo()
+
+
 def _sdpa_causal(q, k, v, scale):
     """q [B,Hq,S,D], k/v [B,Hkv,S,D] -> [B,Hq,S,D], causal, GQA by head groups."""
     hq, hkv = q.shape[1], k.shape[1]
@@ -74,7 +101,7 @@ def causal_attention(
 
     Shapes: q [B, Hq, S, D]; k, v [B, Hkv, S, D] with Hq a multiple of Hkv. Returns [B, Hq, S, D].
     """
-    spans = document_spans(positions_BS) if positions_BS is not None else None
+    spans = _SPANS.get(positions_BS, lambda: document_spans(positions_BS)) if positions_BS is not None else None
     with _backend_context(q_BHSD.device):
         if spans is None:
             return _sdpa_causal(q_BHSD, k_BHSD, v_BHSD, scale)

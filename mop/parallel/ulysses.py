@@ -43,7 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from mop.ops.attention import causal_attention, document_spans
+from mop.ops.attention import SpansMemo, causal_attention, document_spans
+
+# Layers share one positions tensor per micro-batch: gather it and cut documents once, not per layer.
+_GLOBAL_SPANS = SpansMemo()
 
 Ranges = list[tuple[int, int]]
 
@@ -429,5 +432,6 @@ class UlyssesAttention(nn.Module):
             raise ValueError(f"q, k, v must share a dtype; got {q_BHND.dtype}, {k_BHND.dtype}, {v_BHND.dtype}")
         if self.seq_degree == 1:
             return causal_attention(q_BHND, k_BHND, v_BHND, positions_BN)
-        spans = None if positions_BN is None else self._global_spans(positions_BN, q_BHND.device)
+        spans = None if positions_BN is None else _GLOBAL_SPANS.get(
+            positions_BN, lambda: self._global_spans(positions_BN, q_BHND.device), key=id(self.seq_group))
         return _UlyssesFunction.apply(q_BHND, k_BHND, v_BHND, self._plan(N), spans, self.seq_rank, self.seq_group)
