@@ -75,3 +75,19 @@ def test_sweep_prunes_after_oom():
     assert len(ran) < len(cfgs)  # frugal-first order plus pruning skipped hopeless configs
     with pytest.raises(ValueError, match="offload"):
         run_sweep([BaselineConfig()], fake, offload="sometimes")
+
+
+def test_bench_optimizer_ablation_reports_exposed_time(tmp_path):
+    """--optimizer-ablation: each point also times steps without the update (issue: optimizer share)."""
+    from mop.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--device", "cpu", "--shape", "debug", "--gpus", "2", "--contexts", "64", "--systems", "mop",
+            "--warmup", "1", "--steps", "2", "--optimizer-ablation", "--out", str(out),
+            "--mop-overrides", "--optimizer.offload=cpu --optimizer.device_fraction=0"]
+    assert main(argv) == 0
+    (point,) = json.loads((out / "results.json").read_text())["points"]
+    assert point["status"] == "ok", point.get("output_tail", point)
+    assert point["step_s_no_optimizer"] > 0
+    assert abs(point["step_s"] - point["step_s_no_optimizer"] - point["optimizer_exposed_s"]) < 1e-9
+    assert "## Optimizer exposed time" in (out / "results.md").read_text()

@@ -61,6 +61,9 @@ def parse_args(argv: list[str]):
                    help="try FSDP2 CPUOffloadPolicy configs: only when nothing fits on the device (auto)")
     p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
     p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
+    p.add_argument("--optimizer-ablation", action="store_true",
+                   help="per point, also time steps without the optimizer update and report the optimizer's "
+                        "exposed time (step time minus step time without the update) and its share of the step")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -159,7 +162,7 @@ def main(argv: list[str]) -> int:
         plots(results, out_dir)
 
     common = dict(device=device, warmup=args.warmup, steps=args.steps, skew=args.skew, timeout=args.timeout,
-                  workdir=str(work))
+                  workdir=str(work), optimizer_ablation=args.optimizer_ablation)
     for context in args.context_list:
         for setting in settings:
             run_dir = str(work / "run")

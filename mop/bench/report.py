@@ -104,6 +104,15 @@ def markdown(results: dict) -> str:
              "(worst layer, summed over ranks and timed steps).",
              "", "## Results (baseline: best configuration of its sweep)", ""]
     lines += _table(results["points"])
+    ablated = [p for p in results["points"] if p.get("optimizer_exposed_s") is not None]
+    if ablated:
+        lines += ["", "## Optimizer exposed time (step time minus step time without the update)", "",
+                  "| system | config | context | batch | step s | step s without update | exposed s | share |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in ablated:
+            lines.append(f"| {p['system']} | {p.get('label', '')} | {_context_label(p['context'])} | "
+                         f"{p['batch_setting']} | {p['step_s']:.3f} | {p['step_s_no_optimizer']:.3f} | "
+                         f"{p['optimizer_exposed_s']:.3f} | {100 * p['optimizer_exposed_share']:.1f}% |")
     sweeps = [p for p in results["points"] if p.get("sweep")]
     if sweeps:
         lines += ["", "## Baseline sweeps (every attempt)", ""]

@@ -30,6 +30,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--skew", type=float, default=0.0)
     p.add_argument("--baseline", default=None, help="BaselineConfig as JSON (system=baseline)")
+    p.add_argument("--optimizer-ablation", action="store_true",
+                   help="also time --steps steps whose optimizer update is skipped: the optimizer's exposed time")
     return p.parse_known_args(argv)
 
 
@@ -83,6 +85,20 @@ def run(args, overrides: list[str]) -> dict:
         _sync(device)  # step boundary: every rank's kernels done
         step_times.append(time.perf_counter() - t0)
         loads = out["loads"] if loads is None else loads + out["loads"]
+    ablation = {}
+    if args.optimizer_ablation:
+        # Exposed optimizer time = step time with the update minus step time without it (same
+        # process, same warm state). Skipping the update changes no shapes, so nothing else moves.
+        real_step = trainer.optimizer.step
+        trainer.optimizer.step = lambda *a, **k: None
+        no_opt = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            _sync(device)
+            no_opt.append(time.perf_counter() - t0)
+        trainer.optimizer.step = real_step
+        ablation = {"no_opt_times": no_opt}
     imbalance = {}
     if loads is not None and loads.numel():
         if dist.is_initialized():
@@ -92,10 +108,15 @@ def run(args, overrides: list[str]) -> dict:
     peak_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak_reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    maxes = _reduce(step_times + [peak_alloc, peak_reserved, rss, build_s], dist.ReduceOp.MAX, device)
+    no_opt = ablation.pop("no_opt_times", [])
+    maxes = _reduce(step_times + [peak_alloc, peak_reserved, rss, build_s] + no_opt, dist.ReduceOp.MAX, device)
     rss_sum = _reduce([rss], dist.ReduceOp.SUM, device)[0]
     n = len(step_times)
     step_s = sum(maxes[:n]) / max(n, 1)  # slowest rank per step
+    if no_opt:
+        step_no_opt = sum(maxes[n + 4:]) / len(no_opt)
+        ablation = {"step_s_no_optimizer": step_no_opt, "optimizer_exposed_s": step_s - step_no_opt,
+                    "optimizer_exposed_share": (step_s - step_no_opt) / step_s if step_s > 0 else None}
     tokens = trainer.tokens_per_device_per_step()
     tps = tokens / step_s if step_s > 0 else 0.0
     flops_per_token = job.model.flops_per_token(job.training.seq_len)
@@ -120,6 +141,7 @@ def run(args, overrides: list[str]) -> dict:
         "build_s": maxes[n + 3],
         "skew_bias": biases,
         **imbalance,
+        **ablation,
     }
 
 
