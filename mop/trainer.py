@@ -202,7 +202,7 @@ class Trainer:
         grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
         if grads:
-            sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
+            sq = (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)) ** 2).sum()  # fused, fp32
         norm = self._all_reduce(sq).sqrt()
         max_norm = self.job.training.max_grad_norm
         self.clip_coef = None

@@ -100,7 +100,10 @@ class MoE(nn.Module):
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
         topk_idx_TK, topk_w_TK, aux = self.router(x_TH)
+        # Shared experts are queued before the routed ones: an expert-parallel dispatcher waits on the
+        # host for its split sizes, and the GPU works through the shared FFN meanwhile.
+        shared_TH = self.shared_experts(x_TH) if self.shared_experts is not None else None
         y_TH = self.experts(x_TH, topk_idx_TK, topk_w_TK)
-        if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)
+        if shared_TH is not None:
+            y_TH = y_TH + shared_TH
         return y_TH.view(B, S, H), aux
