@@ -86,7 +86,7 @@ class MetricsLogger:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.run_dir / "metrics.jsonl", "a")
+        self.file = self._open_metrics(self.run_dir / "metrics.jsonl", start_step)
         use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self.plain = progress != "none" and not use_bar
         if use_bar:
@@ -100,6 +100,17 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:
                 print("tensorboard is not installed; pip install tensorboard (metrics.jsonl is still written)")
+
+    @staticmethod
+    def _open_metrics(path: Path, start_step: int):
+        """A fresh run starts a fresh file; a resumed run keeps the records up to its checkpoint's step
+        (records a crashed run wrote after that checkpoint are replaced by the resumed ones)."""
+        if start_step == 0 or not path.exists():
+            return open(path, "w")
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -67,3 +67,20 @@ def test_cli_nproc_2_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "layout W=2 D=2" in out.stdout
     assert out.stdout.count("step ") >= 3
+
+
+def test_metrics_file_fresh_per_run_and_trimmed_on_resume(tmp_path):
+    from mop.metrics import MetricsLogger
+
+    run = tmp_path / "run"
+    for start, steps in ((0, [1, 2, 3, 4]), (0, [1, 2])):  # a second fresh run replaces the first
+        log = MetricsLogger(run, 10, progress="none", start_step=start)
+        for s in steps:
+            log.log(s, {"loss": 1.0, "lr": 0.1})
+        log.close()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    log = MetricsLogger(run, 10, progress="none", start_step=1)  # resumed from the step-1 checkpoint
+    log.log(2, {"loss": 0.5, "lr": 0.1})
+    log.close()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[1]["loss"] == 0.5
