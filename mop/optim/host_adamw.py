@@ -520,26 +520,9 @@ class HostAdamW(torch.optim.Optimizer):
             total += 4 * max(b.numel for b in device_side)
         return total
 
-    @staticmethod
-    def check_host_memory(
-        num_offloaded_params: int,
-        local_ranks: int,
-        available_bytes: int | None = None,
-        *,
-        bytes_per_param: int = 12,
-        staging_bytes: int = 0,
-    ) -> int:
-        """Raise ValueError unless `local_ranks` x (params x bytes_per_param + staging) fits in host memory.
-
-        `available_bytes` defaults to MemAvailable; returns the bytes needed.
-        """
-        return check_host_memory(
-            num_offloaded_params,
-            local_ranks,
-            available_bytes,
-            bytes_per_param=bytes_per_param,
-            staging_bytes=staging_bytes,
-        )
+    # Raise ValueError unless local_ranks x (params x bytes_per_param + staging) fits in host memory
+    # (MemAvailable by default); returns the bytes needed. Usable before any optimizer exists.
+    check_host_memory = staticmethod(check_host_memory)
 
     # ---------------------------------------------------------------- checkpointing
     @torch.no_grad()
