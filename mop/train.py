@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
         dist.destroy_process_group()
     return 0
 
