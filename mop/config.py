@@ -183,7 +183,10 @@ def _coerce(option: str, value, typ):
     if typ in (int, float):
         try:
             if typ is int and isinstance(value, str):
-                return int(float(value)) if value.replace(".", "", 1).replace("e", "", 1).isdigit() else int(value)
+                number = float(value)  # accepts "2e6" and "1024"; refuses "abc" and "1.5"
+                if not number.is_integer():
+                    raise ValueError(value)
+                return int(number)
             return typ(value)
         except (TypeError, ValueError):
             raise _bad(option, f"expected {typ.__name__}, got {value!r}") from None
@@ -226,7 +229,6 @@ def build_config(file: str | Path | None = None, overrides: list[str] | None = N
             raise _bad(key, f"unknown section {section!r}; sections: {list(SECTIONS)}")
         raw[section][name.replace("-", "_")] = value
 
-    cls_of = {f.name: f for f in dataclasses.fields(JobConfig)}
     built = {}
     for section in SECTIONS:
         section_cls = typing.get_type_hints(JobConfig)[section]
@@ -241,7 +243,6 @@ def build_config(file: str | Path | None = None, overrides: list[str] | None = N
             built[section] = get_shape(shape, **values)
         else:
             built[section] = section_cls(**values)
-    del cls_of
     return JobConfig(**built)
 
 
