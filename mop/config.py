@@ -183,7 +183,9 @@ def _coerce(option: str, value, typ):
     if typ in (int, float):
         try:
             if typ is int and isinstance(value, str):
-                number = float(value)  # accepts "2e6" and "1024"; refuses "abc" and "1.5"
+                if value.lstrip("+-").isdigit():
+                    return int(value)  # exact, however large
+                number = float(value)  # accepts "2e6"; refuses "abc" and "1.5"
                 if not number.is_integer():
                     raise ValueError(value)
                 return int(number)
