@@ -132,6 +132,15 @@ def _make_weight(shards: VocabBlockShards, hidden_dim: int, dtype: torch.dtype, 
     return nn.Parameter(dt)
 
 
+def _vocab_weight(shards: VocabBlockShards, dim: int, dtype: torch.dtype, device: torch.device | None,
+                  shared: nn.Parameter | None) -> nn.Parameter:
+    """The module's [V, H] parameter: the `shared` one (tied embeddings, checked) or a new one."""
+    if shared is not None:
+        _check_shared_weight(shared, shards.mesh, (shards.vocab_size, dim))
+        return shared
+    return _make_weight(shards, dim, dtype, device or torch.device(shards.mesh.device_type))
+
+
 def _check_shared_weight(weight, mesh: DeviceMesh, shape) -> None:
     if not isinstance(weight, DTensor) or tuple(weight.placements) != _PLACEMENTS:
         raise ValueError("weight= must be a DTensor parameter with placements (Shard(0), Shard(0)) "
@@ -178,6 +187,8 @@ class VocabParallelOutputHead(nn.Module):
     the ("vocab", "vocab_shard") mesh. Build with `from_module`.
     """
 
+    param_dtype: torch.dtype | None = None  # compute dtype (set by parallelize)
+
     def __init__(self, vocab_size: int, dim: int, mesh: DeviceMesh, *, schedule: str = "auto",
                  z_loss_coef: float = 0.0, max_strip_elements: int = 2**28, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None, weight: nn.Parameter | None = None):
@@ -187,11 +198,7 @@ class VocabParallelOutputHead(nn.Module):
         if max_strip_elements < 1:
             raise ValueError(f"max_strip_elements must be positive, got {max_strip_elements}")
         self.shards = VocabBlockShards(mesh, vocab_size)
-        if weight is not None:
-            _check_shared_weight(weight, mesh, (vocab_size, dim))
-            self.weight = weight
-        else:
-            self.weight = _make_weight(self.shards, dim, dtype, device or torch.device(mesh.device_type))
+        self.weight = _vocab_weight(self.shards, dim, dtype, device, weight)
         self.schedule = schedule
         self.z_loss_coef = z_loss_coef
         self.max_strip_elements = max_strip_elements
@@ -220,8 +227,6 @@ class VocabParallelOutputHead(nn.Module):
         if self.param_dtype is not None:  # mixed precision (set by parallelize): gather in compute dtype
             w_local = w_local.to(self.param_dtype)
         return _ShardedRingCrossEntropy.apply(hidden_NH, w_local, labels_N, normalizer, plan, self.shards)
-
-    param_dtype: torch.dtype | None = None
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.shards.vocab_size}, dim={self.weight.shape[1]}, P={self.shards.P}, "
@@ -294,11 +299,7 @@ class VocabParallelEmbedding(nn.Module):
                  device: torch.device | None = None, weight: nn.Parameter | None = None):
         super().__init__()
         self.shards = VocabBlockShards(mesh, vocab_size)
-        if weight is not None:
-            _check_shared_weight(weight, mesh, (vocab_size, dim))
-            self.weight = weight
-        else:
-            self.weight = _make_weight(self.shards, dim, dtype, device or torch.device(mesh.device_type))
+        self.weight = _vocab_weight(self.shards, dim, dtype, device, weight)
 
     @classmethod
     def from_module(cls, orig: nn.Module, layout, *, mesh: DeviceMesh | None = None,
