@@ -102,7 +102,6 @@ class TrainingConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     activation_checkpoint: bool = False
-    compile: bool = False
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "grad_accum"):

@@ -220,9 +220,10 @@ class Trainer:
         return self._all_reduce(n_targets_local).clamp(min=1.0)
 
     def _micro_batch_context(self, tensors: list[torch.Tensor]):
-        """Context around one micro-batch's forward and backward (e.g. context parallelism)."""
-        if self.device.type == "cuda" and not self.sharded:
-            return torch.autocast("cuda", dtype=self.compute_dtype)
+        """Context around one micro-batch's forward and backward (e.g. context parallelism).
+
+        None needed here: GPUs always run the sharded path, whose FSDP2 policy casts to bf16.
+        """
         return contextlib.nullcontext()
 
     def _after_backward(self) -> None:
