@@ -141,8 +141,11 @@ class LoggingConfig:
     log_every: int = 10
     progress: str = "auto"  # "auto" (bar on a terminal) | "bar" | "plain" | "none"
     tensorboard: bool = False
+    profile_step: int = 0   # >0: profile this optimizer step (1-based) with torch.profiler into run_dir
 
     def __post_init__(self):
+        if self.profile_step < 0:
+            raise _bad("logging.profile_step", "must be >= 0 (0: off)")
         if self.log_every < 1:
             raise _bad("logging.log_every", "must be >= 1")
         if self.progress not in ("auto", "bar", "plain", "none"):

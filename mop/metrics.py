@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -143,3 +144,28 @@ class MetricsLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+@contextlib.contextmanager
+def step_profiler(run_dir: str, rank: int, device: torch.device, enabled: bool):
+    """Profile the enclosed step with torch.profiler when `enabled`.
+
+    Writes `profile_rank{R}.txt` (operators by self device time, or CPU time without a GPU) and a
+    Chrome trace `trace_rank{R}.json` into `run_dir`; every rank writes its own, since expert and
+    sequence parallelism make ranks differ.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (out / f"profile_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=60))
+    prof.export_chrome_trace(str(out / f"trace_rank{rank}.json"))

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from mop.checkpoint import CheckpointManager, Stateful, rng_state, set_rng_state
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo, init_process
-from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes
+from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, step_profiler
 from mop.models.transformer import Transformer
 from mop.parallel.layout import Layout, LayoutSpec
 
@@ -289,7 +289,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             while self.step < t.steps:
-                out = self.train_step(capture_grads=(self.step + 1) in capture_grads_at)
+                with step_profiler(job.logging.run_dir, self.proc.rank, self.device,
+                                   enabled=self.step + 1 == job.logging.profile_step):
+                    out = self.train_step(capture_grads=(self.step + 1) in capture_grads_at)
                 meter.add(self.tokens_per_device_per_step())
                 if out["grads"] is not None:
                     result.captured_grads[self.step] = out["grads"]

@@ -97,4 +97,5 @@ def test_option_set_is_frozen():
         "training.activation_checkpoint",
         "checkpoint.every", "checkpoint.keep", "checkpoint.enabled", "checkpoint.resume",
         "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard",
+        "logging.profile_step",
     ]

@@ -84,3 +84,11 @@ def test_metrics_file_fresh_per_run_and_trimmed_on_resume(tmp_path):
     log.close()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and records[1]["loss"] == 0.5
+
+
+def test_profile_step_writes_table_and_trace(tmp_path):
+    job = _job(tmp_path, "--training.steps=2", "--logging.profile_step=2")
+    Trainer(job, CPU).train()
+    table = (tmp_path / "run" / "profile_rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    assert json.loads((tmp_path / "run" / "trace_rank0.json").read_text())["traceEvents"]

@@ -17,8 +17,8 @@ import zlib
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
+from mop.models.checkpointing import checkpoint_block
 from mop.models.config import ModelConfig
 from mop.models.layers import Attention, FeedForward, RMSNorm
 from mop.models.moe import MoE
@@ -114,7 +114,7 @@ class Transformer(nn.Module):
         aux_total = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             if self.activation_checkpoint and self.training:
-                h, aux = checkpoint(block, h, positions_BS, use_reentrant=False)
+                h, aux = checkpoint_block(block, h, positions_BS)
             else:
                 h, aux = block(h, positions_BS)
             aux_total = aux_total + aux

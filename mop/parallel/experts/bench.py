@@ -55,6 +55,7 @@ class _MetaExperts(torch.nn.Module):
 
 def run_case(layout, shape: dict, dispatcher: str, n_tokens: int, skew: float, args, device) -> dict:
     """Time fwd+bwd of one layer configuration on this rank; returns local metrics (may raise OOM)."""
+    from mop.models.checkpointing import checkpoint_block
     from mop.parallel.experts import ExpertParallelExperts
 
     cfg = dict(dispatcher=dispatcher, llep_alpha=args.alpha, llep_min_chunk=args.min_chunk,
@@ -73,8 +74,13 @@ def run_case(layout, shape: dict, dispatcher: str, n_tokens: int, skew: float, a
     gy = torch.randn(n_tokens, shape["dim"], generator=gen).to(device, torch.bfloat16)
     weight.requires_grad_()
 
+    def layer(x_):
+        return x_ + mod(x_, idx, weight)  # the block's residual add around the layer
+
     def step():
-        y = mod(x, idx, weight)
+        # --checkpointed: as in training with activation checkpointing, where every dispatcher
+        # recomputes its GEMMs in backward and the block's recompute pass skips the layer.
+        y = checkpoint_block(layer, x) if args.checkpointed else layer(x)
         y.backward(gy)
         x.grad = weight.grad = None
         for p in mod.parameters():
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--imbalance-threshold", type=float, default=1.3)
     ap.add_argument("--chunk-tokens", type=int, default=4096)
     ap.add_argument("--max-chunks", type=int, default=10)
+    ap.add_argument("--checkpointed", action="store_true",
+                    help="run the layer inside an activation-checkpointed block, as training with AC does")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--timeout", type=int, default=600, help="process-group timeout, seconds")
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         for skew in [float(s) for s in args.skew.split(",")]:
             for d in dispatchers:
                 row = {"shape": args.shape, "world": world, "ep": layout.spec.expert, "tokens": n_tokens,
-                       "skew": skew, "dispatcher": d}
+                       "skew": skew, "dispatcher": d, "checkpointed": args.checkpointed}
                 try:
                     local = run_case(layout, shape, d, n_tokens, skew, args, device)
                     oom = 0.0

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from mop.models.checkpointing import checkpoint_phase
 from mop.parallel.experts.dispatch import AllToAllDispatcher, LlepDispatcher, TokenDispatcher
 from mop.parallel.experts.pipeline import MoELayerFunction, ShardSpec
 
@@ -109,13 +110,17 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         if x_TH.shape[-1] != self.dim:
             raise ValueError(f"experts input has width {x_TH.shape[-1]}, expected {self.dim}")
-        plan = self.dispatcher.plan(topk_idx_TK)  # one host sync (split sizes)
+        phase = checkpoint_phase()
+        # Recompute pass of a checkpointed block: no plan, no work (see MoELayerFunction.forward).
+        plan = None if phase == "recompute" else self.dispatcher.plan(topk_idx_TK)  # one host sync
+        recompute = self.dispatcher.recompute or phase is not None
         # Mixed precision (set by parallelize): shards are cast before the gather, as FSDP does, so
         # the all-gather and the GEMMs run in the compute dtype; grads flow back to the fp32 shards.
         w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
         if self.param_dtype is not None:
             w1, w3, w2 = (w.to(self.param_dtype) for w in (w1, w3, w2))
-        return MoELayerFunction.apply(x_TH, topk_weight_TK, w1, w3, w2, self.dispatcher, plan, self.shard_spec)
+        return MoELayerFunction.apply(x_TH, topk_weight_TK, w1, w3, w2, self.dispatcher, plan, self.shard_spec,
+                                      recompute)
 
     param_dtype: torch.dtype | None = None  # compute dtype of the gathered weights (None: storage dtype)
 

@@ -6,13 +6,16 @@ a fixed order, identical on every rank whatever its token counts. Left to the au
 rank whose part of the graph is empty (say, an owner that only sends weights) would skip a
 backward collective and hang its peers.
 
-Two memory regimes, chosen by the dispatcher's `recompute` flag:
-* keep (alltoall, llep): the expert GEMM graph of each chunk is kept from forward to backward,
-  like plain autograd (gathered weights included; per-block activation checkpointing frees them).
-* recompute (llep_pipelined): forward runs under no_grad and keeps only the layer inputs and the
-  weight shards; backward re-gathers the weights and, chunk by chunk, redoes the dispatch and the
-  GEMMs under enable_grad, so about one chunk of routed inputs, dispatch buffers and expert
-  intermediates is live at a time.
+Two memory regimes, chosen by the caller's `recompute` flag:
+* keep (alltoall, llep without activation checkpointing): the expert GEMM graph of each chunk is
+  kept from forward to backward, like plain autograd (gathered weights included).
+* recompute (llep_pipelined always; every dispatcher inside a checkpointed block): forward runs
+  under no_grad and keeps only the layer inputs and the weight shards; backward re-gathers the
+  weights and, chunk by chunk, redoes the dispatch and the GEMMs under enable_grad, so about one
+  chunk of routed inputs, dispatch buffers and expert intermediates is live at a time.
+Inside a checkpointed block the layer is thus its own checkpoint, and the block's recompute pass
+skips it (`plan=None`): the experts' forward runs twice per step (forward, backward), as with plain
+per-block checkpointing, instead of three times.
 Overlap: the next chunk's dispatch all-to-all is issued asynchronously before the current chunk's
 GEMMs, and a chunk's return all-to-all is finished only after the next chunk's GEMMs were issued.
 On CUDA/NCCL an async collective runs on NCCL's own stream and `work.wait()` only makes the compute
@@ -57,8 +60,14 @@ class MoELayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard, dispatcher: TokenDispatcher,
-                plan: LayerPlan, spec: ShardSpec):
-        recompute = dispatcher.recompute
+                plan: LayerPlan | None, spec: ShardSpec, recompute: bool):
+        if plan is None:
+            # Activation-checkpoint recomputation of the enclosing block: backward runs through the
+            # original forward's ctx, which kept everything it needs. Save the same tensors, in the
+            # same order, so the checkpoint can match them; the output is never read (the block only
+            # adds it to the residual stream, and additions save nothing).
+            ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
+            return x_TH.new_empty(x_TH.shape)
         home = _gather_all((w1_shard, w3_shard, w2_shard), spec)
         foreign = _move_weights(home, dispatcher, plan)
         if not recompute:
@@ -98,7 +107,7 @@ class MoELayerFunction(torch.autograd.Function):
                 ctx.chunks.append((recv, y_recv, y_send))
         finish_combine(*returning)
 
-        ctx.dispatcher, ctx.plan, ctx.spec = dispatcher, plan, spec
+        ctx.dispatcher, ctx.plan, ctx.spec, ctx.recompute = dispatcher, plan, spec, recompute
         ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
         return out_TH
 
@@ -106,7 +115,7 @@ class MoELayerFunction(torch.autograd.Function):
     def backward(ctx, g_TH):
         x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard = ctx.saved_tensors
         dispatcher, plan, spec = ctx.dispatcher, ctx.plan, ctx.spec
-        recompute, group = dispatcher.recompute, dispatcher.group
+        recompute, group = ctx.recompute, dispatcher.group
         if recompute:
             home = _gather_all((w1_shard, w3_shard, w2_shard), spec)
             home, foreign = _leaves(home), _leaves(_move_weights(home, dispatcher, plan))
@@ -156,4 +165,4 @@ class MoELayerFunction(torch.autograd.Function):
                             dispatcher.experts_per_rank, group)
         shard_g = [reduce_scatter_shards(gw, d, spec.group) for gw, d in zip(home_g, spec.dims)]
         ctx.weights = ctx.chunks = None
-        return dx_TH, dw_TK, *shard_g, None, None, None
+        return dx_TH, dw_TK, *shard_g, None, None, None, None

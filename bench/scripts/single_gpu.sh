@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call on ONE H200 (the only kind lent in session 2): profiles of a mop training step,
+# the expert-layer, vocabulary-loss and host-AdamW micro-benchmarks at one rank.
+# Usage: OUT=some/dir bash bench/scripts/single_gpu.sh
+set -u
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+FINAL=${OUT:-bench/results/raw}
+OUT=$(mktemp -d)  # many files: packed into one archive under $FINAL at the end
+mkdir -p "$FINAL"
+TR="python -m torch.distributed.run --standalone --nproc-per-node 1"
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/hardware.txt" 2>&1
+python -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())" >> "$OUT/hardware.txt"
+git rev-parse HEAD >> "$OUT/hardware.txt" 2>/dev/null
+
+for S in 8192 32768; do
+  echo "== profile: mop train, 1 GPU, qwen3-30b-a3b 4 layers, $S tokens, AC, step 4 profiled"
+  timeout 80 $TR -m mop.train --config configs/qwen3-30b-a3b.toml --parallel.seq=1 --parallel.expert=1 \
+    --parallel.vocab=1 --model.n_layers=4 --training.seq_len=$S --training.steps=4 --training.warmup_steps=1 \
+    --optimizer.offload=none --logging.run_dir=/tmp/prof$S --logging.profile_step=4 --logging.progress=plain \
+    > "$OUT/profile_$S.log" 2>&1; echo "rc=$?" >> "$OUT/profile_$S.log"
+  cp /tmp/prof$S/profile_rank0.txt "$OUT/profile_$S.txt" 2>/dev/null
+  gzip -c /tmp/prof$S/trace_rank0.json > "$OUT/trace_$S.json.gz" 2>/dev/null
+  grep -E "^step|rc=|Error" "$OUT/profile_$S.log" | tail -4; head -30 "$OUT/profile_$S.txt" 2>/dev/null | cut -c1-200
+done
+
+echo "== experts layer, 1 rank (Ep=1): plain vs pipelined, bare and inside a checkpointed block"
+for C in "" "--checkpointed"; do
+  timeout 60 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
+    --dispatchers alltoall,llep_pipelined $C --out "$OUT/experts_qwen3${C:+_ckpt}.jsonl" \
+    > "$OUT/experts_qwen3${C:+_ckpt}.log" 2>&1; tail -6 "$OUT/experts_qwen3${C:+_ckpt}.log"
+done
+timeout 50 $TR -m mop.parallel.experts.bench --shape kimi-k2-slice --tokens 8192,16384 --skew 0,0.95 \
+  --dispatchers alltoall,llep_pipelined --checkpointed --out "$OUT/experts_kimi_ckpt.jsonl" \
+  > "$OUT/experts_kimi_ckpt.log" 2>&1; tail -6 "$OUT/experts_kimi_ckpt.log"
+
+echo "== vocabulary loss, P=1: ours vs F.cross_entropy on logits vs chunked"
+timeout 90 $TR -m mop.parallel.vocab_bench --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
+  --P 1 --out "$OUT/vocab_p1.json" > "$OUT/vocab_p1.log" 2>&1; tail -20 "$OUT/vocab_p1.log"
+
+echo "== host AdamW engines, 1e9 params"
+timeout 60 python -m mop.optim.bench_host_adamw --numel 1e9 --engine cpu,gpu_stream \
+  > "$OUT/host_adamw.log" 2>&1; tail -12 "$OUT/host_adamw.log"
+tar czf "$FINAL/single_gpu.tgz" -C "$OUT" .
+echo "== done"
