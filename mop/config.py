@@ -102,6 +102,7 @@ class TrainingConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     activation_checkpoint: bool = False
+    loss_kernels: str = "auto"  # "auto": fused (torch.compile) strip kernels on CUDA, eager on CPU | "fused" | "eager"
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "grad_accum"):
@@ -111,6 +112,8 @@ class TrainingConfig:
             raise _bad("training.warmup_steps", "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise _bad("training.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.loss_kernels not in ("auto", "fused", "eager"):
+            raise _bad("training.loss_kernels", f"{self.loss_kernels!r} is not one of 'auto', 'fused', 'eager'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise _bad("training.device", f"{self.device!r} is not one of 'auto', 'cpu', 'cuda'")
         if self.dtype not in ("auto", "bf16", "fp32"):

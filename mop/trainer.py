@@ -20,6 +20,7 @@ from mop.config import JobConfig
 from mop.distributed import ProcessInfo, init_process
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, step_profiler
 from mop.models.transformer import Transformer
+from mop.ops.cross_entropy import set_loss_kernels
 from mop.parallel.layout import Layout, LayoutSpec
 
 
@@ -91,6 +92,7 @@ class Trainer:
         dtype = t.dtype if t.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         torch.manual_seed(t.seed)
+        set_loss_kernels(t.loss_kernels)
 
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
         self.model = self._build_model()

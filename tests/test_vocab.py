@@ -107,6 +107,60 @@ def test_chunked_cross_entropy_bf16_close_to_fp32():
     torch.testing.assert_close(hb.grad.float(), hr.grad, atol=2e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strip_kernels_functional_form_equals_in_place(dtype):
+    """The functional strip math (what torch.compile fuses on CUDA) equals the in-place eager path."""
+    from mop.ops import cross_entropy as ce
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 8, generator=gen).to(dtype)
+    w = torch.randn(50, 8, generator=gen).to(dtype)
+    labels = torch.randint(-10, 70, (40,), generator=gen)  # some outside the block [20, 70)
+    labels[::5] = -100
+    mdt = ce.math_dtype(dtype)
+    m, s, t = ce.block_stats(h, w, labels, 20, chunk=16)
+    idx, in_block = ce._local_targets(labels, 20, 50, -100)
+    fm, fs, ft = ce.strip_stats_math(h @ w.t(), idx, in_block, mdt)
+    for a, b in ((m, fm), (s, fs), (t, ft)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    lse = ce.stats_lse((m, s, t))
+    coef = torch.rand(40, generator=gen)
+    g = ce.block_logit_grad(h, w, labels, 20, lse, coef, 0.01, -100)
+    scale = coef * (1.0 + 2.0 * 0.01 * lse)
+    minus_c = torch.where(in_block, -coef, torch.zeros_like(coef))
+    fg = ce.strip_grad_math(h @ w.t(), lse, scale, minus_c, idx, dtype)
+    assert fg.dtype == dtype
+    torch.testing.assert_close(g.float(), fg.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+
+
+def test_compiled_strip_kernels_match_reference():
+    """`loss_kernels="fused"` (torch.compile; the CUDA default) is exact to fp32 rounding."""
+    import shutil
+
+    from mop.ops import cross_entropy as ce
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")):
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(33, 8, generator=gen, requires_grad=True)
+    w = torch.randn(45, 8, generator=gen, requires_grad=True)
+    labels = make_labels(33, 45, gen)
+    ce.set_loss_kernels("fused")
+    try:
+        loss = chunked_cross_entropy(h, w, labels, 29.0, z_loss_coef=1e-2, chunk_tokens=10)
+        loss.backward()
+    finally:
+        ce.set_loss_kernels("auto")
+    hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = reference_loss(hr, wr, labels, 29.0, z_loss_coef=1e-2)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(h.grad, hr.grad, **TOL)
+    torch.testing.assert_close(w.grad, wr.grad, **TOL)
+    with pytest.raises(ValueError, match="loss kernels"):
+        ce.set_loss_kernels("triton")
+
+
 def test_output_head_module():
     with torch.device("meta"):
         meta = OutputHead(8, 37, z_loss_coef=1e-3, max_strip_elements=50)

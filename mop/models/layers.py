@@ -10,7 +10,11 @@ from mop.ops.attention import causal_attention
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale; statistics in fp32."""
+    """Root-mean-square norm with a learned scale.
+
+    `F.rms_norm`: statistics in fp32, normalised value cast to the input dtype, then scaled (the
+    Hugging Face Llama/Qwen convention); on CUDA a fused kernel instead of seven elementwise passes.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,9 +22,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

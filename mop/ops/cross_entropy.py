@@ -59,6 +59,56 @@ def empty_stats(n: int, device: torch.device, dtype: torch.dtype = torch.float32
             torch.zeros(n, device=device, dtype=dtype))
 
 
+# -- strip kernels -----------------------------------------------------------------------------------
+# The per-strip softmax math is memory-bound: run op by op, it reads and writes the fp32 strip about
+# nine times (cast, max, subtract, exp, sum; and in backward cast, subtract, exp, scale, cast), which
+# on an H200 costs more than the strip's GEMM. On CUDA the two functions below are compiled by
+# torch.compile (inductor) into fused kernels that read the 16-bit logits once or twice and, in
+# backward, write the 16-bit gradient strip directly. Elsewhere (CPU, tests) the in-place eager code
+# is used; tests check both give the same numbers.
+
+_KERNELS = {"mode": "auto", "stats": None, "grad": None}
+
+
+def set_loss_kernels(mode: str) -> None:
+    """"auto" (fused on CUDA, eager elsewhere), "fused" (torch.compile on any device) or "eager"."""
+    if mode not in ("auto", "fused", "eager"):
+        raise ValueError(f"loss kernels mode must be 'auto', 'fused' or 'eager', got {mode!r}")
+    _KERNELS["mode"] = mode
+
+
+def _use_fused(t: torch.Tensor) -> bool:
+    mode = _KERNELS["mode"]
+    return mode == "fused" or (mode == "auto" and t.is_cuda)
+
+
+def strip_stats_math(logits_nv: torch.Tensor, idx_n: torch.Tensor, in_block_n: torch.Tensor, dtype: torch.dtype):
+    """(max, sum of exp(logit - max), target logit or 0) per row of a strip, in `dtype` (functional form)."""
+    x = logits_nv.to(dtype)
+    m = x.amax(dim=1)
+    s = torch.exp(x - m.unsqueeze(1)).sum(dim=1)
+    tgt = x.gather(1, idx_n.unsqueeze(1)).squeeze(1)
+    return m, s, torch.where(in_block_n, tgt, torch.zeros_like(tgt))
+
+
+def strip_grad_math(logits_nv: torch.Tensor, lse_n: torch.Tensor, scale_n: torch.Tensor, minus_c_n: torch.Tensor,
+                    idx_n: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """exp(logit - lse) * scale, plus -c at the target column, in `out_dtype` (functional form)."""
+    p = torch.exp(logits_nv.to(lse_n.dtype) - lse_n.unsqueeze(1)) * scale_n.unsqueeze(1)
+    cols = torch.arange(p.shape[1], device=p.device)
+    p = p + torch.where(cols.unsqueeze(0) == idx_n.unsqueeze(1), minus_c_n.unsqueeze(1), torch.zeros_like(p))
+    return p.to(out_dtype)
+
+
+def _compiled(name: str):
+    fn = _KERNELS[name]
+    if fn is None:
+        math = strip_stats_math if name == "stats" else strip_grad_math
+        # dynamic: strips differ in rows (last chunk) and columns (vocabulary blocks) without recompiling.
+        fn = _KERNELS[name] = torch.compile(math, dynamic=True, fullgraph=True)
+    return fn
+
+
 def block_stats(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, offset: int, chunk: int,
                 ignore_index: int = -100) -> Stats:
     """Per-token (max, sum-exp relative to max, target logit) of `h_NH` against the block `w_vH`.
@@ -72,8 +122,11 @@ def block_stats(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, 
     max_N, sum_N, tgt_N = (torch.empty(n, device=h_NH.device, dtype=dtype) for _ in range(3))
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        logits_nv = _strip_logits(h_NH[s:e], w_vH)
         idx_n, in_block_n = _local_targets(labels_N[s:e], offset, v, ignore_index)
+        if _use_fused(h_NH):
+            max_N[s:e], sum_N[s:e], tgt_N[s:e] = _compiled("stats")(h_NH[s:e] @ w_vH.t(), idx_n, in_block_n, dtype)
+            continue
+        logits_nv = _strip_logits(h_NH[s:e], w_vH)
         tgt = logits_nv.gather(1, idx_n.unsqueeze(1)).squeeze(1)
         tgt_N[s:e] = torch.where(in_block_n, tgt, torch.zeros_like(tgt))
         m = logits_nv.amax(dim=1)
@@ -117,12 +170,14 @@ def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Ten
     For a token with coefficient c: c * (softmax * (1 + 2 z lse) - onehot(label)).
     """
     v = w_vH.shape[0]
-    p_nv = _strip_logits(h_nH, w_vH).sub_(lse_n.unsqueeze(1)).exp_()
     scale_n = coef_n * (1.0 + 2.0 * z_loss_coef * lse_n) if z_loss_coef else coef_n
-    p_nv.mul_(scale_n.unsqueeze(1))
     idx_n, in_block_n = _local_targets(labels_n, offset, v, ignore_index)
-    # scatter_add, not boolean indexing: no host sync for the number of in-block targets.
     minus_c = torch.where(in_block_n, -coef_n, torch.zeros_like(coef_n))
+    if _use_fused(h_nH):
+        return _compiled("grad")(h_nH @ w_vH.t(), lse_n, scale_n, minus_c, idx_n, h_nH.dtype)
+    p_nv = _strip_logits(h_nH, w_vH).sub_(lse_n.unsqueeze(1)).exp_()
+    p_nv.mul_(scale_n.unsqueeze(1))
+    # scatter_add, not boolean indexing: no host sync for the number of in-block targets.
     p_nv.scatter_add_(1, idx_n.unsqueeze(1), minus_c.unsqueeze(1))
     return p_nv.to(h_nH.dtype)
 

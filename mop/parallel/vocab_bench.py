@@ -2,7 +2,9 @@
 
 Compares, for every (V, H, N tokens per rank, P) point:
   plain              F.cross_entropy on materialised N x V logits (OOM is caught and reported)
-  chunked            mop.ops.cross_entropy.chunked_cross_entropy on one device (full weight)
+  plain-compiled     the same under torch.compile (the fp32 copy of the logits fuses away)
+  chunked-eager      mop.ops.cross_entropy.chunked_cross_entropy, strip math op by op
+  chunked            the same with the fused strip kernels (the default on CUDA)
   ring-weights       vocab_parallel_cross_entropy over a P-rank group, schedule "weights"
   ring-activations   the same, schedule "activations"
 Every rank holds its own N tokens; plain/chunked run independently on every rank (no
@@ -29,11 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mop.ops.cross_entropy import chunked_cross_entropy
+from mop.ops.cross_entropy import chunked_cross_entropy, set_loss_kernels
 from mop.parallel.vocab_ring import chunk_sizes, vocab_parallel_cross_entropy
 
 GIB = 2**30
-METHODS = ("plain", "chunked", "ring-weights", "ring-activations")
+METHODS = ("plain", "plain-compiled", "chunked-eager", "chunked", "ring-weights", "ring-activations")
 
 
 def _ints(text: str) -> list[int]:
@@ -159,13 +161,20 @@ def _groups(world: int, degrees: list[int], rank: int) -> dict:
     return mine
 
 
+def _plain_loss(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="sum")
+
+
+_compiled_plain_loss = torch.compile(_plain_loss, dynamic=False)
+
+
 def run_point(V: int, H: int, N: int, P: int, method: str, group, args, device, dtype) -> dict:
     """One measurement on every rank; collective in the ring methods."""
     gen = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
     hidden = (torch.randn(N, H, device=device, dtype=dtype, generator=gen) * H**-0.5).requires_grad_()
     labels = torch.randint(0, V, (N,), device=device, generator=gen)
     norm = float(N * dist.get_world_size())
-    if method in ("plain", "chunked"):
+    if not method.startswith("ring"):
         rows, sizes = V, None
     else:
         sizes = chunk_sizes(V, P)
@@ -176,8 +185,12 @@ def run_point(V: int, H: int, N: int, P: int, method: str, group, args, device, 
         if method == "plain":
             logits = hidden @ weight.t()
             loss = F.cross_entropy(logits.float(), labels, reduction="sum") / norm
-        elif method == "chunked":
+        elif method == "plain-compiled":  # what a careful baseline does: the fp32 logits copy fuses away
+            loss = _compiled_plain_loss(hidden, weight, labels) / norm
+        elif method in ("chunked", "chunked-eager"):
+            set_loss_kernels("eager" if method == "chunked-eager" else "auto")
             loss = chunked_cross_entropy(hidden, weight, labels, norm, max_strip_elements=args.max_strip_elements)
+            set_loss_kernels("auto")
         else:
             loss = vocab_parallel_cross_entropy(hidden, weight, labels, norm, vocab_group=group, vocab_size=V,
                                                 block_sizes=sizes, schedule=method.removeprefix("ring-"),
@@ -228,7 +241,7 @@ def main(argv=None) -> None:
         for V in args.vocab:
             for H in args.hidden:
                 for N in args.tokens:
-                    points = [(None, m) for m in ("plain", "chunked") if m in args.methods]
+                    points = [(None, m) for m in METHODS if not m.startswith("ring") and m in args.methods]
                     points += [(P, m) for P in args.P for m in ("ring-weights", "ring-activations") if m in args.methods]
                     for P, method in points:
                         res = run_point(V, H, N, P or 1, method, groups.get(P or 1), args, device, dtype)
