@@ -85,6 +85,27 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """`x.index_select(0, perm)` for a permutation `perm` of the rows, `inv` its inverse.
+
+    The gradient is the inverse gather `g.index_select(0, inv)` instead of index_select's own
+    backward, a zero fill plus an atomic index_add_ (slow in bf16 on CUDA).
+    """
+    return _PermuteRows.apply(x, perm, inv)
+
+
 def build_route(sort_idx: torch.Tensor, local_counts: list[int], send_pieces: list[tuple[int, int, int, int]],
                 recv_pieces: list[tuple[int, int, int, int]], me: int, n_ranks: int, experts_per_rank: int,
                 foreign: list[int], top_k: int) -> Route:
@@ -171,12 +192,14 @@ class TokenDispatcher(ABC):
 
     def compute(self, recv_NH: torch.Tensor, route: Route, home_w: list, foreign_w: list) -> torch.Tensor:
         """Expert GEMMs on received rows (home experts, then spilled-in ones); returns rows in receive order."""
-        x_NH = recv_NH.index_select(0, route.group_idx)
-        nh = route.n_home_rows
-        y_NH = expert_mlp(x_NH[:nh], route.home_counts, *home_w)
-        if foreign_w[0].shape[0]:
-            y_NH = torch.cat([y_NH, expert_mlp(x_NH[nh:], route.foreign_counts, *foreign_w)])
-        return y_NH.index_select(0, route.group_inv)
+        x_NH = permute_rows(recv_NH, route.group_idx, route.group_inv)
+        if not foreign_w[0].shape[0]:  # every row is a home row; a slice would cost a zero-fill in backward
+            y_NH = expert_mlp(x_NH, route.home_counts, *home_w)
+        else:
+            x_home, x_foreign = x_NH.split([route.n_home_rows, x_NH.shape[0] - route.n_home_rows])
+            y_NH = torch.cat([expert_mlp(x_home, route.home_counts, *home_w),
+                              expert_mlp(x_foreign, route.foreign_counts, *foreign_w)])
+        return permute_rows(y_NH, route.group_inv, route.group_idx)
 
     def send_back(self, y_NH: torch.Tensor, route: Route, async_op: bool = False):
         """Return computed rows to their source ranks; returns (rows in send order, work)."""
@@ -273,4 +296,4 @@ class LlepDispatcher(TokenDispatcher):
 
 
 __all__ = ["AllToAllDispatcher", "LayerPlan", "LlepDispatcher", "Route", "TokenDispatcher", "build_route",
-           "expert_mlp"]
+           "expert_mlp", "permute_rows"]

@@ -114,13 +114,11 @@ class ExpertParallelExperts(nn.Module):
         # Recompute pass of a checkpointed block: no plan, no work (see MoELayerFunction.forward).
         plan = None if phase == "recompute" else self.dispatcher.plan(topk_idx_TK)  # one host sync
         recompute = self.dispatcher.recompute or phase is not None
-        # Mixed precision (set by parallelize): shards are cast before the gather, as FSDP does, so
-        # the all-gather and the GEMMs run in the compute dtype; grads flow back to the fp32 shards.
+        # Mixed precision (set by parallelize): the Function casts the shards to param_dtype before
+        # the gather and returns grads in the shards' dtype (no autograd cast, none in a recompute).
         w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
-        if self.param_dtype is not None:
-            w1, w3, w2 = (w.to(self.param_dtype) for w in (w1, w3, w2))
         return MoELayerFunction.apply(x_TH, topk_weight_TK, w1, w3, w2, self.dispatcher, plan, self.shard_spec,
-                                      recompute)
+                                      recompute, self.param_dtype)
 
     param_dtype: torch.dtype | None = None  # compute dtype of the gathered weights (None: storage dtype)
 

@@ -42,7 +42,12 @@ class ShardSpec:
     sizes: tuple[int, int, int]   # full size of that dim
 
 
-def _gather_all(shards, spec: ShardSpec) -> list[torch.Tensor]:
+def _gather_all(shards, spec: ShardSpec, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    # Mixed precision: cast before the gather, as FSDP does, so the all-gather and the GEMMs run in
+    # the compute dtype. The cast is done here, not by the caller, so autograd records no cast of
+    # the grads and a checkpoint's recompute pass has no cast to redo.
+    if dtype is not None:
+        shards = [w.to(dtype) for w in shards]
     return [gather_shards(w, d, n, spec.group) for w, d, n in zip(shards, spec.dims, spec.sizes)]
 
 
@@ -60,15 +65,16 @@ class MoELayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard, dispatcher: TokenDispatcher,
-                plan: LayerPlan | None, spec: ShardSpec, recompute: bool):
+                plan: LayerPlan | None, spec: ShardSpec, recompute: bool, dtype: torch.dtype | None):
         if plan is None:
             # Activation-checkpoint recomputation of the enclosing block: backward runs through the
             # original forward's ctx, which kept everything it needs. Save the same tensors, in the
-            # same order, so the checkpoint can match them; the output is never read (the block only
-            # adds it to the residual stream, and additions save nothing).
+            # same order, so the checkpoint can match them (the raw shards: the cast is done inside);
+            # the output is never read (the block only adds it to the residual stream, and additions
+            # save nothing).
             ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
             return x_TH.new_empty(x_TH.shape)
-        home = _gather_all((w1_shard, w3_shard, w2_shard), spec)
+        home = _gather_all((w1_shard, w3_shard, w2_shard), spec, dtype)
         foreign = _move_weights(home, dispatcher, plan)
         if not recompute:
             home, foreign = _leaves(home), _leaves(foreign)
@@ -107,7 +113,7 @@ class MoELayerFunction(torch.autograd.Function):
                 ctx.chunks.append((recv, y_recv, y_send))
         finish_combine(*returning)
 
-        ctx.dispatcher, ctx.plan, ctx.spec, ctx.recompute = dispatcher, plan, spec, recompute
+        ctx.dispatcher, ctx.plan, ctx.spec, ctx.recompute, ctx.dtype = dispatcher, plan, spec, recompute, dtype
         ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
         return out_TH
 
@@ -117,12 +123,12 @@ class MoELayerFunction(torch.autograd.Function):
         dispatcher, plan, spec = ctx.dispatcher, ctx.plan, ctx.spec
         recompute, group = ctx.recompute, dispatcher.group
         if recompute:
-            home = _gather_all((w1_shard, w3_shard, w2_shard), spec)
+            home = _gather_all((w1_shard, w3_shard, w2_shard), spec, ctx.dtype)
             home, foreign = _leaves(home), _leaves(_move_weights(home, dispatcher, plan))
         else:
             home, foreign = ctx.weights
-        dx_TH = torch.zeros_like(x_TH)
-        dw_TK = torch.zeros_like(topk_weight_TK)
+        dx_TH = torch.empty_like(x_TH)  # the chunks cover [0, T): every row is written below
+        dw_TK = torch.empty_like(topk_weight_TK)
         n_chunks = len(plan.routes)
 
         def start_dispatch(c):
@@ -145,7 +151,7 @@ class MoELayerFunction(torch.autograd.Function):
             else:
                 recv, y_recv, y_send = ctx.chunks[c]
             # Combine backward (y = sum_k w * y_k, product in the input dtype).
-            T, K = t1 - t0, topk_weight_TK.shape[1]
+            T, K, H = t1 - t0, topk_weight_TK.shape[1], x_TH.shape[-1]
             g_TH1 = g_TH[t0:t1].to(y_send.dtype).unsqueeze(1)
             y_TKH = y_send.index_select(0, route.send_inv).view(T, K, y_send.shape[-1])
             dw_TK[t0:t1] = (g_TH1 * y_TKH).sum(-1).to(dw_TK.dtype)
@@ -155,7 +161,10 @@ class MoELayerFunction(torch.autograd.Function):
             torch.autograd.backward(y_recv, dy_recv)
             d_recv = recv.grad if recv.grad is not None else torch.zeros_like(recv)
             d_send, _ = all_to_all(d_recv, route.send_splits, route.recv_splits, group)
-            dx_TH[t0:t1].index_add_(0, route.send_token_idx, d_send)
+            # Dispatch backward: each token has exactly K copies; gather them in (t, k) order and sum
+            # in fp32 (no atomic index_add_ in the input dtype; deterministic).
+            d_TKH = d_send.index_select(0, route.send_inv).view(T, K, H)
+            dx_TH[t0:t1] = d_TKH.sum(1, dtype=torch.float32).to(dx_TH.dtype)
             if not recompute:
                 ctx.chunks[c] = None  # free this chunk's graph now
 
@@ -163,6 +172,7 @@ class MoELayerFunction(torch.autograd.Function):
         foreign_g = [w.grad if w.grad is not None else torch.zeros_like(w) for w in foreign]
         return_expert_grads(home_g, foreign_g, plan.transfers, plan.foreign, dispatcher.me,
                             dispatcher.experts_per_rank, group)
-        shard_g = [reduce_scatter_shards(gw, d, spec.group) for gw, d in zip(home_g, spec.dims)]
+        shards = (w1_shard, w3_shard, w2_shard)
+        shard_g = [reduce_scatter_shards(gw, d, spec.group).to(w.dtype) for gw, d, w in zip(home_g, spec.dims, shards)]
         ctx.weights = ctx.chunks = None
-        return dx_TH, dw_TK, *shard_g, None, None, None, None
+        return dx_TH, dw_TK, *shard_g, None, None, None, None, None
