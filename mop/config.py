@@ -62,6 +62,7 @@ class OptimizerConfig:
     offload: str = "none"  # "none" (torch AdamW on the device) | "cpu" | "gpu_stream" (host-resident state)
     device_fraction: float = -1.0  # share of offloaded state kept on the device; -1 = from free memory
     bucket_numel: int = 2**25
+    overlap_update: bool = True  # host optimizer: update while the next forward runs (False: finish in the step)
 
     def __post_init__(self):
         if self.lr <= 0:

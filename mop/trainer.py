@@ -188,8 +188,13 @@ class Trainer:
             HostAdamW.check_host_memory(int(local_numel * (1 - fraction)), self.proc.local_world,
                                         bytes_per_param=12 + extra)
             self.device_fraction = fraction
-            return HostAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, engine=o.offload, device_fraction=fraction,
-                             bucket_numel=o.bucket_numel)
+            from mop.optim.overlap import UpdateOverlap, forward_order
+
+            opt = HostAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, engine=o.offload, device_fraction=fraction,
+                            bucket_numel=o.bucket_numel, update_order=forward_order(self.model))
+            # The update runs (step_async) while the next forward starts; each module waits for its own.
+            self.update_overlap = UpdateOverlap(self.model, opt)
+            return opt
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=not fused)
 
@@ -258,7 +263,9 @@ class Trainer:
         captured = self.full_grads() if capture_grads else None
         grad_norm = self._grad_norm_and_clip()
         if self.job.optimizer.offload != "none":
-            self.optimizer.step(self.clip_coef)
+            self.optimizer.step_async(self.clip_coef)  # finished by the next forward's hooks (overlap.py)
+            if not self.job.optimizer.overlap_update:
+                self.finish_update()
         else:
             self.optimizer.step()
         self.scheduler.step()
@@ -315,6 +322,7 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             logger.close()
+        self.finish_update()
         return result
 
     # -- state -------------------------------------------------------------------------------------
@@ -340,7 +348,13 @@ class Trainer:
         self.step = int(sd["step"])
         set_rng_state(sd["rng"])
 
+    def finish_update(self) -> None:
+        """Wait for an in-flight host-optimizer update (before reading or saving parameters)."""
+        if hasattr(self.optimizer, "synchronize"):
+            self.optimizer.synchronize()
+
     def save_checkpoint(self):
+        self.finish_update()
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self._state())
         if self.proc.is_main:
@@ -354,6 +368,7 @@ class Trainer:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter as a full (unsharded) CPU tensor, keyed by FQN (collective on all ranks)."""
+        self.finish_update()
         return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
                 for n, p in self.model.named_parameters()}
 

@@ -90,7 +90,7 @@ def test_option_set_is_frozen():
         "parallel.moe_chunk_tokens", "parallel.moe_max_chunks", "parallel.vocab_schedule", "parallel.reduce_dtype",
         "parallel.reshard_after_forward",
         "optimizer.lr", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.offload",
-        "optimizer.device_fraction", "optimizer.bucket_numel",
+        "optimizer.device_fraction", "optimizer.bucket_numel", "optimizer.overlap_update",
         "data.dataset", "data.cache_dir", "data.synthetic_doc_len",
         "training.steps", "training.seq_len", "training.batch_size", "training.grad_accum", "training.warmup_steps",
         "training.min_lr_ratio", "training.max_grad_norm", "training.seed", "training.device", "training.dtype",

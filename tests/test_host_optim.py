@@ -431,3 +431,40 @@ def _resume_single_process(ckpt_dir, cfg, xs):
     set_optimizer_state_dict(model, opt, state["optim"])
     train(model, opt, xs)
     return model
+
+
+def test_update_order_and_forward_waits():
+    """Buckets follow forward order; the next forward waits module by module for its own parameters
+    (block i also for block i+1, which FSDP prefetches in block i's pre-forward), never all at once."""
+    from mop.config import build_config
+    from mop.models.transformer import Transformer
+    from mop.optim.overlap import UpdateOverlap, forward_order
+
+    cfg = build_config(None, ["--model.shape=debug", "--model.vocab_size=64", "--model.n_layers=3"]).model
+    model = Transformer(cfg)
+    model.init_weights(0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for p in forward_order(model)]
+    assert order[0] == "tok_embeddings.weight" and order.index("output.weight") < order.index("layers.0.attention.wq.weight")
+    assert [o.split(".")[1] for o in order if o.startswith("layers.")] == sorted(
+        [o.split(".")[1] for o in order if o.startswith("layers.")])  # blocks in order
+
+    opt = HostAdamW([{"params": [p for p in model.parameters() if p.ndim >= 2]},
+                     {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                    lr=LR, engine="cpu", bucket_numel=4096, update_order=forward_order(model))
+    first_param = [names[id(opt._params[pc.param_index])] for b in opt._buckets for pc in b.pieces]
+    assert first_param[0] == "tok_embeddings.weight"
+    assert first_param.index("layers.0.attention_norm.weight") < first_param.index("layers.1.attention.wq.weight")
+
+    waits = []
+    real_wait = opt.wait_params
+    opt.wait_params = lambda ps: (waits.append(sorted({names[id(p)].split(".")[1] if names[id(p)].startswith(
+        "layers.") else "root" for p in ps})), real_wait(ps))
+    overlap = UpdateOverlap(model, opt)
+    tokens = torch.randint(0, 64, (1, 16))
+    positions = torch.arange(16).unsqueeze(0)
+    model(tokens, positions)
+    assert waits == [["root"], ["0", "1"], ["1", "2"], ["2"]]
+    overlap.remove()
+    with pytest.raises(ValueError, match="update_order"):
+        HostAdamW(list(model.parameters()), engine="cpu", update_order=list(model.parameters())[1:])

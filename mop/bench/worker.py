@@ -42,6 +42,35 @@ def _sync(device: torch.device) -> None:
         dist.barrier()
 
 
+def _timed_steps(trainer, n: int, device: torch.device, outs: list) -> list[float]:
+    """Seconds per step in steady state, between step boundaries on the compute stream.
+
+    No sync between steps: an asynchronous optimizer update (HostAdamW.step_async) overlaps the
+    next step's forward, and whatever of it that forward waits for lands in the next step's time,
+    as in training. One sync before the first step and one after the last.
+    """
+    _sync(device)
+    cuda = device.type == "cuda"
+    marks = []
+
+    def mark():
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append(ev)
+        else:
+            marks.append(time.perf_counter())
+
+    mark()
+    for _ in range(n):
+        outs.append(trainer.train_step())
+        mark()
+    _sync(device)
+    if cuda:
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def _reduce(values: list[float], op, device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -78,26 +107,22 @@ def run(args, overrides: list[str]) -> dict:
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_times, loads = [], None
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        out = trainer.train_step()
-        _sync(device)  # step boundary: every rank's kernels done
-        step_times.append(time.perf_counter() - t0)
+    outs = []
+    step_times = _timed_steps(trainer, args.steps, device, outs)
+    loads = None
+    for out in outs:
         loads = out["loads"] if loads is None else loads + out["loads"]
     ablation = {}
     if args.optimizer_ablation:
         # Exposed optimizer time = step time with the update minus step time without it (same
         # process, same warm state). Skipping the update changes no shapes, so nothing else moves.
-        real_step = trainer.optimizer.step
-        trainer.optimizer.step = lambda *a, **k: None
-        no_opt = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            trainer.train_step()
-            _sync(device)
-            no_opt.append(time.perf_counter() - t0)
-        trainer.optimizer.step = real_step
+        opt = trainer.optimizer
+        real = {k: getattr(opt, k) for k in ("step", "step_async") if hasattr(opt, k)}
+        for k in real:
+            setattr(opt, k, lambda *a, **kw: None)
+        no_opt = _timed_steps(trainer, args.steps, device, [])
+        for k, fn in real.items():
+            setattr(opt, k, fn)
         ablation = {"no_opt_times": no_opt}
     imbalance = {}
     if loads is not None and loads.numel():

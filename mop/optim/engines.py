@@ -80,8 +80,9 @@ def plan_buckets(
     dtypes: list[torch.dtype],
     device_numel: int,
     bucket_numel: int,
+    order: list[int] | None = None,
 ) -> list[Bucket]:
-    """Lay the local shards end to end (parameter order) and cut them into buckets.
+    """Lay the local shards end to end (in `order`, default parameter order) and cut them into buckets.
 
     The first `device_numel` elements of the concatenation are device-resident, the rest offloaded.
     A new bucket starts when the current one holds `bucket_numel` elements, or when the group, the
@@ -89,7 +90,8 @@ def plan_buckets(
     """
     buckets: list[Bucket] = []
     flat_offset = 0
-    for index, numel in enumerate(local_numels):
+    for index in (range(len(local_numels)) if order is None else order):
+        numel = local_numels[index]
         param_offset = 0
         while param_offset < numel:
             on_device = flat_offset < device_numel

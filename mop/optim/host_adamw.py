@@ -74,6 +74,7 @@ class HostAdamW(torch.optim.Optimizer):
         staging_slots: int = 2,
         cpu_threads: int | None = None,
         pin_memory: bool = True,
+        update_order=None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
@@ -100,8 +101,13 @@ class HostAdamW(torch.optim.Optimizer):
         numels = [t.numel() for t in locals_]
         fraction = 1.0 if engine == "device" else float(device_fraction)
         self._device_numel = round(fraction * sum(numels))
+        order = None
+        if update_order is not None:  # e.g. forward order, so the next forward waits least (overlap.py)
+            order = [self._index_of.get(p, -1) for p in update_order]
+            if sorted(order) != list(range(len(self._params))):
+                raise ValueError("update_order must list every parameter of the param groups exactly once")
         self._buckets = plan_buckets(
-            numels, group_of, [t.dtype for t in locals_], self._device_numel, self.bucket_numel
+            numels, group_of, [t.dtype for t in locals_], self._device_numel, self.bucket_numel, order
         )
         self._buckets_of_param: list[list[int]] = [[] for _ in self._params]
         for b in self._buckets:
@@ -272,8 +278,15 @@ class HostAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients, after any in-flight update has finished reading them."""
-        if self._cuda:
+        """Clear gradients, after any in-flight update has finished reading them.
+
+        CUDA with set_to_none: nothing to wait for, since every side-stream use of a gradient was
+        recorded with the caching allocator (`record_stream`), which keeps the memory until then;
+        so the next forward can start while the update still runs.
+        """
+        if self._cuda and set_to_none:
+            pass
+        elif self._cuda:
             stream = torch.cuda.current_stream(self._device)
             for b in self._buckets:
                 for ev in (b.grads_ready, b.params_ready):
