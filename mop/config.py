@@ -33,7 +33,7 @@ class ParallelConfig:
     llep_alpha: float = 1.1
     llep_min_chunk: int = 1024
     llep_lambda: float = 1.3
-    moe_chunk_tokens: int = 4096
+    moe_chunk_tokens: int = 16384
     moe_max_chunks: int = 10
     vocab_schedule: str = "auto"  # "auto" | "weights" | "activations"
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU: "fp32" | "bf16"

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alpha", type=float, default=1.1)
     ap.add_argument("--min-chunk", type=int, default=1024)
     ap.add_argument("--imbalance-threshold", type=float, default=1.3)
-    ap.add_argument("--chunk-tokens", type=int, default=4096)
+    ap.add_argument("--chunk-tokens", type=int, default=16384)
     ap.add_argument("--max-chunks", type=int, default=10)
     ap.add_argument("--checkpointed", action="store_true",
                     help="run the layer inside an activation-checkpointed block, as training with AC does")

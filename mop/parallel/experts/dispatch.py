@@ -249,7 +249,7 @@ class LlepDispatcher(TokenDispatcher):
     """Least-loaded EP; with `max_chunks > 1` the pipelined, recomputing variant ("llep_pipelined")."""
 
     def __init__(self, n_experts: int, group, alpha: float = 1.1, min_chunk: int = 1024,
-                 imbalance_threshold: float = 1.3, chunk_tokens: int = 4096, max_chunks: int = 1,
+                 imbalance_threshold: float = 1.3, chunk_tokens: int = 16384, max_chunks: int = 1,
                  recompute: bool = False):
         super().__init__(n_experts, group)
         self.alpha, self.min_chunk, self.imbalance_threshold = alpha, min_chunk, imbalance_threshold
