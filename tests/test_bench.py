@@ -50,6 +50,11 @@ def test_bench_helpers():
     assert grad_accum_for("paper", 8192, 4) == 1
     assert grad_accum_for("1M", 8192, 4) == 32  # 32 x 4 sequence groups x 8K = 2^20
     assert grad_accum_for("1M", 2**21, 1) == 1
+    from mop.bench.cli import mop_ac_attempts
+
+    assert mop_ac_attempts("auto", 8192) == [False, True]  # no recomputation where it may fit
+    assert mop_ac_attempts("auto", 2**17) == [True]
+    assert mop_ac_attempts("off", 2**20) == [False] and mop_ac_attempts("on", 8192) == [True]
 
 
 def test_sweep_prunes_after_oom():

@@ -61,6 +61,8 @@ def parse_args(argv: list[str]):
                    help="try FSDP2 CPUOffloadPolicy configs: only when nothing fits on the device (auto)")
     p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
     p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
+    p.add_argument("--mop-ac", choices=("auto", "on", "off"), default="auto",
+                   help="mop's activation checkpointing: auto = without below 64K tokens, with after an OOM")
     p.add_argument("--optimizer-ablation", action="store_true",
                    help="per point, also time steps without the optimizer update and report the optimizer's "
                         "exposed time (step time minus step time without the update) and its share of the step")
@@ -116,8 +118,23 @@ def common_overrides(args, device: str, context: int, accum: int, run_dir: str) 
 
 def default_mop_overrides(model_cfg, gpus: int) -> list[str]:
     ep = max(d for d in range(1, gpus + 1) if gpus % d == 0 and model_cfg.n_experts % d == 0)
-    return [f"--parallel.seq={gpus}", f"--parallel.expert={ep}", f"--parallel.vocab={gpus}",
-            "--training.activation_checkpoint=true"]
+    return [f"--parallel.seq={gpus}", f"--parallel.expert={ep}", f"--parallel.vocab={gpus}"]
+
+
+AC_AUTO_FROM = 65536  # --mop-ac auto: from this context on, go straight to activation checkpointing
+
+
+def mop_ac_attempts(mode: str, context: int) -> list[bool]:
+    """Activation-checkpointing settings to try for a mop point, in order (the first that fits wins).
+
+    The baseline's sweep picks AC on or off by what fits; mop gets the same: without AC first (no
+    recomputation) where that may fit, with AC after an OOM.
+    """
+    if mode == "on":
+        return [True]
+    if mode == "off":
+        return [False]
+    return [True] if context >= AC_AUTO_FROM else [False, True]
 
 
 def main(argv: list[str]) -> int:
@@ -169,11 +186,15 @@ def main(argv: list[str]) -> int:
             if "mop" in args.system_list and ("mop", context, setting) not in done:
                 job = build_config(None, common_overrides(args, device, context, 1, run_dir) + mop_extra)
                 accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq)
-                print(f"mop bench: mop, context {context}, batch {setting} ...", flush=True)
-                rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + mop_extra,
-                                **common)
-                print(f"  -> {rec['status']}", flush=True)
-                points.append({"system": "mop", "label": " ".join(mop_extra), "context": context,
+                for ac in mop_ac_attempts(args.mop_ac, context):
+                    extra = mop_extra[:3] + [f"--training.activation_checkpoint={str(ac).lower()}"] + mop_extra[3:]
+                    print(f"mop bench: mop, context {context}, batch {setting}, AC {ac} ...", flush=True)
+                    rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + extra,
+                                    **common)
+                    print(f"  -> {rec['status']}", flush=True)
+                    if rec["status"] != "oom":
+                        break
+                points.append({"system": "mop", "label": " ".join(extra), "context": context,
                                "batch_setting": setting, **rec})
                 save()
             if "baseline" in args.system_list and ("baseline", context, setting) not in done:

@@ -14,7 +14,13 @@ import torch.distributed as dist
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool = False):
-    """Variable-size all-to-all of rows of `x` over `group`; returns (out, work or None)."""
+    """Variable-size all-to-all of rows of `x` over `group`; returns (out, work or None).
+
+    A group of one is the identity: `x` itself is returned (no copy; callers only read the result),
+    which saves one activation-sized buffer per exchange when Ep = 1.
+    """
+    if dist.get_world_size(group) == 1:
+        return x, None
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
     return out, work
