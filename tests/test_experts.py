@@ -80,6 +80,22 @@ def _full_weights():
             "w2": 0.3 * torch.randn(E, I, H, generator=gen)}
 
 
+def _parallel_experts(layout, cfg):
+    """ExpertParallelExperts built on meta, materialised, and loaded with this rank's shards of `_full_weights()`."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from mop.parallel.experts import ExpertParallelExperts
+
+    mod = ExpertParallelExperts.from_module(SingleDeviceExperts(device="meta"), layout, cfg)
+    assert mod.w1.device.type == "meta"
+    mod.to_empty(device="cpu")
+    full = _full_weights()
+    with torch.no_grad():
+        for n, p in mod.named_parameters():
+            p.to_local().copy_(distribute_tensor(full[n], p.device_mesh, p.placements, src_data_rank=None).to_local())
+    return mod
+
+
 def _reference(world: int, routing: str):
     ref = SingleDeviceExperts()
     with torch.no_grad():
@@ -106,9 +122,6 @@ def _reference(world: int, routing: str):
 
 
 def _worker(rank: int, world: int, eps: list[int]):
-    from torch.distributed.tensor import distribute_tensor
-
-    from mop.parallel.experts import ExpertParallelExperts
     from mop.parallel.layout import Layout, LayoutSpec
 
     results = {}
@@ -116,14 +129,7 @@ def _worker(rank: int, world: int, eps: list[int]):
         layout = Layout.build(LayoutSpec(world, expert=ep), torch.device("cpu"))
         for name, cfg in VARIANTS:
             for routing in ROUTINGS:
-                mod = ExpertParallelExperts.from_module(SingleDeviceExperts(device="meta"), layout, cfg)
-                assert mod.w1.device.type == "meta"
-                mod.to_empty(device="cpu")
-                full = _full_weights()
-                with torch.no_grad():
-                    for n, p in mod.named_parameters():
-                        p.to_local().copy_(distribute_tensor(full[n], p.device_mesh, p.placements,
-                                                             src_data_rank=None).to_local())
+                mod = _parallel_experts(layout, cfg)
                 opt = torch.optim.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1)
                 res = {"local_numel": sum(p.to_local().numel() for p in mod.parameters()),
                        "placements": {n: tuple(p.placements) for n, p in mod.named_parameters()}}
@@ -217,22 +223,14 @@ def test_world4_ep2_and_ep4():
 
 def _checkpoint_worker(rank: int, world: int):
     """One step through a checkpointed block `x + experts(tanh(x))`, with and without checkpointing."""
-    from torch.distributed.tensor import distribute_tensor
-
     from mop.models.checkpointing import checkpoint_block
-    from mop.parallel.experts import ExpertParallelExperts
     from mop.parallel.layout import Layout, LayoutSpec
 
     layout = Layout.build(LayoutSpec(world, expert=2), torch.device("cpu"))
     x0, idx, w, gy = _data(world, "skewed", 0)[rank]
     out = {}
     for name, cfg in VARIANTS:
-        mod = ExpertParallelExperts.from_module(SingleDeviceExperts(device="meta"), layout, cfg)
-        mod.to_empty(device="cpu")
-        with torch.no_grad():
-            for n, p in mod.named_parameters():
-                p.to_local().copy_(distribute_tensor(_full_weights()[n], p.device_mesh, p.placements,
-                                                     src_data_rank=None).to_local())
+        mod = _parallel_experts(layout, cfg)
         calls = []
         compute = mod.dispatcher.compute
         mod.dispatcher.compute = lambda *a, **k: calls.append(1) or compute(*a, **k)
@@ -312,10 +310,7 @@ def _graph_names(fn) -> set[str]:
 
 def _mixed_precision_worker(rank: int, world: int):
     """fp32 and bf16 compute (param_dtype) with fp32 shards, top-3, a rank without tokens, +/- checkpointing."""
-    from torch.distributed.tensor import distribute_tensor
-
     from mop.models.checkpointing import checkpoint_block
-    from mop.parallel.experts import ExpertParallelExperts
     from mop.parallel.layout import Layout, LayoutSpec
 
     data = _mp_data(world)
@@ -336,12 +331,7 @@ def _mixed_precision_worker(rank: int, world: int):
     for ep in (1, 2):  # Ep=1: the shards are all-gathered (in the compute dtype) over both ranks
         layout = Layout.build(LayoutSpec(world, expert=ep), torch.device("cpu"))
         for name, cfg in (VARIANTS[0], VARIANTS[4]):
-            mod = ExpertParallelExperts.from_module(SingleDeviceExperts(device="meta"), layout, cfg)
-            mod.to_empty(device="cpu")
-            with torch.no_grad():
-                for n, p in mod.named_parameters():
-                    p.to_local().copy_(distribute_tensor(_full_weights()[n], p.device_mesh, p.placements,
-                                                         src_data_rank=None).to_local())
+            mod = _parallel_experts(layout, cfg)
             for dtype in (torch.float32, torch.bfloat16):
                 mod.param_dtype = None if dtype == torch.float32 else dtype
                 for ckpt in (False, True):

@@ -2,14 +2,7 @@
 # One device call: a 4-GPU mop training log, the bf16 lossless check, the expert and vocabulary
 # micro-benchmarks, and mop's long-context sweep (D=4, 2 layers of the qwen3-30b-a3b shape).
 # Usage (on a 4-GPU machine): OUT=some/dir bash bench/scripts/components_4gpu.sh
-set -u
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-FINAL=${OUT:-bench/results/raw}
-OUT=$(mktemp -d)  # many files: packed into one archive under $FINAL at the end
-mkdir -p "$FINAL"
-TR="python -m torch.distributed.run --standalone --nproc-per-node 4"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/hardware.txt" 2>&1
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/hardware.txt"
+NPROC=4 source "$(dirname "$0")/common.sh"
 
 echo "== 1. mop train on 4 GPUs (qwen3-30b-a3b shape, 4 layers, 32K, D=4 Ep=4 P=4, LLEP)"
 timeout 120 $TR -m mop.train --config configs/qwen3-30b-a3b.toml --model.n_layers=4 --training.seq_len=32768 \
@@ -32,5 +25,4 @@ done
 echo "== 4. experts micro-benchmark (qwen3 widths, 2 skews)"
 timeout 60 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
   --out "$OUT/experts.jsonl" > "$OUT/experts.log" 2>&1; tail -8 "$OUT/experts.log"
-tar czf "$FINAL/components.tgz" -C "$OUT" .
-echo "== done"
+pack components

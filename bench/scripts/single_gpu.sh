@@ -2,15 +2,7 @@
 # One device call on ONE H200 (the only kind lent in session 2): profiles of a mop training step,
 # the expert-layer, vocabulary-loss and host-AdamW micro-benchmarks at one rank.
 # Usage: OUT=some/dir bash bench/scripts/single_gpu.sh
-set -u
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-FINAL=${OUT:-bench/results/raw}
-OUT=$(mktemp -d)  # many files: packed into one archive under $FINAL at the end
-mkdir -p "$FINAL"
-TR="python -m torch.distributed.run --standalone --nproc-per-node 1"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/hardware.txt" 2>&1
-python -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())" >> "$OUT/hardware.txt"
-git rev-parse HEAD >> "$OUT/hardware.txt" 2>/dev/null
+NPROC=1 source "$(dirname "$0")/common.sh"
 
 for S in 8192 32768; do
   echo "== profile: mop train, 1 GPU, qwen3-30b-a3b 4 layers, $S tokens, AC, step 4 profiled"
@@ -40,5 +32,4 @@ timeout 90 $TR -m mop.parallel.vocab_bench --vocab 151936,200000 --hidden 2048,7
 echo "== host AdamW engines, 1e9 params"
 timeout 60 python -m mop.optim.bench_host_adamw --numel 1e9 --engine cpu,gpu_stream \
   > "$OUT/host_adamw.log" 2>&1; tail -12 "$OUT/host_adamw.log"
-tar czf "$FINAL/single_gpu.tgz" -C "$OUT" .
-echo "== done"
+pack single_gpu

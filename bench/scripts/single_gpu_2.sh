@@ -3,14 +3,7 @@
 # step as single_gpu.sh, the expert-layer and vocabulary-loss micro-benchmarks again, and
 # `mop bench` (mop vs the FSDP-best baseline) on one GPU.
 # Usage: OUT=some/dir CONTEXTS=8K,32K bash bench/scripts/single_gpu_2.sh
-set -u
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-FINAL=${OUT:-bench/results/raw}
-OUT=$(mktemp -d)
-mkdir -p "$FINAL"
-TR="python -m torch.distributed.run --standalone --nproc-per-node 1"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/hardware.txt" 2>&1
-python -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())" >> "$OUT/hardware.txt"
+NPROC=1 source "$(dirname "$0")/common.sh"
 
 S=32768
 echo "== profile: mop train, 1 GPU, qwen3-30b-a3b 4 layers, $S tokens, AC, step 4 profiled"
@@ -40,5 +33,4 @@ timeout ${BENCH_TIMEOUT:-230} python -m mop.cli bench --shape qwen3-30b-a3b --la
   --out "$OUT/bench" > "$OUT/bench.log" 2>&1; echo "rc=$?" >> "$OUT/bench.log"
 grep -E "^\| (mop|baseline)" "$OUT/bench/results.md" | head -12; tail -3 "$OUT/bench.log"
 rm -rf "$OUT/bench/work"
-tar czf "$FINAL/single_gpu_2.tgz" -C "$OUT" .
-echo "== done"
+pack single_gpu_2

@@ -3,13 +3,7 @@
 # compiled plain loss, expert-layer chunk size, `mop bench` at 8K/32K/128K on one GPU, and the
 # host-offloaded optimizer's exposed time (gpu_stream engine) in the same harness.
 # Usage: OUT=some/dir bash bench/scripts/single_gpu_3.sh
-set -u
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-FINAL=${OUT:-bench/results/raw}
-OUT=$(mktemp -d)
-mkdir -p "$FINAL"
-TR="python -m torch.distributed.run --standalone --nproc-per-node 1"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/hardware.txt" 2>&1
+NPROC=1 source "$(dirname "$0")/common.sh"
 
 echo "== vocabulary loss, one device"
 timeout 70 $TR -m mop.parallel.vocab_bench --vocab 151936 --hidden 2048,7168 --tokens 8192,32768 \
@@ -35,5 +29,4 @@ timeout 100 python -m mop.cli bench --shape qwen3-30b-a3b --layers 4 --contexts 
   --out "$OUT/bench_offload" > "$OUT/bench_offload.log" 2>&1; echo "rc=$?" >> "$OUT/bench_offload.log"
 grep -E "^\| mop" "$OUT/bench_offload/results.md" | head -4; tail -2 "$OUT/bench_offload.log"
 rm -rf "$OUT/bench_offload/work"
-tar czf "$FINAL/single_gpu_3.tgz" -C "$OUT" .
-echo "== done"
+pack single_gpu_3

@@ -4,12 +4,7 @@
 #    run-to-run noise of bf16 kernels): losses and gradient norms per step must agree;
 # 2. exposed optimizer time with the overlap, one sequence per step and 2^20 tokens per step.
 # Usage: OUT=some/dir bash bench/scripts/single_gpu_4.sh
-set -u
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-FINAL=${OUT:-bench/results/raw}
-OUT=$(mktemp -d)
-mkdir -p "$FINAL"
-TR="python -m torch.distributed.run --standalone --nproc-per-node 1"
+NPROC=1 source "$(dirname "$0")/common.sh"
 COMMON="--config configs/qwen3-30b-a3b.toml --parallel.seq=1 --parallel.expert=1 --parallel.vocab=1 \
   --model.n_layers=2 --training.seq_len=8192 --training.steps=8 --training.warmup_steps=2 \
   --optimizer.offload=gpu_stream --optimizer.device_fraction=0 --logging.progress=none --logging.log_every=1"
@@ -42,5 +37,4 @@ timeout 150 python -m mop.cli bench --shape qwen3-30b-a3b --layers 4 --contexts 
   --out "$OUT/bench_offload_1M" > "$OUT/bench_offload_1M.log" 2>&1
 grep -E "^\| mop" "$OUT/bench_offload_1M/results.md" | head -4
 rm -rf "$OUT"/bench_*/work
-tar czf "$FINAL/single_gpu_4.tgz" -C "$OUT" .
-echo "== done"
+pack single_gpu_4
