@@ -50,14 +50,20 @@ class CheckpointManager:
         found = self.complete_checkpoints()
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict) -> Path:
-        """Save `state` (a dict of tensors / Stateful objects / picklable values) atomically."""
+    def save(self, step: int, state: dict, files: dict[str, str] | None = None) -> Path:
+        """Save `state` (a dict of tensors / Stateful objects / picklable values) atomically.
+
+        `files` (name -> text) are written next to the DCP files by rank 0, e.g. `model.json`, the
+        model config that `mop export` needs to rebuild the model without the run's command line.
+        """
         final = self._dir(step)
         partial = final.with_name(final.name + ".partial")
         if _rank() == 0:
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
+            for name, text in (files or {}).items():
+                (partial / name).write_text(text)
         _barrier()
         dcp.save(state, checkpoint_id=str(partial))
         _barrier()

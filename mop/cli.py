@@ -1,4 +1,4 @@
-"""The `mop` command: `mop train`, `mop data prepare`, `mop bench`, `mop plot`."""
+"""The `mop` command: `mop train`, `mop data prepare`, `mop bench`, `mop plot`, `mop export`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ commands:
   data prepare    tokenize text/jsonl/parquet files into token shards (mop data prepare --help)
   bench           mop against the FSDP-best baseline on this machine's GPUs (mop bench --help)
   plot RUN_DIR    PNG plots of loss and throughput from RUN_DIR/metrics.jsonl
+  export RUN OUT  a run's newest checkpoint as a Hugging Face checkpoint (mop export --help)
 """
 
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from mop.bench.cli import main as bench_main
 
         return bench_main(rest)
+    if cmd == "export":
+        from mop.hf import export_main
+
+        return export_main(rest)
     if cmd == "plot":
         from mop.plot import main as plot_main
 

@@ -129,8 +129,12 @@ class CheckpointConfig:
     keep: int = 2  # keep the last K checkpoints
     enabled: bool = False
     resume: bool = False  # continue from the newest complete checkpoint in the run directory
+    init_from: str = ""  # Hugging Face checkpoint directory whose weights start the run (not the seeded init)
 
     def __post_init__(self):
+        if self.init_from and not (Path(self.init_from) / "config.json").is_file():
+            raise _bad("checkpoint.init_from", f"{self.init_from!r} is not a Hugging Face checkpoint directory "
+                       "(no config.json)")
         if self.every < 0:
             raise _bad("checkpoint.every", "must be >= 0")
         if self.keep < 1:

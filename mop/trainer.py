@@ -5,6 +5,8 @@ and N ranks under torchrun."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import socket
@@ -128,15 +130,33 @@ class Trainer:
             self.apply_parallelism(model)
             model.to_empty(device=self.device)
             self._retie(model)
-            init_weights_sharded(model, job.training.seed, self.device)
+            init_weights_sharded(model, job.training.seed, self.device, values=self._initial_values())
         else:
             self.layout = None
             model.activation_checkpoint = job.training.activation_checkpoint
             model.to_empty(device=self.device)
             self._retie(model)
-            model.init_weights(job.training.seed)
+            values = self._initial_values()
+            if values is None:
+                model.init_weights(job.training.seed)
+            else:
+                init_weights_sharded(model, job.training.seed, self.device, values=values)
         model.train()
         return model
+
+    def _initial_values(self):
+        """`fqn -> full tensor` from `checkpoint.init_from` (a Hugging Face directory), else None (seeded init).
+
+        Read lazily, one parameter at a time, on every rank (the OS page cache shares the files).
+        Skipped when resuming: the run's own checkpoint then overwrites every weight anyway.
+        """
+        path = self.job.checkpoint.init_from
+        resuming = self.job.checkpoint.resume and CheckpointManager(self.job.logging.run_dir).latest() is not None
+        if not path or resuming:
+            return None
+        from mop.hf import HFCheckpoint
+
+        return HFCheckpoint(path).tensor
 
     @staticmethod
     def _retie(model: Transformer) -> None:
@@ -356,7 +376,8 @@ class Trainer:
     def save_checkpoint(self):
         self.finish_update()
         t0 = time.perf_counter()
-        path = self.ckpt.save(self.step, self._state())
+        model_json = json.dumps(dataclasses.asdict(self.job.model), indent=1)
+        path = self.ckpt.save(self.step, self._state(), files={"model.json": model_json})
         if self.proc.is_main:
             print(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s", flush=True)
         return path

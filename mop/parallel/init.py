@@ -7,15 +7,23 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @torch.no_grad()
-def init_weights_sharded(model, seed: int, device: torch.device) -> None:
-    """Give every parameter the value it would have on one device (`model.full_param_value`).
+def init_weights_sharded(model, seed: int, device: torch.device, values=None) -> None:
+    """Give every parameter the value it would have on one device.
 
-    Each parameter's full value is generated from (seed, name) on `device`, one parameter at a time,
-    and only this rank's shard is kept: the whole model never exists in one place, and any layout
-    starts from the same weights, which is what makes the lossless comparisons possible.
+    That value is `values(fqn)` (e.g. a Hugging Face checkpoint's tensor) when given, else
+    `model.full_param_value`, generated from (seed, name) on `device`. One parameter at a time, and
+    only this rank's shard is kept: the whole model never exists in one place, and any layout starts
+    from the same weights, which is what makes the lossless comparisons possible.
     """
     for fqn, p in model.named_parameters():
-        full = model.full_param_value(fqn, p.shape, seed, device)
+        if values is not None:
+            full = values(fqn)
+            if tuple(full.shape) != tuple(p.shape):
+                raise ValueError(f"{fqn}: the checkpoint's tensor has shape {tuple(full.shape)}, the model's "
+                                 f"parameter {tuple(p.shape)}; do the model options match the checkpoint?")
+            full = full.to(device)
+        else:
+            full = model.full_param_value(fqn, p.shape, seed, device)
         if isinstance(p, DTensor):
             local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().copy_(local.to(p.dtype))
