@@ -35,6 +35,18 @@ def _host_ram_gib() -> float:
     return 0.0
 
 
+def code_digest() -> str:
+    """SHA-256 (12 hex) of the mop package's Python sources: identifies the code that ran even where the
+    checkout's git metadata is stale (a copied working tree), and matches `git`'s tree at any commit."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment(command: str) -> dict:
     """Everything needed to reproduce and interpret a result file."""
     gpus = []
@@ -44,6 +56,7 @@ def environment(command: str) -> dict:
         "command": command,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "code_sha256": code_digest(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu_names": gpus,
@@ -91,7 +104,8 @@ def markdown(results: dict) -> str:
     gpu = f"{env['gpu_count']} x {env['gpu_names'][0]}" if env["gpu_names"] else "no GPU (CPU workers, gloo)"
     lines = [f"# mop bench: {args['shape']} on {args['gpus']} ranks", "",
              f"- command: `{env['command']}`",
-             f"- git commit: `{env['git_commit']}`{' (dirty tree)' if env['git_dirty'] else ''}; torch {env['torch']}"
+             f"- git commit: `{env['git_commit']}`{' (dirty tree)' if env['git_dirty'] else ''}, mop sources "
+             f"sha256 `{env.get('code_sha256', '-')}`; torch {env['torch']}"
              f" (CUDA {env['cuda']})",
              f"- hardware: {gpu}; {env['cpu_count']} CPUs; {env['host_ram_gib']} GiB host RAM; host {env['hostname']}",
              f"- model: {args['shape']}" + (f" with {args['layers']} layers" if args.get("layers") else "")
