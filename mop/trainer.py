@@ -95,6 +95,12 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         torch.manual_seed(t.seed)
         set_loss_kernels(t.loss_kernels)
+        if self.device.type == "cuda":  # refuse a layout whose state alone cannot fit, before allocating it
+            from mop.plan import check_state_fits
+
+            o = job.optimizer
+            check_state_fits(job.model, self.proc.world, torch.cuda.get_device_properties(self.device).total_memory,
+                             o.offload, max(o.device_fraction, 0.0))
 
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
         self.model = self._build_model()
