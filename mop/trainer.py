@@ -95,12 +95,7 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         torch.manual_seed(t.seed)
         set_loss_kernels(t.loss_kernels)
-        if self.device.type == "cuda":  # refuse a layout whose state alone cannot fit, before allocating it
-            from mop.plan import check_state_fits
-
-            o = job.optimizer
-            check_state_fits(job.model, self.proc.world, torch.cuda.get_device_properties(self.device).total_memory,
-                             o.offload, max(o.device_fraction, 0.0))
+        self._check_state_memory()
 
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
         self.model = self._build_model()
@@ -116,6 +111,16 @@ class Trainer:
                 self.load_checkpoint(latest)
 
     # -- construction ------------------------------------------------------------------------------
+    def _check_state_memory(self) -> None:
+        """Refuse a layout whose weights, gradients and optimizer state alone cannot fit, before allocating."""
+        if self.device.type != "cuda":
+            return
+        from mop.plan import check_state_fits
+
+        o = self.job.optimizer
+        check_state_fits(self.job.model, self.proc.world, torch.cuda.get_device_properties(self.device).total_memory,
+                         o.offload, max(o.device_fraction, 0.0))
+
     def apply_parallelism(self, model: Transformer) -> None:
         """Shard the meta-device model: the MoP layout. (The FSDP-best baseline overrides this.)"""
         from mop.parallel.parallelize import parallelize
