@@ -225,9 +225,29 @@ class Trainer:
                             bucket_numel=o.bucket_numel, update_order=forward_order(self.model))
             # The update runs (step_async) while the next forward starts; each module waits for its own.
             self.update_overlap = UpdateOverlap(self.model, opt)
+            if o.offload == "cpu":
+                self._install_early_grad_offload(opt)
             return opt
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=not fused)
+
+    def _install_early_grad_offload(self, opt) -> None:
+        """cpu engine: copy each gradient to the host as soon as it is final, during backward.
+
+        A post-accumulate-grad hook fires when a parameter's gradient is complete: from autograd for
+        the expert and vocabulary shards, and from FSDP2 right after the reduce-scatter for the dense
+        shards, on the stream that produced the gradient, so the copy (ordered after that stream) never
+        reads a gradient still being reduced. With accumulation only the last micro-batch copies.
+        """
+        self._final_backward = True
+
+        def hook(p):
+            if self._final_backward:
+                opt.offload_grads_async([p])
+
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(hook)
 
     # -- one optimizer step ------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -280,7 +300,8 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         routers = self.model.routers()
         loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
-        for b in batches:
+        for i, b in enumerate(batches):
+            self._final_backward = i == len(batches) - 1  # gradients become final only in the last one
             tensors = [b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels")]
             with self._micro_batch_context(tensors):
                 ce, aux = self.model(*tensors, normalizer)

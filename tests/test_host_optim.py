@@ -468,3 +468,41 @@ def test_update_order_and_forward_waits():
     overlap.remove()
     with pytest.raises(ValueError, match="update_order"):
         HostAdamW(list(model.parameters()), engine="cpu", update_order=list(model.parameters())[1:])
+
+
+def _early_offload_worker(rank, world, run_dir):
+    from mop.config import build_config
+    from mop.distributed import ProcessInfo
+    from mop.trainer import Trainer
+    from tests.lossless import BASE
+
+    job = build_config(overrides=BASE + [f"--logging.run_dir={run_dir}", "--parallel.expert=2", "--parallel.vocab=2",
+                                         "--optimizer.offload=cpu", "--optimizer.device_fraction=0.2",
+                                         "--training.grad_accum=2", "--training.steps=2"])
+    trainer = Trainer(job, ProcessInfo(rank, world, rank, world, torch.device("cpu")))
+    opt = trainer.optimizer
+    offloaded_calls, left_for_step = [], []
+    real_offload, real_step = opt.offload_grads_async, opt.step_async
+
+    def offload(params):
+        offloaded_calls.append(len(params))
+        real_offload(params)
+
+    def step_async(clip=None):
+        left = sum(1 for b in opt._buckets if not b.on_device for k, pc in enumerate(b.pieces)
+                   if opt._params[pc.param_index].grad is not None and k not in b.offloaded)
+        left_for_step.append(left)
+        real_step(clip)
+
+    opt.offload_grads_async, opt.step_async = offload, step_async
+    trainer.train()
+    return {"calls": sum(offloaded_calls), "left": left_for_step,
+            "n_params": sum(1 for _ in trainer.model.parameters())}
+
+
+def test_cpu_engine_copies_gradients_during_backward(tmp_path):
+    """Every offloaded gradient is on its way to the host before the step: copied from the
+    post-accumulate-grad hooks (FSDP2 fires them after each reduce-scatter), last micro-batch only."""
+    for out in run_distributed(_early_offload_worker, 2, str(tmp_path / "run")):
+        assert out["left"] == [0, 0], out
+        assert out["calls"] == 2 * out["n_params"], out  # once per parameter and step, not per micro-batch
