@@ -255,7 +255,8 @@ def export_run(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtyp
     """Write the newest complete checkpoint of a run (or the checkpoint directory `src`) as a Hub checkpoint.
 
     One process, no GPU: torch.distributed.checkpoint reassembles the full tensors from the shards
-    of any layout; the model config comes from the checkpoint's `model.json`.
+    of any layout; the model config comes from the checkpoint's `model.json`. Host memory needed:
+    about 4 bytes per parameter (the fp32 model) plus the output dtype's copy.
     """
     import dataclasses
 

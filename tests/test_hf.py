@@ -85,6 +85,13 @@ def test_train_from_hf_and_export_back(hf_dir, tmp_path):
     torch.testing.assert_close(_hf_logits(out, _tokens()), _mop_logits(trainer.model, _tokens()), atol=2e-5, rtol=1e-5)
     moved = max((p.detach() - start.tensor(n)).abs().max().item() for n, p in trainer.model.named_parameters())
     assert moved > 0  # the export holds the trained weights, not the initial ones
+    # Sharded files with an index (as large models are published) read back to the same tensors.
+    sharded = export_run(tmp_path / "run", tmp_path / "sharded", dtype=torch.float32, shard_bytes=20_000)
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 20
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 3
+    back = HFCheckpoint(sharded)
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(back.tensor(name), p.detach(), atol=0, rtol=0, msg=name)
 
 
 def _sharded_init(rank, world, hf_dir, run_dir):
