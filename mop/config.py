@@ -103,6 +103,7 @@ class TrainingConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     activation_checkpoint: bool = False
+    offload_checkpoints: int = 0  # with activation_checkpoint: first N blocks keep their input in host memory (-1: all)
     loss_kernels: str = "auto"  # "auto": fused (torch.compile) strip kernels on CUDA, eager on CPU | "fused" | "eager"
 
     def __post_init__(self):
@@ -113,6 +114,12 @@ class TrainingConfig:
             raise _bad("training.warmup_steps", "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise _bad("training.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.offload_checkpoints < -1:
+            raise _bad("training.offload_checkpoints", f"must be -1 (all blocks), 0 (none) or a block count, "
+                       f"got {self.offload_checkpoints}")
+        if self.offload_checkpoints and not self.activation_checkpoint:
+            raise _bad("training.offload_checkpoints", "needs training.activation_checkpoint=true (it offloads "
+                       "the checkpoints' inputs)")
         if self.loss_kernels not in ("auto", "fused", "eager"):
             raise _bad("training.loss_kernels", f"{self.loss_kernels!r} is not one of 'auto', 'fused', 'eager'")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -145,6 +145,7 @@ class Trainer:
         else:
             self.layout = None
             model.activation_checkpoint = job.training.activation_checkpoint
+            model.offload_checkpoints = job.training.offload_checkpoints
             model.to_empty(device=self.device)
             self._retie(model)
             values = self._initial_values()

@@ -53,3 +53,10 @@ def test_activation_checkpointing_equals_single_process(tmp_path):
     compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": "llep_pipelined",
                                "llep_min_chunk": 8, "moe_chunk_tokens": 32}, tmp_path,
                            extra=["--training.activation_checkpoint=true"])
+
+
+def test_checkpoint_offload_equals_single_process(tmp_path):
+    """Every block's checkpointed input kept on the host (selective checkpoint offload) under D=2, Ep=2."""
+    compare_with_reference(4, {"seq": 2, "expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8,
+                               "moe_chunk_tokens": 32}, tmp_path,
+                           extra=["--training.activation_checkpoint=true", "--training.offload_checkpoints=-1"])

@@ -22,6 +22,7 @@ from mop.models.checkpointing import checkpoint_block
 from mop.models.config import ModelConfig
 from mop.models.layers import Attention, FeedForward, RMSNorm
 from mop.models.moe import MoE
+from mop.models.offload import HostStash, checkpoint_block_offloaded
 from mop.ops.cross_entropy import OutputHead
 
 
@@ -66,6 +67,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpoint = False  # set by parallelize()/trainer; recompute each block in backward
+        # With checkpointing: the first `offload_checkpoints` blocks (-1: all) keep their input in
+        # pinned host memory until backward (mop.models.offload).
+        self.offload_checkpoints = 0
+        self._stashes: list[HostStash] = []
 
     # -- initialisation ----------------------------------------------------------------------------
     def param_init_std(self, fqn: str) -> float | None:
@@ -112,13 +117,24 @@ class Transformer(nn.Module):
         """Final-norm hidden states [B, S, H] and the summed auxiliary loss."""
         h = self.tok_embeddings(tokens_BS)
         aux_total = h.new_zeros((), dtype=torch.float32)
-        for block in self.layers.values():
-            if self.activation_checkpoint and self.training:
+        n_off = len(self.layers) if self.offload_checkpoints < 0 else min(self.offload_checkpoints, len(self.layers))
+        for i, block in enumerate(self.layers.values()):
+            if self.activation_checkpoint and self.training and i < n_off:
+                h, aux = checkpoint_block_offloaded(block, h, positions_BS, self._stash(i, n_off))
+            elif self.activation_checkpoint and self.training:
                 h, aux = checkpoint_block(block, h, positions_BS)
             else:
                 h, aux = block(h, positions_BS)
             aux_total = aux_total + aux
         return self.norm(h), aux_total
+
+    def _stash(self, i: int, n: int) -> HostStash:
+        """Host stash of block i's input; backward recomputes block i-1 next, so i prefetches i-1."""
+        while len(self._stashes) < n:
+            self._stashes.append(HostStash())
+        stash = self._stashes[i]
+        stash.prefetch_next = self._stashes[i - 1] if i > 0 else None
+        return stash
 
     def forward(self, tokens_BS, positions_BS, labels_BS=None, normalizer=None):
         """Without labels: hidden states. With labels: (cross-entropy loss, auxiliary loss).

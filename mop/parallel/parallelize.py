@@ -83,8 +83,9 @@ def apply_router_stats(model, layout: Layout) -> None:
         router.reduce_stats = reducer
 
 
-def apply_activation_checkpointing(model, enabled: bool) -> None:
+def apply_activation_checkpointing(model, enabled: bool, offload_checkpoints: int = 0) -> None:
     model.activation_checkpoint = enabled
+    model.offload_checkpoints = offload_checkpoints if enabled else 0
 
 
 def apply_fsdp(model, layout: Layout, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
@@ -140,5 +141,5 @@ def parallelize(model, layout: Layout, job, param_dtype: torch.dtype | None = No
     apply_expert_parallel(model, layout, job.parallel, param_dtype)
     apply_vocab_parallel(model, layout, job.parallel, param_dtype)
     apply_router_stats(model, layout)
-    apply_activation_checkpointing(model, job.training.activation_checkpoint)
+    apply_activation_checkpointing(model, job.training.activation_checkpoint, job.training.offload_checkpoints)
     apply_fsdp(model, layout, param_dtype, reduce_dtype, job.parallel.reshard_after_forward)
