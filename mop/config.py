@@ -157,8 +157,11 @@ class LoggingConfig:
     progress: str = "auto"  # "auto" (bar on a terminal) | "bar" | "plain" | "none"
     tensorboard: bool = False
     profile_step: int = 0   # >0: profile this optimizer step (1-based) with torch.profiler into run_dir
+    memory_step: int = 0    # >0: record this step's CUDA allocations; write the peak's breakdown into run_dir
 
     def __post_init__(self):
+        if self.memory_step < 0:
+            raise _bad("logging.memory_step", "must be >= 0 (0: off)")
         if self.profile_step < 0:
             raise _bad("logging.profile_step", "must be >= 0 (0: off)")
         if self.log_every < 1:

@@ -169,3 +169,75 @@ def step_profiler(run_dir: str, rank: int, device: torch.device, enabled: bool):
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     (out / f"profile_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=60))
     prof.export_chrome_trace(str(out / f"trace_rank{rank}.json"))
+
+
+@contextlib.contextmanager
+def memory_snapshot(run_dir: str, rank: int, device: torch.device, enabled: bool):
+    """Record every CUDA allocation of the enclosed step; write where the memory was at its peak.
+
+    Writes `memory_rank{R}.pickle` (open it at https://pytorch.org/memory_viz) and
+    `memory_rank{R}.txt`: the allocations live at the step's peak, grouped by the innermost mop
+    source line that made them, plus what was already allocated before the step (weights,
+    gradients, optimizer state). CUDA only; elsewhere a no-op.
+    """
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    import pickle
+
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, device=device)
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize(device)
+        snap = torch.cuda.memory._snapshot(device)
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+        out = Path(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"memory_rank{rank}.pickle", "wb") as f:
+            pickle.dump(snap, f)
+        trace = snap.get("device_traces", [[]])
+        events = trace[device.index or 0] if len(trace) > (device.index or 0) else []
+        (out / f"memory_rank{rank}.txt").write_text(peak_breakdown(events, base))
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame in mop's own code (else the innermost Python frame) as 'file:line function'."""
+    py = [f for f in frames if f.get("filename", "").endswith(".py")]
+    ours = [f for f in py if "/mop/" in f["filename"]]
+    f = (ours or py or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    name = f["filename"].split("/mop/", 1)[-1] if "/mop/" in f["filename"] else f["filename"].rsplit("/", 1)[-1]
+    return f"{name}:{f.get('line', 0)} {f.get('name', '?')}"
+
+
+def peak_breakdown(events: list[dict], base_bytes: int = 0, top: int = 25) -> str:
+    """Text report of the allocations live at the peak of an allocator trace (`_snapshot()['device_traces'][d]`)."""
+    live, current, peak, peak_at = {}, base_bytes, base_bytes, -1
+    for i, ev in enumerate(events):
+        if ev.get("action") == "alloc":
+            live[ev["addr"]] = ev
+            current += ev["size"]
+            if current > peak:
+                peak, peak_at = current, i
+        elif ev.get("action") == "free_completed" and ev.get("addr") in live:
+            current -= live.pop(ev["addr"])["size"]
+    at_peak = {}
+    for ev in events[:peak_at + 1]:  # replay up to the peak
+        if ev.get("action") == "alloc":
+            at_peak[ev["addr"]] = ev
+        elif ev.get("action") == "free_completed":
+            at_peak.pop(ev.get("addr"), None)
+    by_site: dict[str, list[int]] = {}
+    for ev in at_peak.values():
+        entry = by_site.setdefault(_site(ev.get("frames", [])), [0, 0])
+        entry[0] += ev["size"]
+        entry[1] += 1
+    gib = 2**30
+    lines = [f"peak allocated {peak / gib:.2f} GiB: {base_bytes / gib:.2f} GiB before the step (weights, gradients, "
+             f"optimizer state, caches) + {(peak - base_bytes) / gib:.2f} GiB allocated during it, live at the peak:",
+             f"{'GiB':>8} {'blocks':>7}  site (innermost mop frame)"]
+    for site, (size, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{size / gib:8.3f} {n:7d}  {site}")
+    return "\n".join(lines) + "\n"

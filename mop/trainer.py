@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from mop.checkpoint import CheckpointManager, Stateful, rng_state, set_rng_state
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo, init_process
-from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, step_profiler
+from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
 from mop.ops.cross_entropy import set_loss_kernels
 from mop.parallel.layout import Layout, LayoutSpec
@@ -352,7 +352,9 @@ class Trainer:
         try:
             while self.step < t.steps:
                 with step_profiler(job.logging.run_dir, self.proc.rank, self.device,
-                                   enabled=self.step + 1 == job.logging.profile_step):
+                                   enabled=self.step + 1 == job.logging.profile_step), \
+                        memory_snapshot(job.logging.run_dir, self.proc.rank, self.device,
+                                        enabled=self.step + 1 == job.logging.memory_step):
                     out = self.train_step(capture_grads=(self.step + 1) in capture_grads_at)
                 meter.add(self.tokens_per_device_per_step())
                 if out["grads"] is not None:

@@ -97,5 +97,5 @@ def test_option_set_is_frozen():
         "training.activation_checkpoint", "training.offload_checkpoints", "training.loss_kernels",
         "checkpoint.every", "checkpoint.keep", "checkpoint.enabled", "checkpoint.resume", "checkpoint.init_from",
         "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard",
-        "logging.profile_step",
+        "logging.profile_step", "logging.memory_step",
     ]

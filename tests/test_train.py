@@ -92,3 +92,28 @@ def test_profile_step_writes_table_and_trace(tmp_path):
     table = (tmp_path / "run" / "profile_rank0.txt").read_text()
     assert "Self CPU" in table and "aten::" in table
     assert json.loads((tmp_path / "run" / "trace_rank0.json").read_text())["traceEvents"]
+
+
+def test_memory_peak_breakdown_from_an_allocator_trace():
+    """`logging.memory_step` (CUDA) reports the allocations live at the peak, by innermost mop frame."""
+    from mop.metrics import peak_breakdown
+
+    def frames(*sites):
+        return [{"filename": f"/x/site-packages/{f}", "line": ln, "name": n} for f, ln, n in sites]
+
+    attn = frames(("torch/nn/functional.py", 5, "sdpa"), ("mop/ops/attention.py", 42, "causal_attention"))
+    moe = frames(("mop/parallel/experts/dispatch.py", 7, "compute"), ("mop/models/moe.py", 99, "forward"))
+    gib = 2**30
+    events = [
+        {"action": "alloc", "addr": 1, "size": 2 * gib, "frames": attn},
+        {"action": "alloc", "addr": 2, "size": 3 * gib, "frames": moe},
+        {"action": "free_completed", "addr": 1, "size": 2 * gib, "frames": attn},
+        {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": attn},
+        {"action": "alloc", "addr": 4, "size": 2 * gib, "frames": moe},  # peak: 3 + 1 + 2 = 6 GiB above base
+        {"action": "free_completed", "addr": 2, "size": 3 * gib, "frames": moe},
+    ]
+    report = peak_breakdown(events, base_bytes=10 * gib)
+    assert report.startswith("peak allocated 16.00 GiB: 10.00 GiB before the step")
+    lines = report.splitlines()[2:]
+    assert lines[0].split()[:2] == ["5.000", "2"] and "parallel/experts/dispatch.py:7 compute" in lines[0]
+    assert lines[1].split()[:2] == ["1.000", "1"] and "ops/attention.py:42 causal_attention" in lines[1]
