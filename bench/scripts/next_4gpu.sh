@@ -38,7 +38,8 @@ c)
     [ "$(left)" -gt 60 ] || break
     timeout $(left) $TR -m mop.train --config configs/qwen3-30b-a3b.toml --model.n_layers=2 --training.seq_len=$S \
       --training.steps=2 --training.warmup_steps=1 --parallel.ulysses_head_chunks=4 --logging.run_dir=/tmp/ctx$S \
-      > "$OUT/ctx_$S.log" 2>&1; echo "rc=$?" >> "$OUT/ctx_$S.log"
+      --logging.memory_step=2 > "$OUT/ctx_$S.log" 2>&1; echo "rc=$?" >> "$OUT/ctx_$S.log"
+    cp /tmp/ctx$S/memory_rank0.txt "$OUT/memory_$S.txt" 2>/dev/null  # where the memory goes (issue #5)
     grep -E "^step|rc=|OutOfMemory" "$OUT/ctx_$S.log" | tail -3
   done
   if [ "$(left)" -gt 90 ]; then  # selective checkpoint offload (first GPU run of it): 1M, every block's input on the host
