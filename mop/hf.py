@@ -8,7 +8,8 @@ expert and projection (`mlp.experts.{e}.gate_proj.weight`, ...); mop stacks them
 `moe.experts.w1` / `w3` [E, H, I] and `w2` [E, I, H]. Tensors are read lazily, one at a time
 (`safe_open`), so importing never holds more than the converted model plus one expert stack.
 
-Training from a checkpoint: `--model.init_from=PATH` (any layout; each rank keeps its shards).
+Training from a checkpoint: `--model.shape=hf:PATH --checkpoint.init_from=PATH` (any layout; each
+rank keeps its shards).
 Exporting a run: `mop export RUN_DIR OUT_DIR`.
 """
 
@@ -121,13 +122,23 @@ def mop_names(cfg: ModelConfig) -> list[str]:
     return [n for n, _ in model.named_parameters()]
 
 
+def _hub_expert_names(name: str, n_experts: int) -> list[str] | None:
+    """Hub names of the per-expert weights stacked in the mop parameter `name` (None if not an expert stack).
+
+    Hub: one Linear weight per expert ([I, H] gate/up, [H, I] down); mop: stacked and transposed.
+    """
+    m = re.fullmatch(r"layers\.(\d+)\.moe\.experts\.(w[123])", name)
+    if m is None:
+        return None
+    layer, w = m.groups()
+    return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERTS[w]}.weight" for e in range(n_experts)]
+
+
 def mop_tensor(name: str, get, cfg: ModelConfig) -> torch.Tensor:
     """The mop parameter `name` from a Hub tensor getter `get(hub_name) -> Tensor`."""
-    m = re.fullmatch(r"layers\.(\d+)\.moe\.experts\.(w[123])", name)
-    if m:  # Hub: one Linear weight per expert ([I, H] gate/up, [H, I] down); mop: stacked, transposed
-        layer, w = m.groups()
-        return torch.stack([get(f"model.layers.{layer}.mlp.experts.{e}.{_EXPERTS[w]}.weight").t()
-                            for e in range(cfg.n_experts)]).contiguous()
+    experts = _hub_expert_names(name, cfg.n_experts)
+    if experts is not None:
+        return torch.stack([get(n).t() for n in experts]).contiguous()
     return get(hf_name(name))
 
 
@@ -141,11 +152,9 @@ def mop_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     out = {}
     for name in mop_names(cfg):
         t = state[name]
-        m = re.fullmatch(r"layers\.(\d+)\.moe\.experts\.(w[123])", name)
-        if m:
-            layer, w = m.groups()
-            for e in range(t.shape[0]):
-                out[f"model.layers.{layer}.mlp.experts.{e}.{_EXPERTS[w]}.weight"] = t[e].t().contiguous()
+        experts = _hub_expert_names(name, cfg.n_experts)
+        if experts is not None:
+            out.update({n: t[e].t().contiguous() for e, n in enumerate(experts)})
         elif name == "output.weight" and cfg.tie_embeddings:
             continue  # tied: the Hub stores the embedding only
         else:

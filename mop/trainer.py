@@ -98,13 +98,13 @@ class Trainer:
         self._check_state_memory()
 
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
+        self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
         self.model = self._build_model()
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.step = 0
         self.clip_coef = None  # set per step when the host optimizer folds clipping into its update
-        self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
         if job.checkpoint.resume:
             latest = self.ckpt.latest()
             if latest is not None:
@@ -163,7 +163,7 @@ class Trainer:
         Skipped when resuming: the run's own checkpoint then overwrites every weight anyway.
         """
         path = self.job.checkpoint.init_from
-        resuming = self.job.checkpoint.resume and CheckpointManager(self.job.logging.run_dir).latest() is not None
+        resuming = self.job.checkpoint.resume and self.ckpt.latest() is not None
         if not path or resuming:
             return None
         from mop.hf import HFCheckpoint

@@ -32,6 +32,11 @@ def two_groups(model: nn.Module, **no_decay) -> list[dict]:
     ]
 
 
+def host_adamw(model: nn.Module, **kw) -> HostAdamW:
+    """HostAdamW over `two_groups(model)` with the test hyper-parameters (LR, BETAS, WD)."""
+    return HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, **kw)
+
+
 def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(6, 8, generator=g) for _ in range(n)]
@@ -72,15 +77,7 @@ CONFIGS += [("device", 0.0, b) for b in (7, 64, 2**20)]
 def test_matches_torch_adamw(engine, fraction, bucket_numel):
     xs = batches(5)
     model = make_model()
-    opt = HostAdamW(
-        two_groups(model),
-        lr=LR,
-        betas=BETAS,
-        weight_decay=WD,
-        engine=engine,
-        device_fraction=fraction,
-        bucket_numel=bucket_numel,
-    )
+    opt = host_adamw(model, engine=engine, device_fraction=fraction, bucket_numel=bucket_numel)
     train(model, opt, xs)
     assert_same_params(model, reference(xs))
     if bucket_numel == 7:  # the 16x8 weight cannot fit one bucket: params really straddle buckets
@@ -147,9 +144,7 @@ def test_clip_coef_folded_in(engine, as_tensor):
         clip_grads(ref)
         ref_opt.step()
     model = make_model()
-    opt = HostAdamW(
-        two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine, device_fraction=0.5, bucket_numel=50
-    )
+    opt = host_adamw(model, engine=engine, device_fraction=0.5, bucket_numel=50)
     train(model, opt, xs, clip_coef_of=clip_coef)
     assert_same_params(model, ref, atol=2e-6, rtol=1e-5)
 
@@ -173,9 +168,7 @@ def test_lambda_lr_schedule_and_group_hyperparameters():
 def test_step_async_wait_params_synchronize(engine):
     xs = batches(4)
     model = make_model()
-    opt = HostAdamW(
-        two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine=engine, device_fraction=0.3, bucket_numel=40
-    )
+    opt = host_adamw(model, engine=engine, device_fraction=0.3, bucket_numel=40)
     params = list(model.parameters())
     for x in xs:
         opt.zero_grad()
@@ -221,7 +214,7 @@ def test_gradient_accumulation_two_micro_batches():
     xs = batches(3)
     ref = reference(xs)
     model = make_model()
-    opt = HostAdamW(two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine="cpu", bucket_numel=33)
+    opt = host_adamw(model, engine="cpu", bucket_numel=33)
     for x in xs:
         opt.zero_grad()
         for half in x.chunk(2):
@@ -271,9 +264,7 @@ def test_thread_pool_slices_and_intra_op_pinning():
         pool.shutdown()
     xs = batches(4)
     model = make_model()
-    opt = HostAdamW(
-        two_groups(model), lr=LR, betas=BETAS, weight_decay=WD, engine="cpu", cpu_threads=2, bucket_numel=100
-    )
+    opt = host_adamw(model, engine="cpu", cpu_threads=2, bucket_numel=100)
     opt._pool.min_slice_numel = 8  # tiny buckets still split across both threads
     train(model, opt, xs)
     assert_same_params(model, reference(xs))
@@ -345,15 +336,7 @@ def _fsdp_run(rank, world_size, engine, fraction, bucket_numel, ckpt_dir):
         for layer in model:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = HostAdamW(
-            two_groups(model),
-            lr=LR,
-            betas=BETAS,
-            weight_decay=WD,
-            engine=engine,
-            device_fraction=fraction,
-            bucket_numel=bucket_numel,
-        )
+        opt = host_adamw(model, engine=engine, device_fraction=fraction, bucket_numel=bucket_numel)
         return model, opt
 
     def run_steps(model, opt, xs):
@@ -416,15 +399,7 @@ def _resume_single_process(ckpt_dir, cfg, xs):
 
     engine, fraction, bucket_numel = cfg
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 5), nn.Linear(5, 3))
-    opt = HostAdamW(
-        two_groups(model),
-        lr=LR,
-        betas=BETAS,
-        weight_decay=WD,
-        engine=engine,
-        device_fraction=fraction,
-        bucket_numel=bucket_numel,
-    )
+    opt = host_adamw(model, engine=engine, device_fraction=fraction, bucket_numel=bucket_numel)
     state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=ckpt_dir)
     model.load_state_dict(state["model"])

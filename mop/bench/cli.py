@@ -156,7 +156,8 @@ def main(argv: list[str]) -> int:
     # User overrides are applied after the default MoP layout (later options win), so
     # `--mop-overrides "--parallel.dispatcher=llep"` keeps D = Ep = P = G instead of silently
     # falling back to D = Ep = P = 1.
-    mop_extra = default_mop_overrides(model_cfg, args.gpus) + _split(args.mop_overrides)
+    mop_layout, mop_user = default_mop_overrides(model_cfg, args.gpus), _split(args.mop_overrides)
+    mop_extra = mop_layout + mop_user
     explicit = None
     if args.baseline_configs:
         try:
@@ -187,7 +188,8 @@ def main(argv: list[str]) -> int:
                 job = build_config(None, common_overrides(args, device, context, 1, run_dir) + mop_extra)
                 accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq)
                 for ac in mop_ac_attempts(args.mop_ac, context):
-                    extra = mop_extra[:3] + [f"--training.activation_checkpoint={str(ac).lower()}"] + mop_extra[3:]
+                    # User overrides come last, so an explicit --training.activation_checkpoint wins.
+                    extra = mop_layout + [f"--training.activation_checkpoint={str(ac).lower()}"] + mop_user
                     print(f"mop bench: mop, context {context}, batch {setting}, AC {ac} ...", flush=True)
                     rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + extra,
                                     **common)

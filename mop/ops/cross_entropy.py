@@ -66,8 +66,8 @@ def empty_stats(n: int, device: torch.device, dtype: torch.dtype = torch.float32
 # nine times (cast, max, subtract, exp, sum; and in backward cast, subtract, exp, scale, cast), which
 # on an H200 costs more than the strip's GEMM. On CUDA the two functions below are compiled by
 # torch.compile (inductor) into fused kernels that read the 16-bit logits once or twice and, in
-# backward, write the 16-bit gradient strip directly. Elsewhere (CPU, tests) the in-place eager code
-# is used; tests check both give the same numbers.
+# backward, write the 16-bit gradient strip directly. Elsewhere (CPU, tests) they run op by op (the
+# one-block loss) or the in-place eager code is used (the ring); tests check all give the same numbers.
 
 _KERNELS = {"mode": "auto", "stats": None, "grad": None}
 
@@ -102,19 +102,19 @@ def strip_grad_math(logits_nv: torch.Tensor, lse_n: torch.Tensor, scale_n: torch
     return p.to(out_dtype)
 
 
+_MATH = {"stats": strip_stats_math, "grad": strip_grad_math}
+
+
 def _kernel(name: str, t: torch.Tensor):
     """The functional strip math `name` ("stats" or "grad"): compiled where fused kernels are on, else eager."""
-    if _use_fused(t):
-        return _compiled(name)
-    return strip_stats_math if name == "stats" else strip_grad_math
+    return _compiled(name) if _use_fused(t) else _MATH[name]
 
 
 def _compiled(name: str):
     fn = _KERNELS[name]
     if fn is None:
-        math = strip_stats_math if name == "stats" else strip_grad_math
         # dynamic: strips differ in rows (last chunk) and columns (vocabulary blocks) without recompiling.
-        fn = _KERNELS[name] = torch.compile(math, dynamic=True, fullgraph=True)
+        fn = _KERNELS[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
     return fn
 
 

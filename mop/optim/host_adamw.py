@@ -284,16 +284,14 @@ class HostAdamW(torch.optim.Optimizer):
         recorded with the caching allocator (`record_stream`), which keeps the memory until then;
         so the next forward can start while the update still runs.
         """
-        if self._cuda and set_to_none:
-            pass
-        elif self._cuda:
+        if not self._cuda:
+            self.synchronize()
+        elif not set_to_none:  # zeroing in place must wait for the side streams' reads
             stream = torch.cuda.current_stream(self._device)
             for b in self._buckets:
                 for ev in (b.grads_ready, b.params_ready):
                     if ev is not None:
                         stream.wait_event(ev)
-        else:
-            self.synchronize()
         super().zero_grad(set_to_none=set_to_none)
 
     # ---------------------------------------------------------------- bucket launches

@@ -23,9 +23,11 @@ from torch import nn
 
 def forward_groups(model: nn.Module) -> tuple[list, list[list], list]:
     """(root parameters, each block's parameters, late parameters), in the order the forward uses them."""
+    from mop.parallel.vocab import VocabParallelOutputHead
+
     late = []
     output = getattr(model, "output", None)
-    if output is not None and type(output).__name__ == "VocabParallelOutputHead":
+    if isinstance(output, VocabParallelOutputHead):  # not an FSDP parameter: gathered where it is used, last
         emb = getattr(getattr(model, "tok_embeddings", None), "weight", None)
         late = [p for p in output.parameters() if p is not emb]
     blocks = [list(b.parameters()) for b in model.layers.values()]
