@@ -7,9 +7,8 @@ AdamW's two fp32 moments on the device, or (host-resident optimizer) fp32 master
 moments in pinned host memory. `mop train` checks them before it allocates anything, so a layout
 that can never fit fails at once with the numbers, not after minutes of start-up with an OOM.
 
-Activations are not included: they depend on the context, the layout and recomputation, and are
-measured rather than modelled (the optimizer's `device_fraction=-1` probes them with one
-forward/backward). A context-aware planner (`mop plan`) is the next step on the roadmap.
+Activations are not included here: they depend on the context, the layout and recomputation, and
+are modelled by `mop.plan.memory` (which builds on these exact numbers).
 """
 
 from __future__ import annotations
