@@ -1,0 +1,91 @@
+"""Measured constants of one GPU type: kernel rates, link and host bandwidths, allocator slack.
+
+A calibration is a small JSON file (`mop/plan/calibration/<name>.json`). `mop plan calibrate`
+writes one for the machine at hand by running micro-benchmarks (`mop.plan.microbench`); the
+shipped `h200.json` holds the H200 numbers measured in bench/results (session 1 and 2), and
+`cpu.json` a CPU fallback for tests. The memory factors (`expert_slot_factor`, ...) are fitted to
+measured peaks, not derived; each field's comment says where it comes from.
+
+Kernel rates follow a saturating curve, rate(w) = peak * w / (w + half): `half` is the work size
+(FLOPs of one call, or rows per expert, or sequence length) at which the kernel reaches half its
+peak; small calls are slow, large ones approach the peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of one GPU type (rates in FLOP/s and bytes/s; sizes in bytes)."""
+
+    name: str = "h200"
+    device_name: str = "NVIDIA H200"
+    device_bytes: float = 150_000_000_000.0  # torch.cuda.get_device_properties().total_memory
+    peak_flops: float = 989e12  # dense bf16 peak used for MFU
+    gemm_flops: float = 800e12  # bf16 torch.matmul, large shapes
+    gemm_half: float = 2e10  # FLOPs of one GEMM call at which it runs at half `gemm_flops`
+    attn_flops: float = 650e12  # cuDNN causal SDPA, long sequences (forward FLOPs counted causal)
+    attn_half_seq: float = 2048.0  # sequence length at half `attn_flops`
+    attn_bwd_ratio: float = 2.5  # backward FLOPs / forward FLOPs of the attention kernel
+    expert_flops: float = 420e12  # torch._grouped_mm at qwen3 widths, many rows per expert
+    expert_half_rows: float = 256.0  # routed rows per expert at half `expert_flops`
+    hbm_bw: float = 4.2e12  # device memory bandwidth (elementwise work)
+    elementwise_factor: float = 20.0  # memory-bound bytes moved per step / bytes a "none" block saves (fitted)
+    layer_overhead_s: float = 0.0035  # fixed seconds per block per pass (launches, host syncs; fitted)
+    intra_bw: float = 330e9  # NVLink collective bus bandwidth per GPU (all-gather)
+    alltoall_bw: float = 250e9  # NVLink all-to-all per GPU
+    inter_bw: float = 50e9  # across nodes per GPU (400 Gb/s InfiniBand)
+    h2d_bw: float = 55e9  # pinned host<->device, one GPU alone
+    h2d_node_bw: float = 153e9  # pinned host<->device, all GPUs of a node at once (total)
+    host_adam_cpu: float = 2.2e9  # params/s, cpu engine (host AdamW, 16 cores)
+    host_adam_stream: float = 3.95e9  # params/s, gpu_stream engine, one GPU
+    device_adam_bytes: float = 36.0  # bytes of device traffic per parameter of fused AdamW (fitted: 26 ms/3.1B)
+    allocator_slack: float = 0.10  # reserved / allocated - 1 (expandable segments; measured 0.03-0.11)
+    expert_slot_factor: float = 4.4  # live bytes per routed slot / ((H + 3I) * act_bytes) (fitted, 1xH200)
+    expert_token_factor: float = 2.0  # live bytes per token / (k * H * act_bytes), pipelined (fitted)
+    strip_bytes_per_element: float = 6.0  # loss strip: bf16 logits + fp32 math + bf16 gradient (fitted)
+    host_process_bytes: float = 2.2e9  # host RSS of one rank before any pinned state (measured)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"calibration: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> "Calibration":
+        """A calibration file by path, or by name from mop/plan/calibration/ ("h200", "cpu")."""
+        path = Path(path_or_name)
+        if not path.suffix:
+            path = CALIBRATION_DIR / f"{path_or_name}.json"
+        if not path.is_file():
+            names = sorted(p.stem for p in CALIBRATION_DIR.glob("*.json"))
+            raise FileNotFoundError(f"calibration {path_or_name!r} not found; shipped: {names}, or a path to a .json")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def for_device(device_name: str | None) -> Calibration:
+    """The shipped calibration whose `device_name` matches (H200 by default)."""
+    for path in sorted(CALIBRATION_DIR.glob("*.json")):
+        cal = Calibration.load(path)
+        if device_name and cal.device_name.lower() in device_name.lower():
+            return cal
+    return Calibration.load("h200")

@@ -1,0 +1,237 @@
+"""Peak device memory and host memory of one training step, per rank, by term.
+
+The state (weights, gradients, optimizer) is the exact arithmetic of `mop.plan.state`. The rest is
+first principles: what each op of a block saves for backward (per token, from the model code), what
+each activation policy keeps (mop.models.checkpointing), and the largest transient working set of
+one block (attention kernel, all-to-all buffers, one expert chunk, one loss strip). The peak is
+reached at the start of the backward of the last block: every block's kept activations, plus that
+block's recomputed activations, plus the largest working set, plus the gathered parameters.
+
+Per-token bytes below use a = activation bytes (2: bf16), N = tokens per rank, H the width,
+Hq/Hkv heads, Dh head dim, E experts, k top-k, I expert width. Ulysses (D > 1) moves attention to
+a head-sharded layout of the same size per rank, so the per-rank bytes do not depend on D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from mop.plan.calibration import Calibration
+from mop.plan.state import state_memory
+from mop.plan.step import GIB, Step
+
+ADAM_STATE_BYTES = 12  # fp32 master, m, v per parameter of the host optimizer
+
+
+def _norm_saved(H: int, a: int, cpu: bool) -> float:
+    """RMSNorm: rstd (fp32) and the output (saved by the next linear); CPU's composite adds the normalised x."""
+    return 4 + H * a + (H * a if cpu else 0)
+
+
+def attention_state_bytes(step: Step) -> float:
+    """Per token: what the attention kernel keeps for backward (q, k, v post-RoPE, K/V unexpanded, out, lse)."""
+    m, a = step.model, step.act_bytes
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    return a * (2 * q + 2 * kv) + 4 * m.n_heads
+
+
+def attention_saved_bytes(step: Step) -> float:
+    """Per token: everything the attention half of a block saves with no checkpoint (input excluded)."""
+    m, a = step.model, step.act_bytes
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    b = _norm_saved(m.dim, a, step.cpu)
+    b += 4 * m.head_dim  # RoPE cos/sin tables (fp32, Dh/2 each)
+    if m.qk_norm:
+        b += a * (q + kv) + 4 * (m.n_heads + m.n_kv_heads)  # q/k norm inputs and rstd
+    b += 4 * (q + kv)  # RoPE multiplies fp32 copies of q and k (the tensors themselves in fp32)
+    b += attention_state_bytes(step)
+    b += a * q  # output projection input (the head-merged copy)
+    return b
+
+
+def ffn_saved_bytes(step: Step, is_moe: bool, experts_recompute: bool) -> float:
+    """Per token: what the FFN half saves with no block checkpoint (residual sum and norm included)."""
+    m, a = step.model, step.act_bytes
+    b = m.dim * a + _norm_saved(m.dim, a, step.cpu)  # the residual sum (the norm's input), the norm
+    if not is_moe:
+        return b + 4 * m.dense_dim * a  # SwiGLU: w1 out, silu out, w3 out, product
+    k = m.top_k
+    b += (0 if a == 4 else 4 * m.dim) + 4 * m.n_experts + 12 * k + 4  # router: fp32 input, scores, top-k
+    b += 4 * m.shared_dim * a
+    if not experts_recompute:
+        # routed input, w1/silu/w3/product, expert output and its weighted copy; sort indices
+        b += k * (3 * m.dim + 4 * m.expert_dim) * a + 20 * k
+    return b
+
+
+def block_saved_bytes(step: Step, is_moe: bool, experts_recompute: bool) -> float:
+    """Per token: a block with no checkpoint, its input included."""
+    return step.model.dim * step.act_bytes + attention_saved_bytes(step) + ffn_saved_bytes(step, is_moe,
+                                                                                            experts_recompute)
+
+
+def kept_bytes(step: Step, policy: str, is_moe: bool) -> float:
+    """Per token: what one block keeps from its forward to its backward on the device, by policy."""
+    a, H = step.act_bytes, step.model.dim
+    if policy == "none":
+        return block_saved_bytes(step, is_moe, experts_recompute=step.expert_recompute)
+    if policy == "selective":
+        copy = step.model.n_heads * step.model.head_dim * a if step.layout.seq > 1 else 0  # local output copy
+        return H * a + attention_state_bytes(step) + copy
+    if policy == "full":
+        return H * a
+    return 0.0  # offload: the input is in host memory
+
+
+def outside_blocks_bytes(step: Step) -> float:
+    """Per token: the final norm (its input is the last block's output), the loss's input gradient, labels."""
+    a, H = step.act_bytes, step.model.dim
+    return H * a + _norm_saved(H, a, step.cpu) - H * a * (0 if step.cpu else 1) + H * a + 8
+
+
+def loss_grad_weight_bytes(step: Step) -> float:
+    """One vocabulary block formed its weight gradient during forward (P = 1); the ring recomputes (P > 1)."""
+    if step.layout.vocab > 1:
+        return 0.0
+    return step.model.vocab_size * step.model.dim * step.act_bytes
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-rank device bytes at the step's peak, by term; host bytes per rank."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations_kept: float
+    recompute: float  # the backward block's recomputed activations
+    attention_ws: float
+    alltoall_ws: float
+    expert_ws: float
+    vocab_ws: float
+    param_gather: float  # bf16 all-gathered dense block(s) and gathered expert weights
+    slack: float  # allocator: reserved beyond allocated
+    host_pinned_state: float
+    host_staging: float
+    host_checkpoints: float
+    host_process: float
+    device_fraction: float  # the optimizer state share on the device this estimate assumes
+
+    @property
+    def allocated(self) -> float:
+        return self.reserved - self.slack
+
+    @property
+    def reserved(self) -> float:
+        terms = [f.name for f in fields(self) if not f.name.startswith("host") and f.name != "device_fraction"]
+        return sum(getattr(self, t) for t in terms)
+
+    @property
+    def host(self) -> float:
+        return self.host_pinned_state + self.host_staging + self.host_checkpoints + self.host_process
+
+    def device_terms(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not f.name.startswith("host") and f.name != "device_fraction"}
+
+    def largest(self) -> str:
+        """The largest device term, for refusals ("activations_kept 212 GiB")."""
+        name, value = max(self.device_terms().items(), key=lambda kv: kv[1])
+        return f"{name} {value / GIB:.1f} GiB"
+
+
+def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
+    """Device bytes of activations and transient working sets at the peak (the backward of the last block)."""
+    m, a, ly = step.model, step.act_bytes, step.layout
+    N = step.tokens
+    H, Hq, Dh, k, I = m.dim, m.n_heads, m.head_dim, m.top_k, m.expert_dim
+    moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
+    kept = N * sum(kept_bytes(step, p, e) for p, e in zip(step.policies, moe))
+    n_off = sum(p == "offload" for p in step.policies)
+    kept += min(n_off, 2) * N * H * a  # an offloaded input is back on the device one block ahead
+    kept += N * outside_blocks_bytes(step) + loss_grad_weight_bytes(step)
+    last, last_moe = step.policies[-1], moe[-1]
+    # The last block is backpropagated first: a checkpointed one is recomputed (its experts excepted:
+    # they are their own checkpoint), plus the gradient stream (dx, residual grad, a temporary).
+    recompute = 0.0
+    if last != "none":
+        recompute = N * (block_saved_bytes(step, last_moe, True) - kept_bytes(step, last, last_moe))
+    recompute += 3 * N * H * a
+    chunks = step.ulysses_head_chunks if ly.seq > 1 else 1
+    q = Hq * Dh
+    # Attention backward: dout, dq/dk/dv (expanded to the query heads on CUDA), K/V re-expanded,
+    # cuDNN's fp32 dq accumulator; per head chunk under Ulysses.
+    attention_ws = N * (a * q + (3 * a * q + 2 * a * q + 4 * q) / chunks)
+    alltoall_ws = 0.0
+    if ly.seq > 1:  # send + receive buffers of q, k, v, out in the head chunk in flight (two when overlapped)
+        alltoall_ws = N * 2 * a * (2 * q + 2 * m.n_kv_heads * Dh) / chunks * (2 if chunks > 1 else 1)
+    expert_ws = 0.0
+    if any(moe):
+        E_local = m.n_experts // ly.expert
+        weights = E_local * 3 * H * I * a
+        if step.dispatcher == "llep_pipelined":
+            live = -(-N // step.expert_chunks())
+            token_term = N * cal.expert_token_factor * k * H * a
+        else:
+            live, token_term = N, 0.0
+        alpha = 1.1 if step.dispatcher != "alltoall" and ly.expert > 1 else 1.0
+        slots = live * k * alpha * cal.expert_slot_factor * (H + 3 * I) * a
+        expert_ws = 2 * weights + slots + token_term  # gathered weights and their gradients
+    # Loss: one strip of logits (bf16 + fp32 math + gradient), the vocabulary block(s) in use.
+    V_block = m.vocab_size // ly.vocab
+    strip = min(step.max_strip_elements, N * V_block) * cal.strip_bytes_per_element
+    vocab_ws = strip + (2 if ly.vocab > 1 else 1) * V_block * H * a
+    return {"activations_kept": kept, "recompute": recompute, "attention_ws": attention_ws,
+            "alltoall_ws": alltoall_ws, "expert_ws": expert_ws, "vocab_ws": vocab_ws}
+
+
+def dense_block_params(step: Step) -> float:
+    """Parameters of one block outside the routed experts (attention, norms, router, shared/dense FFN)."""
+    m = step.model
+    c = m.param_counts()
+    per_block_dense = (c["dense"] - m.dim) / max(m.n_layers, 1)
+    return per_block_dense
+
+
+def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = None) -> MemoryEstimate:
+    """Peak device memory and host memory of `step` per rank.
+
+    `step.device_fraction = -1` (auto) resolves like the trainer does: the offloaded state takes
+    what is left of 90% of the device after the step's peak without it.
+    """
+    W = step.layout.world
+    a = step.act_bytes
+    device_bytes = device_bytes or cal.device_bytes
+    act = activation_peak(step, cal)
+    gather_dense = (2 if W > 1 else 1) * dense_block_params(step) * a  # current block + prefetched next
+    # The working sets do not coincide: the peak holds the largest of them next to what is kept.
+    transient = max(act["attention_ws"] + act["alltoall_ws"], act["expert_ws"], act["vocab_ws"])
+    frac = step.device_fraction
+    base = state_memory(step.model, W, step.offload, 0.0)
+    if step.offload == "none":
+        frac = 1.0
+    elif frac < 0:
+        without = base.device + act["activations_kept"] + act["recompute"] + transient + gather_dense
+        local = step.model.param_counts()["total"] / W
+        frac = max(0.0, min(1.0, (0.9 * device_bytes - without) / (ADAM_STATE_BYTES * local)))
+    state = state_memory(step.model, W, step.offload, frac)
+    if act["attention_ws"] + act["alltoall_ws"] >= max(act["expert_ws"], act["vocab_ws"]):
+        ws = {"attention_ws": act["attention_ws"], "alltoall_ws": act["alltoall_ws"], "expert_ws": 0.0, "vocab_ws": 0.0}
+    elif act["expert_ws"] >= act["vocab_ws"]:
+        ws = {"attention_ws": 0.0, "alltoall_ws": 0.0, "expert_ws": act["expert_ws"], "vocab_ws": 0.0}
+    else:
+        ws = {"attention_ws": 0.0, "alltoall_ws": 0.0, "expert_ws": 0.0, "vocab_ws": act["vocab_ws"]}
+    allocated = (state.device + act["activations_kept"] + act["recompute"] + sum(ws.values()) + gather_dense)
+    host_state = state.optimizer_host
+    staging = 0.0
+    if step.offload == "gpu_stream":
+        staging = 2 * step.bucket_numel * 16  # two pinned slots of master, m, v, grad
+    elif step.offload == "cpu":
+        staging = 2 * state.weights / 4 * 2  # bf16 gradients in and bf16 weights out, per parameter
+    n_off = sum(p == "offload" for p in step.policies)
+    host_ckpt = n_off * step.tokens * step.model.dim * a
+    return MemoryEstimate(weights=state.weights, grads=state.grads, optimizer=state.optimizer_device,
+                          activations_kept=act["activations_kept"], recompute=act["recompute"], **ws,
+                          param_gather=gather_dense, slack=cal.allocator_slack * allocated,
+                          host_pinned_state=host_state, host_staging=staging, host_checkpoints=host_ckpt,
+                          host_process=cal.host_process_bytes, device_fraction=frac)

@@ -1,0 +1,177 @@
+"""What the planner models: one training step's configuration (`Step`) and the machines (`Cluster`).
+
+`Step` names exactly the `mop train` options that change memory or time, and `Step.overrides()`
+gives them back as `--section.key=value` strings; `step_from_overrides` reads them (e.g. from a
+bench result's command line), so a prediction and a measurement always describe the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from mop.models.config import ModelConfig
+from mop.parallel.layout import LayoutSpec
+
+POLICIES = ("none", "selective", "full", "offload")
+OFFLOADS = ("none", "cpu", "gpu_stream")
+GIB = 2**30
+
+
+def parse_policy_spec(spec: str, n_layers: int) -> tuple[str, ...]:
+    """Per-block policies from `training.activation_checkpoint` ("full", "none*4,full", true/false)."""
+    text = str(spec).strip().lower()
+    text = {"true": "full", "1": "full", "false": "none", "0": "none"}.get(text, text)
+    out: list[str] = []
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    for i, part in enumerate(parts):
+        name, _, count = part.partition("*")
+        if name not in POLICIES:
+            raise ValueError(f"activation policy {name!r} is not one of {POLICIES}")
+        if count:
+            out += [name] * int(count)
+        elif i == len(parts) - 1:  # the last entry without a count fills the remaining blocks
+            out += [name] * max(n_layers - len(out), 0)
+        else:
+            out.append(name)
+    if len(out) != n_layers:
+        raise ValueError(f"activation policy {spec!r} covers {len(out)} blocks, the model has {n_layers}")
+    return tuple(out)
+
+
+def policy_spec(policies: tuple[str, ...]) -> str:
+    """The compact `training.activation_checkpoint` string of per-block policies ("none*4,full")."""
+    runs: list[list] = []
+    for p in policies:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    if len(runs) == 1:
+        return runs[0][0]
+    return ",".join(f"{p}*{n}" for p, n in runs[:-1]) + f",{runs[-1][0]}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step as the planner sees it, per rank (the `mop train` options that matter)."""
+
+    model: ModelConfig
+    layout: LayoutSpec
+    seq_len: int
+    batch_size: int = 1  # sequences per sequence-parallel group per micro-batch
+    grad_accum: int = 1
+    policies: tuple[str, ...] | str = "full"  # per block, or one policy for every block
+    offload: str = "none"  # optimizer state: "none" (device AdamW) | "cpu" | "gpu_stream"
+    device_fraction: float = 0.0  # share of offloaded state on the device; -1: as much as fits (auto)
+    dispatcher: str = "llep_pipelined"
+    moe_chunk_tokens: int = 16384
+    moe_max_chunks: int = 10
+    ulysses_head_chunks: int = 1
+    act_bytes: int = 2  # 2: bf16 compute (GPU); 4: fp32 (the CPU path)
+    cpu: bool = False  # CPU kernels: composite RMSNorm (one more saved tensor), no GQA expansion
+    max_strip_elements: int = 2**28
+    bucket_numel: int = 2**25
+
+    def __post_init__(self):
+        if isinstance(self.policies, str):
+            object.__setattr__(self, "policies", parse_policy_spec(self.policies, self.model.n_layers))
+        if len(self.policies) != self.model.n_layers or any(p not in POLICIES for p in self.policies):
+            raise ValueError(f"policies must name one of {POLICIES} per block ({self.model.n_layers} blocks)")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"optimizer offload {self.offload!r} is not one of {OFFLOADS}")
+        if self.seq_len % self.layout.seq:
+            raise ValueError(f"seq_len={self.seq_len} must be divisible by D={self.layout.seq}")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per rank per micro-batch (N = b * S / D)."""
+        return self.batch_size * self.seq_len // self.layout.seq
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step over all ranks."""
+        return self.layout.data_parallel * self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def expert_recompute(self) -> bool:
+        """Whether the expert layer of a block keeps only its inputs (pipelined, or under any checkpoint)."""
+        return self.dispatcher == "llep_pipelined"
+
+    def expert_chunks(self) -> int:
+        """K: chunks of the pipelined dispatcher (1 otherwise)."""
+        if self.dispatcher != "llep_pipelined":
+            return 1
+        return max(1, min(math.ceil(self.tokens / self.moe_chunk_tokens), self.moe_max_chunks))
+
+    def overrides(self) -> list[str]:
+        """The exact `mop train` options of this step (the model shape and cluster not included)."""
+        ly = self.layout
+        out = [f"--parallel.seq={ly.seq}", f"--parallel.expert={ly.expert}", f"--parallel.vocab={ly.vocab}",
+               f"--parallel.dispatcher={self.dispatcher}"]
+        if self.dispatcher == "llep_pipelined":
+            out.append(f"--parallel.moe_chunk_tokens={self.moe_chunk_tokens}")
+        if self.ulysses_head_chunks > 1:
+            out.append(f"--parallel.ulysses_head_chunks={self.ulysses_head_chunks}")
+        out += [f"--training.seq_len={self.seq_len}", f"--training.batch_size={self.batch_size}",
+                f"--training.grad_accum={self.grad_accum}",
+                f"--training.activation_checkpoint={policy_spec(self.policies)}",
+                f"--optimizer.offload={self.offload}"]
+        if self.offload != "none":
+            out.append(f"--optimizer.device_fraction={round(self.device_fraction, 3)}")
+        return out
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines: GPUs per node, nodes, device and host memory, link bandwidths (None: calibration's)."""
+
+    gpus_per_node: int = 1
+    nodes: int = 1
+    device_bytes: float | None = None  # per GPU; None: the calibration's
+    host_bytes: float | None = None  # per node; None: not checked
+    intra_bw: float | None = None  # bytes/s per GPU inside a node (collective bus bandwidth)
+    inter_bw: float | None = None  # bytes/s per GPU across nodes
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *, act_bytes: int = 2,
+                        cpu: bool = False) -> Step:
+    """A `Step` from `--section.key=value` options (a bench point's command line, or `mop train`'s)."""
+    opts = {}
+    for item in overrides:
+        key, _, value = item.lstrip("-").partition("=")
+        opts[key] = value
+    g = opts.get
+    n_off = int(g("training.offload_checkpoints", "0"))
+    spec = g("training.activation_checkpoint", "none")
+    if spec.lower() in _TRUE + ("false", "0", "no", "off"):
+        spec = "full" if spec.lower() in _TRUE else "none"
+    policies = list(parse_policy_spec(spec, model.n_layers))
+    if n_off:  # the older option: the first N checkpointed blocks (-1: all) keep their input on the host
+        n = model.n_layers if n_off < 0 else min(n_off, model.n_layers)
+        policies = ["offload" if i < n and p == "full" else p for i, p in enumerate(policies)]
+    layout = LayoutSpec(world, int(g("parallel.seq", 1)), int(g("parallel.expert", 1)), int(g("parallel.vocab", 1)))
+    return Step(model=model, layout=layout, seq_len=int(g("training.seq_len", 256)),
+                batch_size=int(g("training.batch_size", 4)), grad_accum=int(g("training.grad_accum", 1)),
+                policies=tuple(policies), offload=g("optimizer.offload", "none"),
+                device_fraction=float(g("optimizer.device_fraction", -1.0)),
+                dispatcher=g("parallel.dispatcher", "alltoall"),
+                moe_chunk_tokens=int(g("parallel.moe_chunk_tokens", 16384)),
+                moe_max_chunks=int(g("parallel.moe_max_chunks", 10)),
+                ulysses_head_chunks=int(g("parallel.ulysses_head_chunks", 1)), act_bytes=act_bytes, cpu=cpu)
+
+
+def with_policy(step: Step, policy: str) -> Step:
+    """The same step with one policy for every block."""
+    return replace(step, policies=(policy,) * step.model.n_layers)
+
+
+__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "GIB", "parse_policy_spec", "policy_spec",
+           "step_from_overrides", "with_policy"]
