@@ -88,6 +88,23 @@ class DataConfig:
             raise _bad("data.dataset", "must be 'default', 'synthetic' or a prepared dataset directory")
 
 
+def _activation_spec(value) -> str:
+    """Normalise training.activation_checkpoint: booleans map to "full"/"none"; the syntax is checked
+    here (the block count only once the model is known)."""
+    from mop.models.checkpointing import parse_policies
+
+    text = str(value).strip().lower()
+    text = {"true": "full", "1": "full", "yes": "full", "on": "full",
+            "false": "none", "0": "none", "no": "none", "off": "none"}.get(text, text)
+    if text == "auto":
+        return text
+    try:
+        parse_policies(text, None)
+    except ValueError as e:
+        raise _bad("training.activation_checkpoint", f"{e} (or 'auto')") from None
+    return text
+
+
 @dataclass
 class TrainingConfig:
     """The training loop."""
@@ -102,8 +119,11 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
-    activation_checkpoint: bool = False
-    offload_checkpoints: int = 0  # with activation_checkpoint: first N blocks keep their input in host memory (-1: all)
+    # Per-block activation policy (mop.models.checkpointing): "none" | "selective" (recompute all
+    # but attention) | "full" | "offload" (full, block input in host memory) | "auto" (chosen before
+    # step 1 by a measured probe: memory buys the least recomputation) | per block, in order, e.g.
+    # "none*4,selective*12,full". true/false mean "full"/"none".
+    activation_checkpoint: str = "none"
     loss_kernels: str = "auto"  # "auto": fused (torch.compile) strip kernels on CUDA, eager on CPU | "fused" | "eager"
 
     def __post_init__(self):
@@ -114,12 +134,7 @@ class TrainingConfig:
             raise _bad("training.warmup_steps", "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise _bad("training.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if self.offload_checkpoints < -1:
-            raise _bad("training.offload_checkpoints", f"must be -1 (all blocks), 0 (none) or a block count, "
-                       f"got {self.offload_checkpoints}")
-        if self.offload_checkpoints and not self.activation_checkpoint:
-            raise _bad("training.offload_checkpoints", "needs training.activation_checkpoint=true (it offloads "
-                       "the checkpoints' inputs)")
+        self.activation_checkpoint = _activation_spec(self.activation_checkpoint)
         if self.loss_kernels not in ("auto", "fused", "eager"):
             raise _bad("training.loss_kernels", f"{self.loss_kernels!r} is not one of 'auto', 'fused', 'eager'")
         if self.device not in ("auto", "cpu", "cuda"):

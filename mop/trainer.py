@@ -24,6 +24,7 @@ from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes
 from mop.models.transformer import Transformer
 from mop.ops.cross_entropy import set_loss_kernels
 from mop.parallel.layout import Layout, LayoutSpec
+from mop.parallel.parallelize import apply_activation_policy
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -100,6 +101,7 @@ class Trainer:
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
         self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
         self.model = self._build_model()
+        self._plan_memory()
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
@@ -144,8 +146,7 @@ class Trainer:
             init_weights_sharded(model, job.training.seed, self.device, values=self._initial_values())
         else:
             self.layout = None
-            model.activation_checkpoint = job.training.activation_checkpoint
-            model.offload_checkpoints = job.training.offload_checkpoints
+            apply_activation_policy(model, job.training.activation_checkpoint)
             model.to_empty(device=self.device)
             self._retie(model)
             values = self._initial_values()
@@ -176,15 +177,9 @@ class Trainer:
         if model.cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
             model.output.weight = model.tok_embeddings.weight
 
-    def _auto_device_fraction(self, local_numel: int) -> float:
-        """Share of this rank's optimizer state (12 B/param) that fits on the device next to training.
-
-        Measured, not guessed: one forward/backward on the first batch (the loader is rewound, no
-        update is made) gives the peak activation memory at the configured context; what is left
-        (minus a 10% margin) holds device-resident state. At long context this falls to 0 by itself.
-        """
-        if self.device.type != "cuda":
-            return 0.0
+    # -- memory buys time (mop.memory_budget) -----------------------------------------------------
+    def _probe_step(self, backward: bool = True, keep_grads: bool = False) -> float:
+        """One forward (and backward) on the first batch, no update, loader rewound: peak bytes."""
         state = self.loader.state_dict()
         batch = next(self.loader)
         self.loader.load_state_dict(state)
@@ -192,17 +187,113 @@ class Trainer:
         tokens, positions, labels = (batch[k].to(self.device) for k in ("tokens", "positions", "labels"))
         normalizer = self._all_reduce((labels != -100).sum().float()).clamp(min=1.0)
         ce, aux = self.model(tokens, positions, labels, normalizer)
-        (ce + aux).backward()
+        if backward:
+            (ce + aux).backward()
+        del ce, aux
+        if not keep_grads:
+            for p in self.model.parameters():
+                p.grad = None
+        return float(torch.cuda.max_memory_allocated(self.device))
+
+    def _step_peak(self, accumulate: bool) -> float:
+        """Measured peak bytes of a training micro-batch, agreed over ranks (max). With accumulation
+        the gradients of the previous micro-batch are alive during the next one's forward: measure
+        the second of two."""
+        if accumulate:
+            self._probe_step(keep_grads=True)
+        return self._agree([self._probe_step(keep_grads=accumulate)], dist.ReduceOp.MAX)[0]
+
+    def _agree(self, values: list[float], op) -> list[float]:
+        """The same numbers on every rank (one host sync): every rank must pick the same policies."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.proc.world > 1:
+            dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _plan_memory(self) -> None:
+        """Before step 1 on a GPU: pick per-block activation policies ("auto") by a measured probe,
+        then measure the peak a step will have (`self.step_peak_bytes`, for the optimizer's share).
+
+        Memory left after weights and gradients goes first to activations (less recomputation),
+        then (in `_build_optimizer`) to the host optimizer's device-resident state. With gradient
+        accumulation the gradients coexist with the next micro-batch's activations: the probes keep
+        them. All numbers are agreed over ranks (max of bytes, min of room) so every rank chooses the
+        same policies: policies change which collectives a block runs.
+        """
+        self.step_peak_bytes = None
+        if self.device.type != "cuda":
+            return
+        from mop import memory_budget as mb
+
+        job, t = self.job, self.job.training
+        o = job.optimizer
+        local_numel = sum(_local(p).numel() for p in self.model.parameters())
+        accumulate = t.grad_accum > 1
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        cap = 0.9 * total  # allocator slack and fragmentation
+        if o.offload == "none":
+            cap -= 8 * local_numel  # AdamW's two fp32 moments, allocated at the first step
+        else:
+            cap -= 2 * 3 * 4 * min(o.bucket_numel, local_numel)  # gpu_stream staging slots (fp32 master, m, v)
+        blocks = list(self.model.layers.values())
+        if t.activation_checkpoint == "auto":
+            pattern = mb.probe_pattern(len(blocks))
+            if pattern is None:
+                self.model.block_policies = ["full"] * len(blocks)
+                self._say(f"activation policy auto: {len(blocks)} blocks are too few to probe; using full")
+            else:
+                self.model.block_policies = pattern
+                marks: list[float] = []
+                hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(self.device)))
+                         for b in blocks]
+                try:
+                    self._probe_step(backward=False)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                self._drop_attention_slots()  # that forward had no backward
+                kept = mb.kept_from_marks(pattern, marks)
+                peak = self._probe_step(keep_grads=accumulate)
+                kept_list = self._agree([kept[p] for p in mb.LADDER] + [peak], dist.ReduceOp.MAX)
+                kept, peak = dict(zip(mb.LADDER, kept_list[:-1])), kept_list[-1]
+                base = peak - mb.policies_bytes(pattern, kept)  # state + one block's backward working set
+                spec = self.spec
+                costs = mb.BlockCosts(kept, mb.recompute_seconds(
+                    job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
+                    pipelined_experts=job.parallel.dispatcher == "llep_pipelined"))
+                budget = cap - base
+                for attempt in range(3):
+                    policies = mb.choose_policies(len(blocks), costs, budget)
+                    self.model.block_policies = policies
+                    peak = self._step_peak(accumulate)
+                    if peak <= cap:
+                        break
+                    budget -= 1.1 * (peak - cap)  # the estimate missed: shrink the budget by the overshoot
+                self._say(f"activation policy auto: {mb.describe(policies)} (per block, kept: "
+                          + ", ".join(f"{p} {kept[p] / 2**30:.2f} GiB" for p in mb.LADDER)
+                          + f"; peak {peak / 2**30:.1f} GiB of {cap / 2**30:.1f} GiB)")
+                self.step_peak_bytes = peak
+        if self.step_peak_bytes is None and o.offload != "none" and o.device_fraction < 0:
+            self.step_peak_bytes = self._step_peak(accumulate)
         for p in self.model.parameters():
             p.grad = None
-        peak = torch.cuda.max_memory_allocated(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        room = 0.9 * total - peak
-        fraction = max(0.0, min(1.0, room / max(1, 12 * local_numel)))
-        t = torch.tensor([fraction], device=self.device)
-        if dist.is_initialized() and self.proc.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # one value for all ranks: same bucket plan
-        return float(t)  # host sync, once at start-up
+        self._room_bytes = cap - (self.step_peak_bytes or 0.0)
+
+    def _auto_device_fraction(self, local_numel: int) -> float:
+        """Share of this rank's optimizer state (12 B/param) that fits in what the measured step leaves."""
+        if self.device.type != "cuda" or self.step_peak_bytes is None:
+            return 0.0
+        return max(0.0, min(1.0, self._room_bytes / max(1, 12 * local_numel)))
+
+    def _drop_attention_slots(self) -> None:
+        for m in self.model.modules():
+            slots = getattr(m, "_slots", None)
+            if slots is not None:
+                slots.output = slots.state = None
+
+    def _say(self, msg: str) -> None:
+        if self.proc.is_main:
+            print(f"mop: {msg}", flush=True)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.job.optimizer

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mop.ops.attention import causal_attention
+from mop.models.attention_core import AttentionCore
 
 
 class RMSNorm(nn.Module):
@@ -37,13 +37,6 @@ def apply_rope(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tenso
     x1, x2 = x_BSHD.float().chunk(2, dim=-1)
     cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BSHD.dtype)
-
-
-class AttentionCore(nn.Module):
-    """Causal, document-masked attention of local tensors; `parallelize()` swaps in Ulysses."""
-
-    def forward(self, q_BHSD, k_BHSD, v_BHSD, positions_BS):
-        return causal_attention(q_BHSD, k_BHSD, v_BHSD, positions_BS)
 
 
 class Attention(nn.Module):

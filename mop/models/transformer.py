@@ -66,11 +66,10 @@ class Transformer(nn.Module):
         self.output = OutputHead(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.activation_checkpoint = False  # set by parallelize()/trainer; recompute each block in backward
-        # With checkpointing: the first `offload_checkpoints` blocks (-1: all) keep their input in
-        # pinned host memory until backward (mop.models.offload).
-        self.offload_checkpoints = 0
-        self._stashes: list[HostStash] = []
+        # Per-block activation policy (mop.models.checkpointing.POLICIES), set by parallelize() or
+        # the trainer: "none", "selective" (recompute all but attention), "full", "offload".
+        self.block_policies: list[str] = ["none"] * cfg.n_layers
+        self._stashes: dict[int, HostStash] = {}
 
     # -- initialisation ----------------------------------------------------------------------------
     def param_init_std(self, fqn: str) -> float | None:
@@ -117,23 +116,32 @@ class Transformer(nn.Module):
         """Final-norm hidden states [B, S, H] and the summed auxiliary loss."""
         h = self.tok_embeddings(tokens_BS)
         aux_total = h.new_zeros((), dtype=torch.float32)
-        n_off = len(self.layers) if self.offload_checkpoints < 0 else min(self.offload_checkpoints, len(self.layers))
-        for i, block in enumerate(self.layers.values()):
-            if self.activation_checkpoint and self.training and i < n_off:
-                h, aux = checkpoint_block_offloaded(block, h, positions_BS, self._stash(i, n_off))
-            elif self.activation_checkpoint and self.training:
-                h, aux = checkpoint_block(block, h, positions_BS)
+        policies = self.block_policies if (self.training and torch.is_grad_enabled()) else ["none"] * len(self.layers)
+        for i, (block, policy) in enumerate(zip(self.layers.values(), policies)):
+            if policy == "offload":
+                h, aux = checkpoint_block_offloaded(block, h, positions_BS, self._stash(i))
+            elif policy in ("full", "selective"):
+                h, aux = checkpoint_block(block, h, positions_BS, keep_attention=policy == "selective")
             else:
                 h, aux = block(h, positions_BS)
             aux_total = aux_total + aux
         return self.norm(h), aux_total
 
-    def _stash(self, i: int, n: int) -> HostStash:
-        """Host stash of block i's input; backward recomputes block i-1 next, so i prefetches i-1."""
-        while len(self._stashes) < n:
-            self._stashes.append(HostStash())
-        stash = self._stashes[i]
-        stash.prefetch_next = self._stashes[i - 1] if i > 0 else None
+    @property
+    def activation_checkpoint(self) -> bool:
+        """Whether any block is checkpointed (setting it: every block "full", or every block "none")."""
+        return any(p != "none" for p in self.block_policies)
+
+    @activation_checkpoint.setter
+    def activation_checkpoint(self, enabled: bool) -> None:
+        self.block_policies = ["full" if enabled else "none"] * len(self.layers)
+
+    def _stash(self, i: int) -> HostStash:
+        """Host stash of block i's input; backward recomputes the previous offloaded block next, so
+        i prefetches that one."""
+        stash = self._stashes.setdefault(i, HostStash())
+        earlier = [j for j in range(i) if self.block_policies[j] == "offload"]
+        stash.prefetch_next = self._stashes.setdefault(earlier[-1], HostStash()) if earlier else None
         return stash
 
     def forward(self, tokens_BS, positions_BS, labels_BS=None, normalizer=None):

@@ -37,8 +37,8 @@ class Calibration:
     expert_flops: float = 420e12  # torch._grouped_mm at qwen3 widths, many rows per expert
     expert_half_rows: float = 256.0  # routed rows per expert at half `expert_flops`
     hbm_bw: float = 4.2e12  # device memory bandwidth (elementwise work)
-    elementwise_factor: float = 20.0  # memory-bound bytes moved per step / bytes a "none" block saves (fitted)
-    layer_overhead_s: float = 0.0035  # fixed seconds per block per pass (launches, host syncs; fitted)
+    elementwise_factor: float = 42.0  # memory-bound bytes moved per step / bytes a "none" block saves (fitted)
+    layer_overhead_s: float = 0.004  # fixed seconds per block per pass (launches, host syncs; fitted)
     intra_bw: float = 330e9  # NVLink collective bus bandwidth per GPU (all-gather)
     alltoall_bw: float = 250e9  # NVLink all-to-all per GPU
     inter_bw: float = 50e9  # across nodes per GPU (400 Gb/s InfiniBand)

@@ -1,0 +1,177 @@
+"""Step time per rank, by term: FLOPs and bytes of each component over calibrated rates.
+
+Compute (per micro-batch, per rank):
+* attention: causal forward 2 * b * S^2 * Hq * Dh / D FLOPs (each rank runs Hq/D heads over all S
+  tokens), backward `attn_bwd_ratio` times that; "full"/"offload" blocks run the forward twice.
+* expert GEMMs: 6 * N * k * H * I forward (three GEMMs), twice that backward; forward again when the
+  layer recomputes itself (pipelined dispatcher, or any block checkpoint). The rate depends on the
+  routed rows per local expert (per chunk when pipelined); each chunk also re-reads and accumulates
+  every local expert's weight gradient.
+* dense GEMMs (attention projections, router, shared and dense FFNs): 2 * params * N forward, 4x
+  backward; recomputed forward in any checkpointed block.
+* vocabulary: 6 * N * H * V on one block (gradients formed in forward), 8 * N * H * V in the ring
+  (backward recomputes each strip), plus the softmax strips at memory bandwidth.
+* memory-bound work (norms, RoPE, SiLU, permutations, casts) as bytes over HBM bandwidth, and a
+  fixed cost per block and pass (launches, host syncs): both fitted on the 1xH200 points.
+
+Communication: every collective's bytes per rank over the bandwidth of its group (intra-node when
+the group fits in a node, else inter-node). Parameter all-gathers and reduce-scatters are prefetched,
+so only what exceeds a block's compute is exposed; Ulysses all-to-alls are exposed except for the
+overlap of head chunks; expert dispatch is exposed except for the overlap of pipelined chunks.
+The host optimizer update overlaps the next step's first forward (optimizer.overlap_update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from mop.plan.calibration import Calibration
+from mop.plan.memory import block_saved_bytes, dense_block_params
+from mop.plan.step import Cluster, Step
+
+
+def _rate(peak: float, work: float, half: float) -> float:
+    return peak * work / (work + half)
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Seconds per optimizer step, per rank, by term (the exposed ones add up to `step`)."""
+
+    attention: float
+    expert_gemm: float
+    dense_gemm: float
+    vocab: float
+    memory_bound: float
+    overhead: float
+    comm_exposed: float
+    optimizer_exposed: float
+    comm_hidden: float  # not part of the step: collectives overlapped with compute
+    optimizer_total: float  # not part of the step: the whole update, overlapped or not
+    tokens_per_step: int
+    world: int
+
+    @property
+    def step(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self)[:8])
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_step / self.world / self.step
+
+    def terms(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)[:10]}
+
+
+def _bw(cluster: Cluster, cal: Calibration, spans_nodes: bool, alltoall: bool = False) -> float:
+    if spans_nodes:
+        return cluster.inter_bw or cal.inter_bw
+    if alltoall:
+        return cal.alltoall_bw if cluster.intra_bw is None else cluster.intra_bw * cal.alltoall_bw / cal.intra_bw
+    return cluster.intra_bw or cal.intra_bw
+
+
+def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, device_fraction: float | None = None
+                  ) -> TimeEstimate:
+    """Step time of `step`; `device_fraction` overrides the step's (e.g. the one memory resolved)."""
+    m, ly, a = step.model, step.layout, step.act_bytes
+    cluster = cluster or Cluster(gpus_per_node=ly.world)
+    G, W = cluster.gpus_per_node, ly.world
+    N, S, b = step.tokens, step.seq_len, step.batch_size
+    H, q, kv, k, I = m.dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.top_k, m.expert_dim
+    moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
+
+    attn = exp = dense = mem = over = 0.0
+    comm_block_param = comm_exposed = comm_hidden = 0.0
+    fwd_time = 0.0  # the first forward of a micro-batch (what the optimizer update hides behind)
+    attn_fwd_flops = 2.0 * b * S * S * m.n_heads * m.head_dim / ly.seq
+    attn_rate = _rate(cal.attn_flops, S, cal.attn_half_seq)
+    E_local = m.n_experts // ly.expert
+    chunks = step.expert_chunks()
+    rows = N * k / chunks / max(E_local, 1)  # routed rows per local expert per chunk (balanced routing)
+    exp_rate = _rate(cal.expert_flops, rows, cal.expert_half_rows)
+    shard = W // ly.expert
+    for policy, is_moe in zip(step.policies, moe):
+        ckpt = policy != "none"
+        dense_p = H * (2 * q + 2 * kv) + (H * m.n_experts + 3 * H * m.shared_dim if is_moe else 3 * H * m.dense_dim)
+        dense_f = 2.0 * N * dense_p
+        t_dense_f = dense_f / _rate(cal.gemm_flops, 2.0 * N * H * q, cal.gemm_half)
+        t_attn_f = attn_fwd_flops / attn_rate
+        attn_passes = 1 + (1 if policy in ("full", "offload") else 0)
+        attn += t_attn_f * (attn_passes + cal.attn_bwd_ratio)
+        dense += t_dense_f * ((2 if ckpt else 1) + 2)
+        t_exp_f = 0.0
+        if is_moe:
+            t_exp_f = 6.0 * N * k * H * I / exp_rate
+            exp_passes = 1 + (1 if (ckpt or step.expert_recompute) else 0)
+            exp += t_exp_f * (exp_passes + 2)
+            if chunks > 1:  # each chunk reads and accumulates the local experts' fp32 weight gradients
+                exp += chunks * E_local * 3 * H * I * 12 / cal.hbm_bw
+        passes = (2 if ckpt else 1) + 2
+        t_mem = cal.elementwise_factor * N * block_saved_bytes(step, is_moe, True) / cal.hbm_bw
+        mem += t_mem * passes / 3
+        over += cal.layer_overhead_s * passes
+        fwd_time += t_dense_f + t_attn_f + t_exp_f + t_mem / 3 + cal.layer_overhead_s
+        block_compute = (t_dense_f * passes + t_attn_f * (attn_passes + cal.attn_bwd_ratio) + t_exp_f * 3)
+        # Parameter collectives of this block: FSDP all-gather (forward, recompute, backward) and
+        # reduce-scatter of fp32 gradients; expert shards gathered over W/Ep, gradients scattered.
+        param_bytes = 0.0
+        if W > 1:
+            gathers = 3 if ckpt else 2
+            param_bytes += dense_block_params(step) * (a * gathers + 4) * (W - 1) / W
+        t_param = param_bytes / _bw(cluster, cal, W > G)
+        if is_moe and shard > 1:
+            gathers = 3 if (ckpt or step.expert_recompute) else 2
+            t_param += E_local * 3 * H * I * (a * gathers + 4) * (shard - 1) / shard / _bw(cluster, cal, W > G)
+        comm_block_param += t_param
+        exposed = max(0.0, t_param - block_compute)
+        comm_exposed += exposed
+        comm_hidden += t_param - exposed
+        # Ulysses: q, k, v in and the output back, per attention pass (forward, recompute, backward).
+        if ly.seq > 1:
+            vol = a * N * (2 * q + 2 * kv) * (ly.seq - 1) / ly.seq * (attn_passes + 1)
+            t = vol / _bw(cluster, cal, ly.seq > G, alltoall=True)
+            hidden = t * (1 - 1 / step.ulysses_head_chunks)
+            comm_exposed += t - hidden
+            comm_hidden += hidden
+        # Expert dispatch and combine over Ep, per expert pass.
+        if is_moe and ly.expert > 1:
+            exp_passes = 1 + (1 if (ckpt or step.expert_recompute) else 0)
+            vol = 2 * a * N * k * H * (ly.expert - 1) / ly.expert * (exp_passes + 1)
+            t = vol / _bw(cluster, cal, ly.expert > G, alltoall=True)
+            hidden = t * (1 - 1 / chunks)
+            comm_exposed += t - hidden
+            comm_hidden += hidden
+    # Vocabulary: strips (GEMMs + softmax at memory bandwidth), ring hops of weight blocks.
+    V = m.vocab_size
+    vocab_flops = (6.0 if ly.vocab == 1 else 8.0) * N * H * V
+    vocab = vocab_flops / _rate(cal.gemm_flops, 2.0 * min(N, 8192) * H * V / ly.vocab, cal.gemm_half)
+    vocab += (4 if ly.vocab == 1 else 6) * N * V * a / cal.hbm_bw
+    fwd_time += vocab / 3
+    if ly.vocab > 1:
+        t = 2 * (ly.vocab - 1) * (V // ly.vocab) * H * a / _bw(cluster, cal, ly.vocab > G)
+        hidden = min(t, vocab)
+        comm_exposed += t - hidden
+        comm_hidden += hidden
+    micro = attn + exp + dense + mem + over + vocab
+    acc = step.grad_accum
+    # Optimizer: device AdamW is memory-bound on the device; the host engines run beside the next forward.
+    local = m.param_counts()["total"] / W
+    frac = step.device_fraction if device_fraction is None else device_fraction
+    if step.offload == "none":
+        t_opt = local * cal.device_adam_bytes / cal.hbm_bw
+        opt_exposed = t_opt
+    else:
+        frac = min(max(frac, 0.0), 1.0)
+        share = min(1.0, cal.h2d_node_bw / G / cal.h2d_bw)  # a node's GPUs share its host links
+        if step.offload == "gpu_stream":
+            host_rate = cal.host_adam_stream * share
+        else:  # cpu engine: the node's cores are shared by its GPUs; bf16 grads in, bf16 weights out
+            host_rate = min(cal.host_adam_cpu / G, cal.h2d_bw * share / 4)
+        t_opt = local * (1 - frac) / host_rate + local * frac * cal.device_adam_bytes / cal.hbm_bw
+        window = fwd_time + (micro if acc > 1 else 0.0)
+        opt_exposed = max(0.0, t_opt - window)
+    return TimeEstimate(attention=attn * acc, expert_gemm=exp * acc, dense_gemm=dense * acc, vocab=vocab * acc,
+                        memory_bound=mem * acc, overhead=over * acc, comm_exposed=comm_exposed * acc,
+                        optimizer_exposed=opt_exposed, comm_hidden=comm_hidden * acc, optimizer_total=t_opt,
+                        tokens_per_step=step.tokens_per_step, world=W)
