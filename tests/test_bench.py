@@ -50,11 +50,14 @@ def test_bench_helpers():
     assert grad_accum_for("paper", 8192, 4) == 1
     assert grad_accum_for("1M", 8192, 4) == 32  # 32 x 4 sequence groups x 8K = 2^20
     assert grad_accum_for("1M", 2**21, 1) == 1
-    from mop.bench.cli import mop_ac_attempts
+    from mop.bench.cli import default_mop_overrides
+    from mop.models.shapes import get_shape
 
-    assert mop_ac_attempts("auto", 8192) == [False, True]  # no recomputation where it may fit
-    assert mop_ac_attempts("auto", 2**17) == [True]
-    assert mop_ac_attempts("off", 2**20) == [False] and mop_ac_attempts("on", 8192) == [True]
+    m = get_shape("qwen3-30b-a3b")
+    # D = 1 while a sequence fits one rank (no attention all-to-all); Ulysses over G above 64K.
+    assert default_mop_overrides(m, 2, 8192) == ["--parallel.seq=1", "--parallel.expert=2", "--parallel.vocab=2"]
+    assert default_mop_overrides(m, 2, 65536)[0] == "--parallel.seq=1"
+    assert default_mop_overrides(m, 2, 131072)[0] == "--parallel.seq=2"
 
 
 def test_sweep_prunes_after_oom():

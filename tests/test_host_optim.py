@@ -481,3 +481,20 @@ def test_cpu_engine_copies_gradients_during_backward(tmp_path):
     for out in run_distributed(_early_offload_worker, 2, str(tmp_path / "run")):
         assert out["left"] == [0, 0], out
         assert out["calls"] == 2 * out["n_params"], out  # once per parameter and step, not per micro-batch
+
+
+def test_lr_scheduler_sees_the_async_update_without_warning():
+    """The trainer calls step_async, then the scheduler: no "lr_scheduler.step() before optimizer.step()"."""
+    import warnings
+
+    model = make_model()
+    opt = HostAdamW(two_groups(model), lr=LR, engine="cpu", bucket_numel=32)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in batches(2):
+            opt.zero_grad()
+            loss_fn(model, x).backward()
+            opt.step_async()
+            sched.step()
+    opt.synchronize()

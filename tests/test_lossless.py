@@ -59,4 +59,13 @@ def test_checkpoint_offload_equals_single_process(tmp_path):
     """Every block's checkpointed input kept on the host (selective checkpoint offload) under D=2, Ep=2."""
     compare_with_reference(4, {"seq": 2, "expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8,
                                "moe_chunk_tokens": 32}, tmp_path,
-                           extra=["--training.activation_checkpoint=true", "--training.offload_checkpoints=-1"])
+                           extra=["--training.activation_checkpoint=offload"])
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "llep"])
+def test_activation_policy_mix_equals_single_process(tmp_path, dispatcher):
+    """Per-block policies mixed (selective keeps attention and skips its Ulysses all-to-alls in the
+    recompute pass; offload; full; none) under D=2, Ep=2, P=2 with packed documents."""
+    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": dispatcher, "llep_min_chunk": 8},
+                           tmp_path, extra=["--model.n_layers=4",
+                                             "--training.activation_checkpoint=selective*1,offload*1,none*1,full"])

@@ -230,28 +230,54 @@ def test_document_spans_computed_once_per_forward(monkeypatch):
     assert len(calls) == 2
 
 
-def test_checkpoint_offload_is_exact_and_releases_the_device_copy():
-    """Blocks whose checkpointed input lives on the host give bit-identical loss and gradients."""
+@pytest.mark.parametrize("docs", [False, True])
+def test_activation_policies_are_bit_identical_and_run_attention_as_planned(docs, monkeypatch):
+    """Every per-block policy mix gives bit-identical loss and gradients to no checkpointing (CPU,
+    fp32), and the attention kernel runs forward once per block with "none" and "selective", twice
+    with "full"/"offload" (the recompute pass), never a third time in backward."""
     from mop.config import build_config
+    from mop.models import attention_core
     from mop.models.transformer import Transformer
 
-    cfg = build_config(None, ["--model.shape=debug", "--model.n_layers=3"]).model
+    cfg = build_config(None, ["--model.shape=debug", "--model.n_layers=4"]).model
     tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(32).expand(2, 32)
+    if docs:  # packed documents: several fused calls per row
+        positions = torch.cat([torch.arange(10), torch.arange(22)]).expand(2, 32)
+    calls = []
+    real = attention_core.causal_attention
+    monkeypatch.setattr(attention_core, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    mixes = [["none"] * 4, ["selective"] * 4, ["full"] * 4, ["offload"] * 4,
+             ["offload", "selective", "full", "none"]]
     results = []
-    for offload in (0, 2, -1):
-        torch.manual_seed(0)
+    for policies in mixes:
         model = Transformer(cfg)
         model.init_weights(0)
-        model.activation_checkpoint, model.offload_checkpoints = True, offload
+        model.block_policies = policies
+        calls.clear()
         ce, aux = model(tokens, positions, tokens)
-        if offload:
-            n = len(model.layers) if offload < 0 else offload
-            assert len(model._stashes) == n and all(s.device_ref is None and s.host is not None
-                                                    for s in model._stashes)
+        if "offload" in policies:
+            offloaded = [i for i, p in enumerate(policies) if p == "offload"]
+            assert sorted(model._stashes) == offloaded
+            assert all(s.device_ref is None and s.host is not None for s in model._stashes.values())
         (ce + aux).backward()
+        expected = sum(2 if p in ("full", "offload") else 1 for p in policies)
+        assert len(calls) == expected, (policies, len(calls))
+        assert all(c.core._slots.output is None and c.core._slots.state is None
+                   for c in (b.attention for b in model.layers.values()))  # nothing left behind
         results.append((ce.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     for ce, grads in results[1:]:
         assert torch.equal(ce, results[0][0])
         for n, g in grads.items():
             assert torch.equal(g, results[0][1][n]), n
+
+
+def test_parse_policies():
+    from mop.models.checkpointing import parse_policies
+
+    assert parse_policies("full", 3) == ["full"] * 3
+    assert parse_policies("none*1,selective*1,offload", 4) == ["none", "selective", "offload", "offload"]
+    for bad, msg in [("fast", "not one of"), ("full,none", "only the last"), ("full*5", "model has 3"),
+                     ("full*x", "integer")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_policies(bad, 3)

@@ -62,7 +62,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
     p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
     p.add_argument("--mop-ac", choices=("auto", "on", "off"), default="auto",
-                   help="mop's activation checkpointing: auto = without below 64K tokens, with after an OOM")
+                   help="mop's activation policy: auto = chosen per block before step 1 by a measured probe "
+                        "(training.activation_checkpoint=auto), on = full, off = none")
     p.add_argument("--optimizer-ablation", action="store_true",
                    help="per point, also time steps without the optimizer update and report the optimizer's "
                         "exposed time (step time minus step time without the update) and its share of the step")
@@ -116,25 +117,23 @@ def common_overrides(args, device: str, context: int, accum: int, run_dir: str) 
     return out + _split(args.overrides)
 
 
-def default_mop_overrides(model_cfg, gpus: int) -> list[str]:
-    ep = max(d for d in range(1, gpus + 1) if gpus % d == 0 and model_cfg.n_experts % d == 0)
-    return [f"--parallel.seq={gpus}", f"--parallel.expert={ep}", f"--parallel.vocab={gpus}"]
+SEQ_PARALLEL_FROM = 65536 + 1  # the default layout's rule: Ulysses over all G ranks above 64K tokens
 
 
-AC_AUTO_FROM = 65536  # --mop-ac auto: from this context on, go straight to activation checkpointing
+def default_mop_overrides(model_cfg, gpus: int, context: int) -> list[str]:
+    """mop's layout for a point (until `mop plan` chooses it), a documented rule:
 
-
-def mop_ac_attempts(mode: str, context: int) -> list[bool]:
-    """Activation-checkpointing settings to try for a mop point, in order (the first that fits wins).
-
-    The baseline's sweep picks AC on or off by what fits; mop gets the same: without AC first (no
-    recomputation) where that may fit, with AC after an OOM.
+    * D = 1 while a sequence fits one rank (up to 64K tokens): every rank trains its own sequences,
+      no attention all-to-all; D = G above, where one rank's activations no longer fit with
+      attention kept (selective checkpointing), and Ulysses divides them by G.
+    * Ep = the largest divisor of G that divides the expert count; P = G.
     """
-    if mode == "on":
-        return [True]
-    if mode == "off":
-        return [False]
-    return [True] if context >= AC_AUTO_FROM else [False, True]
+    ep = max(d for d in range(1, gpus + 1) if gpus % d == 0 and model_cfg.n_experts % d == 0)
+    seq = gpus if context >= SEQ_PARALLEL_FROM else 1
+    return [f"--parallel.seq={seq}", f"--parallel.expert={ep}", f"--parallel.vocab={gpus}"]
+
+
+MOP_AC = {"auto": "auto", "on": "full", "off": "none"}  # --mop-ac -> training.activation_checkpoint
 
 
 def main(argv: list[str]) -> int:
@@ -154,10 +153,9 @@ def main(argv: list[str]) -> int:
     model_cfg = build_config(None, [f"--model.shape={args.shape}"] +
                              ([f"--model.n_layers={args.layers}"] if args.layers else [])).model
     # User overrides are applied after the default MoP layout (later options win), so
-    # `--mop-overrides "--parallel.dispatcher=llep"` keeps D = Ep = P = G instead of silently
+    # `--mop-overrides "--parallel.dispatcher=llep"` keeps the default layout instead of silently
     # falling back to D = Ep = P = 1.
-    mop_layout, mop_user = default_mop_overrides(model_cfg, args.gpus), _split(args.mop_overrides)
-    mop_extra = mop_layout + mop_user
+    mop_user = _split(args.mop_overrides)
     explicit = None
     if args.baseline_configs:
         try:
@@ -172,7 +170,7 @@ def main(argv: list[str]) -> int:
     done = {(p["system"], p["context"], p["batch_setting"]) for p in points}
     results = {"environment": environment("mop bench " + shlex.join(argv)),
                "args": {k: v for k, v in vars(args).items() if k not in ("context_list", "system_list")},
-               "mop_overrides": mop_extra, "points": points}
+               "mop_overrides": mop_user, "points": points}
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=1))
@@ -185,17 +183,15 @@ def main(argv: list[str]) -> int:
         for setting in settings:
             run_dir = str(work / "run")
             if "mop" in args.system_list and ("mop", context, setting) not in done:
-                job = build_config(None, common_overrides(args, device, context, 1, run_dir) + mop_extra)
+                # User overrides come last, so an explicit --training.activation_checkpoint wins.
+                extra = (default_mop_overrides(model_cfg, args.gpus, context)
+                         + [f"--training.activation_checkpoint={MOP_AC[args.mop_ac]}"] + mop_user)
+                job = build_config(None, common_overrides(args, device, context, 1, run_dir) + extra)
                 accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq)
-                for ac in mop_ac_attempts(args.mop_ac, context):
-                    # User overrides come last, so an explicit --training.activation_checkpoint wins.
-                    extra = mop_layout + [f"--training.activation_checkpoint={str(ac).lower()}"] + mop_user
-                    print(f"mop bench: mop, context {context}, batch {setting}, AC {ac} ...", flush=True)
-                    rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + extra,
-                                    **common)
-                    print(f"  -> {rec['status']}", flush=True)
-                    if rec["status"] != "oom":
-                        break
+                print(f"mop bench: mop, context {context}, batch {setting}: {' '.join(extra)} ...", flush=True)
+                rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + extra,
+                                **common)
+                print(f"  -> {rec['status']}", flush=True)
                 points.append({"system": "mop", "label": " ".join(extra), "context": context,
                                "batch_setting": setting, **rec})
                 save()

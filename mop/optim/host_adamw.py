@@ -197,6 +197,9 @@ class HostAdamW(torch.optim.Optimizer):
     def step_async(self, clip_coef: torch.Tensor | float | None = None) -> None:
         """Start the update bucket by bucket in parameter order and return; see `wait_params`."""
         self.synchronize()  # the previous update must be done before its buffers are reused
+        # An update was made: what torch's LR schedulers check (`step()` sets it through its wrapper;
+        # this entry point bypasses that wrapper), so they do not warn about a step before the update.
+        self._opt_called = True
         clip_coef = check_clip(clip_coef)
         grads = [local_shard(p.grad) if p.grad is not None else None for p in self._params]
         # Detached aliases: writes through them are invisible to autograd, in any thread's grad mode.

@@ -6,7 +6,7 @@ Steps, in this fixed order (each a small `apply_*` function; later steps see ear
 2. `apply_expert_parallel`    routed experts -> Ep x (W/Ep) sharded, token dispatch (alltoall/LLEP)
 3. `apply_vocab_parallel`     embedding and output head -> vocabulary blocks over the P-group (P > 1)
 4. `apply_router_stats`       routers' load statistics summed over all W ranks (global aux loss)
-5. `apply_activation_checkpointing`
+5. `apply_activation_policy`     per-block checkpointing policy (none / selective / full / offload)
 6. `apply_fsdp`               every remaining (dense) parameter sharded over all W with FSDP2
 
 Steps 2 and 3 turn their parameters into DTensors on their own meshes; step 6 shards everything
@@ -83,9 +83,15 @@ def apply_router_stats(model, layout: Layout) -> None:
         router.reduce_stats = reducer
 
 
-def apply_activation_checkpointing(model, enabled: bool, offload_checkpoints: int = 0) -> None:
-    model.activation_checkpoint = enabled
-    model.offload_checkpoints = offload_checkpoints if enabled else 0
+def apply_activation_policy(model, spec: str) -> None:
+    """Per-block activation policies from `training.activation_checkpoint` (mop.models.checkpointing).
+
+    "auto" starts as "full" everywhere; the trainer replaces it before step 1 by a measured choice
+    (mop.memory_budget).
+    """
+    from mop.models.checkpointing import parse_policies
+
+    model.block_policies = parse_policies("full" if spec == "auto" else spec, len(model.layers))
 
 
 def apply_fsdp(model, layout: Layout, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
@@ -141,5 +147,5 @@ def parallelize(model, layout: Layout, job, param_dtype: torch.dtype | None = No
     apply_expert_parallel(model, layout, job.parallel, param_dtype)
     apply_vocab_parallel(model, layout, job.parallel, param_dtype)
     apply_router_stats(model, layout)
-    apply_activation_checkpointing(model, job.training.activation_checkpoint, job.training.offload_checkpoints)
+    apply_activation_policy(model, job.training.activation_checkpoint)
     apply_fsdp(model, layout, param_dtype, reduce_dtype, job.parallel.reshard_after_forward)

@@ -21,10 +21,13 @@ K/V to its head slot at every token slot that needs them (keys [0, last query of
 R = 1 this is exactly Ulysses; with U = 1 it is all-gather-KV context parallelism. A second
 all-to-all (the transpose) brings the output back to the token owners.
 
-Memory: heads run in `head_chunks` chunks, so per rank only (S/R) x Hq/(U*C) query/output rows and
-at most S x ceil(Hkv/U)/C key/value rows of the full sequence are live at once. Forward and
-backward are one `autograd.Function`: backward re-runs the exchange and the attention chunk by
-chunk (recompute) and returns exact gradients, so nothing of the full sequence is saved. On CUDA,
+Memory and passes: heads run in `head_chunks` chunks, so the exchange buffers are live one chunk
+at a time. `UlyssesKernel` plugs into `mop.models.attention_core.AttentionFunction`: when a
+backward will follow, each chunk's exchanged q, k, v, output and log-sum-exp are kept (as many
+elements as the local q, k, v plus the output: the layout changes, not the size), and backward
+moves only the output gradient in and dq, dk, dv out, without recomputing attention or
+re-exchanging q, k, v. In a fully checkpointed block's forward nothing is kept; its recompute
+pass keeps the state for the backward that follows right after. On CUDA,
 the all-to-all of chunk c+1 is issued asynchronously before chunk c's attention (NCCL runs it on its
 own stream; `work.wait()` only orders streams), so communication overlaps compute with no host
 sync. Document masks: positions are all-gathered (S ints per row) and turned into document spans
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from mop.models.attention_core import AttentionFunction, AttentionSlots, attention_graph, state_backward
 from mop.ops.attention import SpansMemo, causal_attention, document_spans
 
 # Layers share one positions tensor per micro-batch: gather it and cut documents once, not per layer.
@@ -321,62 +325,79 @@ class _UlyssesPlan:
             self.kv_routes.append(_Route([(h // group, kv_per_chunk) for h in q0], kv_plan))
 
 
-class _UlyssesFunction(torch.autograd.Function):
-    """Head-chunked Ulysses / all-gather-KV attention; backward recomputes chunk by chunk."""
+class UlyssesKernel:
+    """Head-chunked Ulysses / all-gather-KV attention, as an `AttentionFunction` kernel.
 
-    @staticmethod
-    def forward(ctx, q_BHND, k_BHND, v_BHND, plan: _UlyssesPlan, spans, me: int, group):
-        ctx.save_for_backward(q_BHND, k_BHND, v_BHND)
-        ctx.plan, ctx.spans, ctx.me, ctx.group = plan, spans, me, group
+    `forward_with_state` keeps, per head chunk, the exchanged q, k, v and the chunk's attention graph
+    (output and log-sum-exp): backward then moves only the output gradient in and dq, dk, dv out,
+    and never recomputes attention. `forward` keeps nothing (a fully checkpointed block's forward
+    pass; the recompute pass builds the state).
+    """
+
+    def __init__(self, plan: _UlyssesPlan, spans, me: int, group):
+        self.plan, self.spans, self.me, self.group = plan, spans, me, group
+
+    def _run(self, q_BHND, k_BHND, v_BHND, keep: bool):
+        plan, me, group = self.plan, self.me, self.group
         out_BHND = torch.empty_like(q_BHND)
+        states = []
         C = len(plan.q_routes)
 
         def start(c):
-            return gather_heads([(q_BHND, plan.q_routes[c]), (k_BHND, plan.kv_routes[c]), (v_BHND, plan.kv_routes[c])], me, group)
+            return gather_heads([(q_BHND, plan.q_routes[c]), (k_BHND, plan.kv_routes[c]),
+                                 (v_BHND, plan.kv_routes[c])], me, group)
 
         pending, returning = start(0), None
         for c in range(C):
             q, k, v = pending.finish()
             pending = start(c + 1) if c + 1 < C else None  # overlaps chunk c's attention on CUDA
-            o = slot_attention(q, k, v, plan.slot, spans)
+            if keep:
+                o, state = attention_graph(slot_attention, q, k, v, plan.slot, self.spans)
+                states.append(state)
+            else:
+                o = slot_attention(q, k, v, plan.slot, self.spans)
             del q, k, v
             if returning is not None:
                 returning.finish()
             returning = scatter_heads([(o, plan.q_routes[c], out_BHND, False)], me, group)
         returning.finish()
-        return out_BHND
+        return out_BHND, states
 
-    @staticmethod
-    def backward(ctx, dout_BHND):
-        q_BHND, k_BHND, v_BHND = ctx.saved_tensors
-        plan, spans, me, group = ctx.plan, ctx.spans, ctx.me, ctx.group
-        dout_BHND = dout_BHND.to(q_BHND.dtype)
-        dq_BHND = torch.empty_like(q_BHND)
+    def forward(self, q_BHND, k_BHND, v_BHND, positions=None):
+        return self._run(q_BHND, k_BHND, v_BHND, keep=False)[0]
+
+    def forward_with_state(self, q_BHND, k_BHND, v_BHND, positions=None):
+        out, states = self._run(q_BHND, k_BHND, v_BHND, keep=True)
+        shapes = (q_BHND.shape, k_BHND.shape, q_BHND.dtype, k_BHND.dtype)
+        return out, (states, shapes)
+
+    def backward(self, state, dout_BHND):
+        states, (q_shape, kv_shape, q_dtype, kv_dtype) = state
+        plan, me, group = self.plan, self.me, self.group
+        dout_BHND = dout_BHND.to(q_dtype).contiguous()
+        dq_BHND = dout_BHND.new_empty(q_shape)
         # K/V gradients sum over token slots and replicated heads: accumulate in fp32.
-        dk_BHND = torch.zeros(k_BHND.shape, dtype=torch.float32, device=k_BHND.device)
-        dv_BHND = torch.zeros(v_BHND.shape, dtype=torch.float32, device=v_BHND.device)
+        dk_BHND = torch.zeros(kv_shape, dtype=torch.float32, device=dout_BHND.device)
+        dv_BHND = torch.zeros(kv_shape, dtype=torch.float32, device=dout_BHND.device)
         C = len(plan.q_routes)
 
         def start(c):
-            qr, kvr = plan.q_routes[c], plan.kv_routes[c]
-            return gather_heads([(q_BHND, qr), (k_BHND, kvr), (v_BHND, kvr), (dout_BHND, qr)], me, group)
+            return gather_heads([(dout_BHND, plan.q_routes[c])], me, group)
 
         pending, returning = start(0), None
         for c in range(C):
-            q, k, v, do = pending.finish()
+            (do,) = pending.finish()
             pending = start(c + 1) if c + 1 < C else None
-            with torch.enable_grad():
-                q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-                o = slot_attention(q, k, v, plan.slot, spans)
-                dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
-            del q, k, v, do, o
+            dq, dk, dv = state_backward(states[c], do)
+            states[c] = None  # free this chunk's graph now
+            del do
             if returning is not None:
                 returning.finish()
             returning = scatter_heads(
                 [(dq, plan.q_routes[c], dq_BHND, False), (dk, plan.kv_routes[c], dk_BHND, True),
                  (dv, plan.kv_routes[c], dv_BHND, True)], me, group)
         returning.finish()
-        return dq_BHND, dk_BHND.to(k_BHND.dtype), dv_BHND.to(v_BHND.dtype), None, None, None, None
+        return dq_BHND, dk_BHND.to(kv_dtype), dv_BHND.to(kv_dtype)
 
 
 class UlyssesAttention(nn.Module):
@@ -401,6 +422,7 @@ class UlyssesAttention(nn.Module):
             self.seq_degree, n_heads, n_kv_heads, head_chunks, ring_degree
         )
         self._plans: dict[int, _UlyssesPlan] = {}
+        self._slots = AttentionSlots()  # hand-over between checkpoint passes (mop.models.attention_core)
 
     def extra_repr(self) -> str:
         return (f"D={self.seq_degree}, U={self.ulysses_degree}, R={self.ring_degree}, n_heads={self.n_heads}, "
@@ -434,4 +456,7 @@ class UlyssesAttention(nn.Module):
             return causal_attention(q_BHND, k_BHND, v_BHND, positions_BN)
         spans = None if positions_BN is None else _GLOBAL_SPANS.get(
             positions_BN, lambda: self._global_spans(positions_BN, q_BHND.device), key=id(self.seq_group))
-        return _UlyssesFunction.apply(q_BHND, k_BHND, v_BHND, self._plan(N), spans, self.seq_rank, self.seq_group)
+        kernel = UlyssesKernel(self._plan(N), spans, self.seq_rank, self.seq_group)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHND, k_BHND, v_BHND))):
+            return kernel.forward(q_BHND, k_BHND, v_BHND)
+        return AttentionFunction.apply(q_BHND, k_BHND, v_BHND, positions_BN, kernel, self._slots)

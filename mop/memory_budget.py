@@ -1,0 +1,133 @@
+"""How the device memory left after weights and gradients is spent: memory buys time.
+
+Before step 1 (`training.activation_checkpoint = "auto"`), the trainer decides, in this order of
+value, what the memory that the model state leaves free holds:
+
+1. activations kept, so blocks are not recomputed: each block moves up the ladder
+   offload -> full -> selective -> none (mop.models.checkpointing) while it fits, the upgrades
+   with the most recomputation avoided per byte first;
+2. then the host optimizer's device-resident share of the state (`optimizer.device_fraction`),
+   which buys the cheapest time to hide: the update already overlaps the next forward.
+
+What each policy keeps per block is MEASURED, not modelled: `probe_block_bytes` runs one forward
+with a pattern of policies over the blocks and reads the allocator between blocks (CUDA). The
+recomputation each upgrade avoids is estimated from FLOPs (`recompute_seconds`): only its ratios
+between upgrades matter for the choice. `choose_policies` is a pure function of those numbers and
+the budget, so the choice is deterministic for a given memory budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LADDER = ("offload", "full", "selective", "none")  # least to most device memory
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Per MoE block: bytes each policy keeps alive from forward to backward, and the forward
+    seconds each policy re-runs in backward (relative values suffice)."""
+
+    kept_bytes: dict[str, float]
+    recompute_seconds: dict[str, float]
+
+
+def recompute_seconds(model_cfg, seq_len: int, seq_degree: int, tokens_per_rank: int, *,
+                      attention_flops: float = 550e12, gemm_flops: float = 600e12,
+                      pipelined_experts: bool = False) -> dict[str, float]:
+    """Forward seconds a block re-runs in backward under each policy (FLOP estimate, per rank).
+
+    full/offload recompute attention plus the dense projections; selective only the projections;
+    none nothing. Experts are their own checkpoint under any block checkpoint (one extra expert
+    forward); with the pipelined dispatcher they recompute in every policy, so they cancel out.
+    `offload` costs a little more than `full` (host copies that mostly overlap): 2% here, which
+    only orders the two.
+    """
+    m = model_cfg
+    # Causal attention forward per rank: QK^T and AV, 2*S*Hq*Dh each per query, halved, N queries.
+    attn = 2.0 * tokens_per_rank * seq_len * m.n_heads * m.head_dim
+    attn_s = attn / attention_flops
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    dense_params = m.dim * (2 * q + 2 * kv) + m.dim * m.n_experts + 3 * m.dim * m.shared_dim
+    expert_params = 0 if pipelined_experts else m.top_k * 3 * m.dim * m.expert_dim
+    dense_s = 2.0 * tokens_per_rank * dense_params / gemm_flops
+    expert_s = 2.0 * tokens_per_rank * expert_params / gemm_flops
+    full = attn_s + dense_s + expert_s
+    return {"none": 0.0, "selective": dense_s + expert_s, "full": full, "offload": 1.02 * full}
+
+
+def choose_policies(n_blocks: int, costs: BlockCosts, budget_bytes: float,
+                    allowed: tuple[str, ...] = LADDER) -> list[str]:
+    """Per-block policies whose kept bytes fit `budget_bytes`, avoiding the most recomputation.
+
+    Greedy by seconds saved per extra byte over every block's possible upgrades (any jump up the
+    ladder, so a cheap-but-useless step never blocks a valuable one behind it). Ties go to the
+    lower block index. Every block starts at the cheapest allowed policy; if even that exceeds the
+    budget the result is still that policy everywhere (the caller reports it).
+    """
+    ladder = [p for p in LADDER if p in allowed]
+    kept, secs = costs.kept_bytes, costs.recompute_seconds
+    level = [0] * n_blocks
+    used = n_blocks * kept[ladder[0]]
+    while True:
+        best = None
+        for i in range(n_blocks):
+            cur = ladder[level[i]]
+            for j in range(level[i] + 1, len(ladder)):
+                nxt = ladder[j]
+                extra = max(kept[nxt] - kept[cur], 1.0)
+                saved = secs[cur] - secs[nxt]
+                if saved <= 0 or used + extra > budget_bytes:
+                    continue
+                key = (saved / extra, -i, j)
+                if best is None or key > best[0]:
+                    best = (key, i, j, extra)
+        if best is None:
+            return [ladder[k] for k in level]
+        _, i, j, extra = best
+        level[i] = j
+        used += extra
+
+
+def policies_bytes(policies: list[str], kept_bytes: dict[str, float]) -> float:
+    """Bytes the given per-block policies keep alive between forward and backward."""
+    return sum(kept_bytes[p] for p in policies)
+
+
+def describe(policies: list[str]) -> str:
+    """Compact "selective*12,full*12" form of a per-block list (what `parse_policies` reads)."""
+    out, prev, count = [], None, 0
+    for p in policies + [None]:
+        if p == prev:
+            count += 1
+            continue
+        if prev is not None:
+            out.append(f"{prev}*{count}")
+        prev, count = p, 1
+    return ",".join(out)
+
+
+PROBED = ("none", "selective", "full")  # "offload" keeps its block input on the host: ~0 device bytes
+
+
+def probe_pattern(n_blocks: int) -> list[str] | None:
+    """Policies for one measuring forward: "none", "selective" and "full" each on an interior block
+    (block 0 and the last block see the embedding / final norm and the prefetch edge, so they are
+    not measured); None when the model has too few blocks (fewer than 5)."""
+    if n_blocks < 2 + len(PROBED):
+        return None
+    return ["full"] + list(PROBED) + ["full"] * (n_blocks - 1 - len(PROBED))
+
+
+def kept_from_marks(pattern: list[str], marks: list[float]) -> dict[str, float]:
+    """Bytes each probed policy keeps: allocator reading before block i+1 minus before block i.
+
+    `marks[i]` is `torch.cuda.memory_allocated()` as block i starts its forward (after FSDP's
+    all-gather, so the gathered weights cancel between consecutive blocks). "offload" is 0: its one
+    kept tensor lives in host memory (the two in flight in backward belong to the transient working
+    set, which the caller measures with a full step).
+    """
+    kept = {p: max(0.0, float(marks[i + 1] - marks[i])) for i, p in enumerate(pattern) if 0 < i < len(pattern) - 1}
+    out = {p: kept[p] for p in PROBED}
+    out["offload"] = 0.0
+    return out
