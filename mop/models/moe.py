@@ -1,4 +1,8 @@
-"""Mixture-of-Experts layer: router, stacked routed experts (dropless grouped GEMM), shared experts."""
+"""Mixture-of-Experts layer: router, stacked routed experts (dropless grouped GEMM), shared experts.
+
+Family variants: DeepSeek-V3's sigmoid router with a selection-only correction bias, group-limited
+routing and a routed scaling factor; gpt-oss' router and expert biases and its clamped SwiGLU.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.score_func, self.norm_topk, self.route_scale = cfg.score_func, cfg.norm_topk, cfg.route_scale
         self.aux_loss_coef = cfg.aux_loss_coef
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.n_groups, self.topk_groups = cfg.n_groups, cfg.topk_groups
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.moe_bias)
         # Aux-loss-free balancing (DeepSeek-V3): a bias added to the scores for selection only,
         # nudged after each optimizer step towards the mean load. Not a parameter (no gradient).
         self.use_expert_bias = cfg.expert_bias
@@ -37,9 +42,12 @@ class Router(nn.Module):
 
     def forward(self, x_TH: torch.Tensor):
         """Returns (topk_idx [T,k] int64, topk_weight [T,k] in x dtype, aux_loss scalar fp32)."""
-        logits_TE = F.linear(x_TH.float(), self.gate.weight.float())
+        bias = self.gate.bias.float() if self.gate.bias is not None else None
+        logits_TE = F.linear(x_TH.float(), self.gate.weight.float(), bias)
         scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
         select_TE = scores_TE + self.expert_bias if self.use_expert_bias else scores_TE
+        if self.n_groups > 1:
+            select_TE = self._limit_to_groups(select_TE)
         topk_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
         topk_w_TK = scores_TE.gather(-1, topk_idx_TK)
         if self.norm_topk:
@@ -59,16 +67,46 @@ class Router(nn.Module):
             aux = self.aux_loss_coef * self.n_experts * (f_E * probs_TE.sum(0) / global_tokens).sum()
         return topk_idx_TK, topk_w_TK.to(x_TH.dtype), aux
 
+    def _limit_to_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek-V3): keep the experts of each token's best `topk_groups`
+        groups, a group scored by the sum of its two best selection scores; the rest get -inf."""
+        T = select_TE.shape[0]
+        grouped_TGe = select_TE.view(T, self.n_groups, -1)
+        group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
+        best_TG = group_score_TG.topk(self.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, -1)
+
+
+def expert_activation(gate: torch.Tensor, up: torch.Tensor, swiglu_limit: float = 0.0,
+                      alpha: float = 1.702) -> torch.Tensor:
+    """SwiGLU silu(gate) * up; with `swiglu_limit` > 0 gpt-oss' clamped form:
+    gate' = min(gate, limit), up' = clamp(up, -limit, limit), gate' * sigmoid(alpha * gate') * (up' + 1)."""
+    if not swiglu_limit:
+        return F.silu(gate) * up
+    gate = gate.clamp(max=swiglu_limit)
+    up = up.clamp(-swiglu_limit, swiglu_limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
 
 class GroupedExperts(nn.Module):
-    """E routed SwiGLU experts stored stacked: w1/w3 [E, H, I], w2 [E, I, H]; dropless grouped GEMM."""
+    """E routed SwiGLU experts stored stacked: w1/w3 [E, H, I], w2 [E, I, H]; dropless grouped GEMM.
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    gpt-oss: `bias` adds b1/b3 [E, I] and b2 [E, H]; `swiglu_limit` > 0 clamps (`expert_activation`).
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, bias: bool = False, swiglu_limit: float = 0.0,
+                 swiglu_alpha: float = 1.702):
         super().__init__()
         self.n_experts = n_experts
+        self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        if bias:
+            self.b1 = nn.Parameter(torch.empty(n_experts, hidden))
+            self.b3 = nn.Parameter(torch.empty(n_experts, hidden))
+            self.b2 = nn.Parameter(torch.empty(n_experts, dim))
 
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         T, K = topk_idx_TK.shape
@@ -77,9 +115,16 @@ class GroupedExperts(nn.Module):
         tokens_per_expert_E = torch.bincount(flat_expert, minlength=self.n_experts)
         token_of_slot = order // K
         x_routed = x_TH[token_of_slot]
-        h = F.silu(grouped_mm(x_routed, self.w1, tokens_per_expert_E)) * grouped_mm(x_routed, self.w3,
-                                                                                     tokens_per_expert_E)
+        gate = grouped_mm(x_routed, self.w1, tokens_per_expert_E)
+        up = grouped_mm(x_routed, self.w3, tokens_per_expert_E)
+        biased = "b1" in self._parameters
+        if biased:  # row i of the sorted slots belongs to expert flat_expert[order[i]]
+            expert_of_slot = flat_expert[order]
+            gate, up = gate + self.b1[expert_of_slot], up + self.b3[expert_of_slot]
+        h = expert_activation(gate, up, self.swiglu_limit, self.swiglu_alpha)
         out = grouped_mm(h, self.w2, tokens_per_expert_E)
+        if biased:
+            out = out + self.b2[expert_of_slot]
         out = out * topk_weight_TK.flatten()[order, None]
         y = torch.zeros(T, x_TH.shape[1], dtype=torch.float32, device=x_TH.device)
         y.index_add_(0, token_of_slot, out.float())
@@ -92,12 +137,21 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_dim)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_dim, bias=cfg.moe_bias,
+                                      swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha)
         self.shared_experts = FeedForward(cfg.dim, cfg.shared_dim) if cfg.shared_dim else None
+        self.gpt_oss_experts = cfg.moe_bias or cfg.swiglu_limit > 0
 
     def forward(self, x_BSH: torch.Tensor):
         """Returns (y [B,S,H], aux_loss)."""
         B, S, H = x_BSH.shape
+        if self.gpt_oss_experts and not isinstance(self.experts, GroupedExperts):
+            # parallelize() swapped in the expert-parallel module, whose kernels are plain SwiGLU
+            # without biases: running it would silently compute another model.
+            raise NotImplementedError(
+                "gpt-oss experts (expert biases, clamped SwiGLU) are not supported by the expert-parallel "
+                "kernels (mop/parallel/experts) yet; train gpt-oss on one process, or with model.moe_bias=false "
+                "model.swiglu_limit=0 (plain SwiGLU experts)")
         x_TH = x_BSH.reshape(B * S, H)
         topk_idx_TK, topk_w_TK, aux = self.router(x_TH)
         # Shared experts are queued before the routed ones: an expert-parallel dispatcher waits on the
