@@ -37,15 +37,56 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(rest)
     if cmd == "export":
-        from mop.hf import export_main
-
-        return export_main(rest)
+        return export(rest)
     if cmd == "plot":
         from mop.plot import main as plot_main
 
         return plot_main(rest)
     print(f"mop: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def export(argv: list[str]) -> int:
+    """`mop export`: find the checkpoint, verify it against its manifest (falling back to the newest
+    one that verifies, saying so), then hand that checkpoint directory to `mop.hf.export_main`."""
+    import argparse
+    from pathlib import Path
+
+    from mop.checkpoint import COMPLETE, CheckpointError, CheckpointManager, verify_checkpoint
+
+    if any(a in ("-h", "--help") for a in argv) or not argv:
+        from mop.hf import export_main
+
+        return export_main(argv)
+    ap = argparse.ArgumentParser(prog="mop export", add_help=False)
+    ap.add_argument("src")
+    known, _ = ap.parse_known_args(argv)
+    src = Path(known.src)
+    try:
+        if (src / COMPLETE).is_file():  # one checkpoint directory: verify it, no fallback
+            problem = verify_checkpoint(src)
+            if problem:
+                raise CheckpointError(f"checkpoint {src} is damaged: {problem}")
+            ckpt = src
+        else:
+            ckpt = CheckpointManager(src).latest_verified(log=lambda m: print(m, file=sys.stderr), set_aside=False)
+    except CheckpointError as e:
+        print(f"mop export: {e}", file=sys.stderr)
+        return 4
+    if ckpt is None:
+        print(f"mop export: {src} holds no complete checkpoint (looked for {src}/checkpoints/step_*/{COMPLETE}); "
+              "train with --checkpoint.enabled=true (and --checkpoint.every=N for periodic saves) to write them",
+              file=sys.stderr)
+        return 2
+    from mop.hf import export_main
+
+    args = list(argv)
+    args[args.index(known.src)] = str(ckpt)
+    try:
+        return export_main(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mop export: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

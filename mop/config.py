@@ -7,6 +7,7 @@ Every section validates itself in `__post_init__` and names the offending option
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -65,8 +66,16 @@ class OptimizerConfig:
     overlap_update: bool = True  # host optimizer: update while the next forward runs (False: finish in the step)
 
     def __post_init__(self):
+        # NaN compares false with everything, so "lr <= 0" alone lets nan through: test finiteness first.
+        for name in ("lr", "eps", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise _bad(f"optimizer.{name}", f"must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise _bad("optimizer.lr", f"must be > 0, got {self.lr}")
+        if self.eps <= 0:
+            raise _bad("optimizer.eps", f"must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise _bad("optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise _bad("optimizer.betas", f"must be two numbers in [0, 1), got {self.betas}")
         if self.offload not in ("none", "cpu", "gpu_stream"):
@@ -116,6 +125,7 @@ class TrainingConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0  # 0 disables clipping
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: "stop" the run (exit 3) | "skip" the update, counted
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
@@ -132,6 +142,10 @@ class TrainingConfig:
                 raise _bad(f"training.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise _bad("training.warmup_steps", "must be >= 0")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise _bad("training.max_grad_norm", f"must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise _bad("training.nonfinite", f"{self.nonfinite!r} is not one of 'stop', 'skip'")
         if not 0 <= self.min_lr_ratio <= 1:
             raise _bad("training.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         self.activation_checkpoint = _activation_spec(self.activation_checkpoint)

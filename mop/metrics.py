@@ -133,6 +133,15 @@ class MetricsLogger:
         elif self.plain:
             print(f"step {step:>6} | {short} | rss {metrics.get('host_rss_gib', 0):.1f} GiB", flush=True)
 
+    def message(self, text: str) -> None:
+        """Print a line (rank 0) without breaking the progress bar: above it on a terminal, plain otherwise."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from mop.checkpoint import CheckpointManager, Stateful, rng_state, set_rng_state
+from mop.checkpoint import CheckpointError, CheckpointManager, RunDir, RunDirError, Stateful, agree, rng_state, set_rng_state
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo, init_process
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
@@ -63,6 +63,10 @@ def build_loader(job: JobConfig, spec: LayoutSpec, rank: int, vocab_size: int):
     return PackedLoader(dataset, **common)
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient norm under training.nonfinite=stop (the message names the step and ranks)."""
+
+
 @dataclass
 class TrainResult:
     """What a run produced (for callers and tests)."""
@@ -100,6 +104,10 @@ class Trainer:
 
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
         self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
+        self._tell = self._print_main  # rank 0's console messages (train() routes them around the progress bar)
+        self.run_dir = RunDir(job.logging.run_dir)
+        self._open_run_dir()
+        resume_from = self._find_resume_checkpoint()  # verified before anything large is allocated
         self.model = self._build_model()
         self._plan_memory()
         self.optimizer = self._build_optimizer()
@@ -107,10 +115,48 @@ class Trainer:
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.step = 0
         self.clip_coef = None  # set per step when the host optimizer folds clipping into its update
-        if job.checkpoint.resume:
-            latest = self.ckpt.latest()
-            if latest is not None:
-                self.load_checkpoint(latest)
+        self.skipped_steps = 0  # updates skipped for a NaN/Inf (training.nonfinite=skip)
+        self._nonfinite = None  # device [first non-finite step, local loss non-finite] (training.nonfinite=stop)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+
+    # -- run directory and resume checks -----------------------------------------------------------
+    def _print_main(self, text: str) -> None:
+        if self.proc.is_main:
+            print(text, flush=True)
+
+    def _open_run_dir(self) -> None:
+        """Rank 0 checks the run directory (writable, not locked, not another run's) and takes its lock;
+        every rank raises the same RunDirError, so none waits for a peer that gave up."""
+        error = None
+        if self.proc.is_main:
+            try:
+                self.run_dir.check(resume=self.job.checkpoint.resume)
+            except RunDirError as e:
+                error = str(e)
+        error = agree(error)
+        if error:
+            raise RunDirError(error)
+
+    def _find_resume_checkpoint(self):
+        """The newest checkpoint that verifies and holds this model, or None (said aloud) when there is none."""
+        if not self.job.checkpoint.resume:
+            return None
+        path = self.ckpt.latest_verified(log=self._tell)
+        if path is None:
+            self._tell(f"mop: checkpoint.resume=true, but {self.ckpt.root} holds no checkpoint yet: starting from step 0")
+            return None
+        saved_file = path / "model.json"
+        if saved_file.is_file():  # checkpoints from before model.json existed: nothing to compare
+            saved = json.loads(saved_file.read_text())
+            now = json.loads(json.dumps(dataclasses.asdict(self.job.model)))
+            diffs = [f"model.{k}={saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            if diffs:
+                raise CheckpointError(f"{path} holds a different model ({'; '.join(diffs)}): resume with the "
+                                      "checkpoint's model options, or start a new --logging.run_dir "
+                                      "(the parallel layout may change; the model may not)")
+        return path
 
     # -- construction ------------------------------------------------------------------------------
     def _check_state_memory(self) -> None:
@@ -406,20 +452,75 @@ class Trainer:
         self._after_backward()
         captured = self.full_grads() if capture_grads else None
         grad_norm = self._grad_norm_and_clip()
-        if self.job.optimizer.offload != "none":
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged with this step)
+        update = self._guard_nonfinite(grad_norm, loss_sum)
+        if update and self.job.optimizer.offload != "none":
             self.optimizer.step_async(self.clip_coef)  # finished by the next forward's hooks (overlap.py)
             if not self.job.optimizer.overlap_update:
                 self.finish_update()
-        else:
+        elif update:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if routers and any(r.use_expert_bias for r in routers):
+        if update and routers and any(r.use_expert_bias for r in routers):
             self.model.update_expert_bias(self._all_reduce(loads_LE))
         self.step += 1
         scale = self._loss_report_scale()
         return {"loss_local": loss_sum * scale, "aux_local": aux_sum * scale, "grad_norm": grad_norm,
-                "loads": loads_LE, "grads": captured}
+                "loads": loads_LE, "grads": captured, "lr": lr}
+
+    # -- NaN/Inf guard -----------------------------------------------------------------------------
+    def _nonfinite_ranks(self, loss_bad: torch.Tensor) -> list[int]:
+        """Ranks whose local loss was non-finite (collective; only on the failure path)."""
+        flags = torch.zeros(self.proc.world, device=self.device)
+        flags[self.proc.rank] = loss_bad.float()
+        return [r for r, f in enumerate(self._all_reduce(flags).tolist()) if f]
+
+    def _describe_nonfinite(self, step: int, loss_bad: torch.Tensor) -> str:
+        ranks = self._nonfinite_ranks(loss_bad)
+        where = (f"the loss was non-finite on rank(s) {ranks}" if ranks else
+                 "the loss was finite on every rank: a gradient overflowed")
+        return f"step {step}: non-finite gradient norm ({where})"
+
+    def _guard_nonfinite(self, grad_norm: torch.Tensor, loss_local: torch.Tensor) -> bool:
+        """Whether this step's update may be applied. The gradient norm is all-reduced, so a NaN/Inf
+        loss or gradient on any rank makes it non-finite on every rank: all ranks decide alike."""
+        finite = torch.isfinite(grad_norm)
+        if self.job.training.nonfinite == "skip":
+            if bool(finite):  # host sync, every step: a skip must be decided before the update is issued
+                return True
+            self.skipped_steps += 1
+            # The cpu engine copied this step's gradients to the host during backward and marks them
+            # consumed only in step_async; forget them, or the next step would update with these.
+            for bucket in getattr(self.optimizer, "_buckets", ()):
+                bucket.offloaded.clear()
+            text = self._describe_nonfinite(self.step + 1, ~torch.isfinite(loss_local))
+            self._tell(f"mop: {text}; update skipped ({self.skipped_steps} so far, training.nonfinite=skip)")
+            return False
+        # stop: no per-step host sync. The first bad step is remembered on the device and checked on
+        # logging steps and before every save (check_finite), so a NaN never reaches a checkpoint.
+        record = torch.stack([torch.full_like(grad_norm, self.step + 1), (~torch.isfinite(loss_local)).float()])
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros_like(record)
+        self._nonfinite = torch.where(~finite & (self._nonfinite[0] == 0), record, self._nonfinite)
+        return True
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError on every rank if a step since start-up had a NaN/Inf (stop policy; host sync)."""
+        if self._nonfinite is None:
+            return
+        step, loss_bad = self._nonfinite.tolist()  # host sync: logging steps and saves only
+        if step:
+            raise NonFiniteError(f"{self._describe_nonfinite(int(step), torch.tensor(bool(loss_bad)))}; stopped "
+                                 "(training.nonfinite=stop) without saving it. Lower --optimizer.lr or "
+                                 "--training.max_grad_norm, resume from the last checkpoint, or pass "
+                                 "--training.nonfinite=skip to skip such steps")
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to save non-finite parameters, whatever their origin (one pass over the weights; a host sync)."""
+        bad = torch.stack([(~torch.isfinite(_local(p))).any() for p in self.model.parameters()]).any().float()
+        if self._all_reduce(bad.reshape(1)).item():
+            raise NonFiniteError(f"step {self.step}: the weights hold NaN/Inf; not saving a checkpoint of them")
 
     # -- the loop ----------------------------------------------------------------------------------
     def tokens_per_device_per_step(self) -> int:
@@ -429,14 +530,16 @@ class Trainer:
     def train(self, capture_grads_at: tuple[int, ...] = ()) -> TrainResult:
         job, t = self.job, self.job.training
         result = TrainResult()
-        logger = MetricsLogger(job.logging.run_dir, t.steps, job.logging.progress, job.logging.tensorboard,
-                               enabled=self.proc.is_main, start_step=self.step)
-        if self.proc.is_main:
+        if self.proc.is_main:  # before the progress bar exists, so that it does not print onto the bar's line
             counts = job.model.param_counts()
             print(f"mop: {job.model.shape} ({counts['total'] / 1e6:.1f}M params, {counts['active'] / 1e6:.1f}M active) "
                   f"on {self.proc.world} x {self.device.type}, layout W={self.spec.world} D={self.spec.seq} "
                   f"Ep={self.spec.expert} P={self.spec.vocab}, {t.seq_len} tokens/seq, "
                   f"{self.tokens_per_device_per_step() * self.proc.world} tokens/step", flush=True)
+        first_step = self.step + 1
+        logger = MetricsLogger(job.logging.run_dir, t.steps, job.logging.progress, job.logging.tensorboard,
+                               enabled=self.proc.is_main, start_step=self.step)
+        self._tell = logger.message if self.proc.is_main else self._print_main
         meter = Throughput(job.model.flops_per_token(t.seq_len), self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -450,24 +553,30 @@ class Trainer:
                 meter.add(self.tokens_per_device_per_step())
                 if out["grads"] is not None:
                     result.captured_grads[self.step] = out["grads"]
-                if self.step % job.logging.log_every == 0 or self.step == t.steps:
+                if self.step % job.logging.log_every == 0 or self.step in (first_step, t.steps):
                     stats = self._all_reduce(torch.stack([out["loss_local"], out["aux_local"]]))
                     stats = stats.tolist()  # host sync: logging steps only
                     metrics = {"loss": stats[0], "aux_loss": stats[1], "grad_norm": float(out["grad_norm"]),
-                               "lr": self.scheduler.get_last_lr()[0], **meter.read(), **device_memory(self.device),
+                               "lr": out["lr"], **meter.read(), **device_memory(self.device),
                                "host_rss_gib": host_rss_bytes() / 2**30}
+                    if t.nonfinite == "skip":
+                        metrics["skipped_steps"] = self.skipped_steps
                     loads = out["loads"]
                     if loads.numel():
                         loads = self._all_reduce(loads)
                         metrics["expert_imbalance"] = float((loads.max(-1).values / loads.mean(-1).clamp(min=1)).max())
                     result.history.append({"step": self.step, **metrics})
                     logger.log(self.step, metrics)
+                    self.check_finite()
                 logger.advance()
                 if job.checkpoint.enabled and ((job.checkpoint.every and self.step % job.checkpoint.every == 0)
                                                or self.step == t.steps):
                     self.save_checkpoint()
+            self.check_finite()
         finally:
             logger.close()
+            self._tell = self._print_main
+            self.run_dir.unlock()
         self.finish_update()
         return result
 
@@ -501,11 +610,12 @@ class Trainer:
 
     def save_checkpoint(self):
         self.finish_update()
+        self.check_finite()  # never a checkpoint of a NaN run: keep-K rotation would discard the good ones
+        self._check_finite_weights()
         t0 = time.perf_counter()
         model_json = json.dumps(dataclasses.asdict(self.job.model), indent=1)
         path = self.ckpt.save(self.step, self._state(), files={"model.json": model_json})
-        if self.proc.is_main:
-            print(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s", flush=True)
+        self._tell(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")
         return path
 
     def load_checkpoint(self, path) -> None:
@@ -525,5 +635,5 @@ class Trainer:
         for n, p in self.model.named_parameters():
             if p.grad is not None:
                 g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-                out[n] = g.detach().float().cpu()
+                out[n] = g.detach().float().cpu().clone()  # a copy: clipping scales p.grad in place afterwards
         return out

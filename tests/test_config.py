@@ -93,7 +93,7 @@ def test_option_set_is_frozen():
         "optimizer.device_fraction", "optimizer.bucket_numel", "optimizer.overlap_update",
         "data.dataset", "data.cache_dir", "data.synthetic_doc_len",
         "training.steps", "training.seq_len", "training.batch_size", "training.grad_accum", "training.warmup_steps",
-        "training.min_lr_ratio", "training.max_grad_norm", "training.seed", "training.device", "training.dtype",
+        "training.min_lr_ratio", "training.max_grad_norm", "training.nonfinite", "training.seed", "training.device", "training.dtype",
         "training.activation_checkpoint", "training.offload_checkpoints", "training.loss_kernels",
         "checkpoint.every", "checkpoint.keep", "checkpoint.enabled", "checkpoint.resume", "checkpoint.init_from",
         "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard",

@@ -115,16 +115,20 @@ def iter_documents(
     in column `text_key`.
     """
     for path in _resolve_inputs(inputs):
-        if path.suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
-            texts: Iterable[str] = (ln for ln in text.splitlines() if ln.strip()) if split_lines else [text]
-        elif path.suffix == ".jsonl":
-            texts = _read_jsonl(path, text_key)
-        else:
-            texts = _read_parquet(path, text_key)
-        for text in texts:
-            if text:
-                yield text
+        try:
+            if path.suffix == ".txt":
+                text = path.read_text(encoding="utf-8")
+                texts: Iterable[str] = (ln for ln in text.splitlines() if ln.strip()) if split_lines else [text]
+            elif path.suffix == ".jsonl":
+                texts = _read_jsonl(path, text_key)
+            else:
+                texts = _read_parquet(path, text_key)
+            for text in texts:
+                if text:
+                    yield text
+        except UnicodeDecodeError as e:  # a ValueError too, but one that never says which file
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason}); convert it "
+                             "(e.g. iconv -f latin1 -t utf-8) or leave it out of the inputs") from None
 
 
 class _ShardWriter:
