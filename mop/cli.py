@@ -10,6 +10,7 @@ commands:
   train           train a model (mop train --help)
   data prepare    tokenize text/jsonl/parquet files into token shards (mop data prepare --help)
   bench           mop against the FSDP-best baseline on this machine's GPUs (mop bench --help)
+  plan            will it fit? the fastest configuration, predicted memory and speed (mop plan --help)
   plot RUN_DIR    PNG plots of loss and throughput from RUN_DIR/metrics.jsonl
   export RUN OUT  a run's newest checkpoint as a Hugging Face checkpoint (mop export --help)
 """
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from mop.bench.cli import main as bench_main
 
         return bench_main(rest)
+    if cmd == "plan":
+        from mop.plan.cli import main as plan_main
+
+        return plan_main(rest)
     if cmd == "export":
         return export(rest)
     if cmd == "plot":

@@ -1,0 +1,113 @@
+"""`mop plan`: will it fit, with which settings, how fast; `mop plan calibrate`; `mop plan accuracy`.
+
+    mop plan --shape qwen3-30b-a3b --gpus 2 --context 128K --layers 24
+    mop plan --shape qwen3-235b-a22b --gpus 64 --gpus-per-node 8 --context 256K --host-mem-gib 2000
+    mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
+    mop plan accuracy bench/results/*/*/results.json             # predicted vs measured, Markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mop.plan.step import GIB
+
+
+def parse_tokens(text: str) -> int:
+    """'8192', '8K', '1M' -> tokens (K = 1024, M = 2^20)."""
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": 2**20}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length like 8192, 8K or 1M") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 token")
+    return value
+
+
+def _plan_args(argv):
+    p = argparse.ArgumentParser(prog="mop plan", description="The fastest configuration that fits (mop.plan).")
+    p.add_argument("--shape", required=True, help="a registered shape (mop.models.shapes) or hf:PATH")
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (W)")
+    p.add_argument("--context", type=parse_tokens, required=True, help="tokens per sequence: 8192, 128K, 1M")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: --gpus / --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: --gpus (one node), or --gpus / --nodes")
+    p.add_argument("--host-mem-gib", type=float, default=None, help="host memory per node (checked when given)")
+    p.add_argument("--device-mem-gib", type=float, default=None, help="device memory per GPU (default: calibration)")
+    p.add_argument("--intra-bw", type=float, default=None, help="GB/s per GPU inside a node (default: calibration)")
+    p.add_argument("--inter-bw", type=float, default=None, help="GB/s per GPU across nodes (default: calibration)")
+    p.add_argument("--tokens-per-step", type=parse_tokens, default=None,
+                   help="tokens per optimizer step (default: one sequence per sequence group)")
+    p.add_argument("--calibration", default=None, help="a calibration name (h200, cpu) or .json path")
+    p.add_argument("--headroom", type=float, default=0.95, help="share of device memory a plan may reserve")
+    return p.parse_args(argv)
+
+
+def plan_main(argv: list[str]) -> int:
+    from mop.models.shapes import get_shape
+    from mop.plan.calibration import Calibration, for_device
+    from mop.plan.search import NoPlan, choose
+
+    args = _plan_args(argv)
+    overrides = {"n_layers": args.layers} if args.layers else {}
+    model = get_shape(args.shape, **overrides)
+    cal = Calibration.load(args.calibration) if args.calibration else for_device(None)
+    G = args.gpus_per_node or (args.gpus // args.nodes if args.nodes else args.gpus)
+    if args.nodes and G * args.nodes != args.gpus:
+        print(f"mop plan: --gpus {args.gpus} != --nodes {args.nodes} x --gpus-per-node {G}", file=sys.stderr)
+        return 2
+    try:
+        plan = choose(model, gpus=args.gpus, context=args.context, gpus_per_node=G,
+                      tokens_per_step=args.tokens_per_step,
+                      host_bytes=args.host_mem_gib * GIB if args.host_mem_gib else None,
+                      intra_bw=args.intra_bw * 1e9 if args.intra_bw else None,
+                      inter_bw=args.inter_bw * 1e9 if args.inter_bw else None, calibration=cal,
+                      device_bytes=args.device_mem_gib * GIB if args.device_mem_gib else None,
+                      headroom=args.headroom)
+    except NoPlan as e:
+        print(f"mop plan: {e}", file=sys.stderr)
+        return 1
+    counts = model.param_counts()
+    print(f"{model.shape}: {counts['total'] / 1e9:.2f}B parameters ({counts['active'] / 1e9:.2f}B active), "
+          f"{model.n_layers} layers; {args.gpus} x {cal.device_name} ({G} per node), context {args.context:,}; "
+          f"calibration {cal.name}\n")
+    print(plan.render())
+    return 0
+
+
+def calibrate_main(argv: list[str]) -> int:
+    from mop.plan.microbench import calibrate
+
+    p = argparse.ArgumentParser(prog="mop plan calibrate",
+                                description="Measure kernel rates and bandwidths; write a calibration file.")
+    p.add_argument("--out", default=None, help="default: mop/plan/calibration/<name>.json")
+    p.add_argument("--name", default=None, help="calibration name (default: from the device)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds; for tests)")
+    args = p.parse_args(argv)
+    cal, path = calibrate(device=args.device, name=args.name, out=args.out, quick=args.quick, log=print)
+    print(f"wrote {path}")
+    return 0
+
+
+def accuracy_main(argv: list[str]) -> int:
+    from mop.plan.accuracy import accuracy_table
+
+    p = argparse.ArgumentParser(prog="mop plan accuracy", description="Predicted vs measured, as Markdown.")
+    p.add_argument("results", nargs="*", help="results.json files (default: every bench/results/**/results.json)")
+    p.add_argument("--calibration", default="h200")
+    args = p.parse_args(argv)
+    print(accuracy_table(args.results or None, calibration=args.calibration))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch `mop plan [calibrate|accuracy] ...`."""
+    if argv and argv[0] == "calibrate":
+        return calibrate_main(argv[1:])
+    if argv and argv[0] == "accuracy":
+        return accuracy_main(argv[1:])
+    return plan_main(argv)

@@ -1,0 +1,262 @@
+"""`choose(...) -> Plan`: the fastest configuration that fits, by a deterministic exhaustive search.
+
+The search visits every layout (D, Ep, P dividing W; Ep dividing the experts; P at most a node),
+every dispatcher and optimizer placement, and per layout the activation policies from the fastest
+(no checkpoint) down to the leanest (offloaded block inputs), plus the mixes "selective on the
+first n blocks, full on the rest" with the largest n that fits. Each candidate gets the memory and
+time model (`estimate_memory`, `estimate_time`); it fits when the predicted reserved device memory
+is under `headroom` x the device and the predicted host memory under the node's. Candidates are
+ranked by predicted tokens/s/GPU, ties broken by the configuration itself, so the result is the
+same on every run.
+
+For `mop train` / `mop bench` (`parallel.plan = "auto"`): call `choose(model, gpus=W,
+context=S, ...)` and apply `plan.best.step.overrides()`; `plan_for_job` does it from a JobConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from mop.models.config import ModelConfig
+from mop.parallel.layout import LayoutSpec
+from mop.plan.calibration import Calibration, for_device
+from mop.plan.memory import ADAM_STATE_BYTES, MemoryEstimate, estimate_memory
+from mop.plan.state import state_memory
+from mop.plan.step import GIB, OFFLOADS, Cluster, Step, policy_spec
+from mop.plan.timing import TimeEstimate, estimate_time
+
+FASTEST_FIRST = ("none", "selective", "full", "offload")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration with its predictions; `reason` says why it was rejected ("" when it fits)."""
+
+    step: Step
+    memory: MemoryEstimate
+    time: TimeEstimate
+    reason: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+    def label(self) -> str:
+        s = self.step
+        return (f"D={s.layout.seq} Ep={s.layout.expert} P={s.layout.vocab} {s.dispatcher} "
+                f"ac={policy_spec(s.policies)} opt={s.offload}"
+                + (f"@{s.device_fraction:.2f}" if s.offload != "none" else ""))
+
+    def summary(self) -> str:
+        return (f"{self.label()}: {self.time.tokens_per_s_per_gpu:,.0f} tok/s/GPU, "
+                f"{self.memory.reserved / GIB:.1f} GiB device, {self.memory.host / GIB:.1f} GiB host per rank")
+
+
+class NoPlan(ValueError):
+    """No configuration fits; the message gives the numbers and what would help."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen configuration, the runner-ups and why the other layouts were rejected."""
+
+    best: Candidate
+    runners_up: tuple[Candidate, ...]
+    rejected: tuple[Candidate, ...]
+    cluster: Cluster
+    device_bytes: float
+    headroom: float
+
+    def overrides(self) -> list[str]:
+        """`mop train` options of the chosen configuration, the model shape included."""
+        s = self.best.step
+        return [f"--model.shape={s.model.shape}", f"--model.n_layers={s.model.n_layers}"] + s.overrides()
+
+    def command(self) -> str:
+        c = self.cluster
+        head = (f"torchrun --nproc-per-node {c.gpus_per_node} -m mop.train" if c.nodes == 1 else
+                f"torchrun --nnodes {c.nodes} --nproc-per-node {c.gpus_per_node} -m mop.train")
+        return head + " " + " ".join(self.overrides())
+
+    def render(self, n_rejected: int = 8) -> str:
+        b = self.best
+        m, t = b.memory, b.time
+        lines = [f"best: {b.summary()}",
+                 f"  step {t.step:.3f} s for {t.tokens_per_step:,} tokens; time by term: "
+                 + ", ".join(f"{k} {v:.3f}s" for k, v in t.terms().items() if v > 0),
+                 f"  device memory by term (limit {self.headroom * self.device_bytes / GIB:.1f} GiB): "
+                 + ", ".join(f"{k} {v / GIB:.1f}" for k, v in m.device_terms().items() if v > 0.05 * GIB),
+                 f"  host per rank: pinned state {m.host_pinned_state / GIB:.1f}, staging {m.host_staging / GIB:.1f}, "
+                 f"offloaded checkpoints {m.host_checkpoints / GIB:.1f}, process {m.host_process / GIB:.1f} GiB; "
+                 f"per node {m.host * self.cluster.gpus_per_node / GIB:.1f} GiB",
+                 "", "run it:", "  " + self.command(), "", "runner-ups:"]
+        lines += [f"  {c.summary()}" for c in self.runners_up] or ["  (none)"]
+        lines += ["", "rejected (faster but too large; then layouts where nothing fits):"]
+        lines += [f"  {c.label()}: {c.reason}" for c in self.rejected[:n_rejected]] or ["  (none)"]
+        return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _head_chunks(model: ModelConfig, D: int) -> int:
+    """Ulysses head chunks: up to 4 when the local heads divide evenly (overlap the next chunk's all-to-all)."""
+    if D == 1:
+        return 1
+    local = max(model.n_heads // D, 1)
+    return max(c for c in (1, 2, 4) if local % c == 0)
+
+
+def _rank(c: Candidate):
+    s = c.step
+    return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
+            FASTEST_FIRST.index(s.policies[-1]), s.policies, OFFLOADS.index(s.offload), s.dispatcher)
+
+
+def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95
+             ) -> Candidate:
+    """Predict `step` and say whether it fits (device: reserved <= headroom x device; host: per node)."""
+    if step.offload != "none" and step.device_fraction < 0:
+        # As much optimizer state on the device as keeps the reserved peak under the limit.
+        zero = estimate_memory(replace(step, device_fraction=0.0), cal, device_bytes)
+        local = step.model.param_counts()["total"] / step.layout.world
+        room = headroom * device_bytes / (1 + cal.allocator_slack) - zero.allocated
+        frac = max(0.0, min(1.0, room / (ADAM_STATE_BYTES * local)))
+        step = replace(step, device_fraction=int(frac * 100) / 100)
+    mem = estimate_memory(step, cal, device_bytes)
+    t = estimate_time(step, cal, cluster, device_fraction=mem.device_fraction)
+    reason = ""
+    limit = headroom * device_bytes
+    if mem.reserved > limit:
+        reason = (f"device {mem.reserved / GIB:.1f} GiB > {limit / GIB:.1f} GiB (largest term: {mem.largest()})")
+    elif cluster.host_bytes is not None and mem.host * cluster.gpus_per_node > cluster.host_bytes:
+        reason = (f"host {mem.host * cluster.gpus_per_node / GIB:.1f} GiB per node > "
+                  f"{cluster.host_bytes / GIB:.1f} GiB (pinned state {mem.host_pinned_state / GIB:.1f} GiB per rank)")
+    return Candidate(step, mem, t, reason)
+
+
+def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | None = None,
+           tokens_per_step: int | None = None, host_bytes: float | None = None, intra_bw: float | None = None,
+           inter_bw: float | None = None, calibration: Calibration | None = None, device_bytes: float | None = None,
+           headroom: float = 0.95, offloads=OFFLOADS, dispatchers=("alltoall", "llep_pipelined"),
+           policies=FASTEST_FIRST, max_vocab_degree: int | None = None, runners_up: int = 4) -> Plan:
+    """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
+
+    `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
+    accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
+    Raises `NoPlan` with the numbers when nothing fits.
+    """
+    cal = calibration or for_device(None)
+    device_bytes = device_bytes or cal.device_bytes
+    G = gpus_per_node or gpus
+    if gpus % G:
+        raise NoPlan(f"--gpus {gpus} is not a multiple of --gpus-per-node {G}")
+    cluster = Cluster(gpus_per_node=G, nodes=gpus // G, device_bytes=device_bytes, host_bytes=host_bytes,
+                      intra_bw=intra_bw, inter_bw=inter_bw)
+    W = gpus
+    fitting: list[Candidate] = []
+    faster_rejected: list[Candidate] = []
+    closest: dict[tuple, Candidate] = {}
+    max_p = max_vocab_degree or G
+    for D in _divisors(W):
+        if context % D:
+            continue
+        for Ep in _divisors(W):
+            if model.n_experts % Ep:
+                continue
+            for P in [p for p in _divisors(W) if p <= max_p]:
+                layout = LayoutSpec(W, D, Ep, P)
+                accum = 1
+                if tokens_per_step:
+                    per_micro = layout.data_parallel * context
+                    if tokens_per_step % per_micro:
+                        continue
+                    accum = tokens_per_step // per_micro
+                for disp in dispatchers:
+                    for off in offloads:
+                        base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
+                                    policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
+                                    dispatcher=disp, ulysses_head_chunks=_head_chunks(model, D))
+                        for cand in _policy_candidates(base, cal, cluster, device_bytes, headroom, policies):
+                            key = (D, Ep, P)
+                            if cand.fits:
+                                fitting.append(cand)
+                                continue
+                            faster_rejected.append(cand)
+                            if key not in closest or cand.memory.reserved < closest[key].memory.reserved:
+                                closest[key] = cand
+    if not fitting:
+        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster))
+    fitting.sort(key=_rank)
+    best = fitting[0]
+    seen, ups = {best.label()}, []
+    for c in fitting[1:]:  # one runner-up per layout: the fastest of each
+        key = (c.step.layout.seq, c.step.layout.expert, c.step.layout.vocab)
+        if key in seen or key == (best.step.layout.seq, best.step.layout.expert, best.step.layout.vocab):
+            continue
+        seen.add(key)
+        ups.append(c)
+        if len(ups) == runners_up:
+            break
+    # Rejected: the configurations predicted faster than the best that do not fit (the fastest per
+    # layout), then the layouts where nothing fits (closest to fitting first).
+    tps = best.time.tokens_per_s_per_gpu
+    faster: dict[tuple, Candidate] = {}
+    for c in sorted(faster_rejected, key=_rank):
+        key = (c.step.layout.seq, c.step.layout.expert, c.step.layout.vocab)
+        if c.time.tokens_per_s_per_gpu > tps and key not in faster:
+            faster[key] = c
+    fit_layouts = {(c.step.layout.seq, c.step.layout.expert, c.step.layout.vocab) for c in fitting}
+    never = sorted((c for k, c in closest.items() if k not in fit_layouts), key=lambda c: c.memory.reserved)
+    rejected = sorted(faster.values(), key=_rank) + never
+    return Plan(best, tuple(ups), tuple(rejected), cluster, device_bytes, headroom)
+
+
+def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policies):
+    """Uniform policies from the fastest down to the first that fits, then the best selective/full mix."""
+    out = []
+    L = base.model.n_layers
+    for p in policies:
+        cand = evaluate(replace(base, policies=(p,) * L), cal, cluster, device_bytes, headroom)
+        out.append(cand)
+        if cand.fits:
+            break
+    uniform = {c.step.policies[0]: c for c in out}
+    if "selective" in uniform and not uniform["selective"].fits and "full" in policies:
+        lo, hi, best = 1, L - 1, None  # largest n with selective on the first n blocks that fits
+        while lo <= hi:
+            n = (lo + hi) // 2
+            cand = evaluate(replace(base, policies=("selective",) * n + ("full",) * (L - n)), cal, cluster,
+                            device_bytes, headroom)
+            if cand.fits:
+                best, lo = cand, n + 1
+            else:
+                hi = n - 1
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster) -> str:
+    counts = model.param_counts()
+    state = state_memory(model, W, "gpu_stream", 0.0)
+    lines = [f"no configuration of {model.shape} ({counts['total'] / 1e9:.1f}B parameters, {model.n_layers} layers) "
+             f"fits on {W} GPU(s) of {device_bytes / GIB:.0f} GiB at {context:,} tokens per sequence."]
+    if closest:
+        best = min(closest.values(), key=lambda c: c.memory.reserved)
+        lines.append(f"closest: {best.label()}: {best.reason}")
+    need = state.weights + state.grads
+    if need > headroom * device_bytes:
+        lines.append(f"weights + gradients alone are {need / GIB:.1f} GiB per GPU (fp32 shards, optimizer on the "
+                     f"host): at least {int(-(-need * W // (headroom * device_bytes)))} GPUs for the state alone")
+    else:
+        lines.append("try more GPUs (a larger D divides the activations), or a shorter context")
+    return "\n".join(lines)
+
+
+def plan_for_job(job, world: int, calibration: Calibration | None = None, **kwargs) -> Plan:
+    """`choose` for a `JobConfig` (what `parallel.plan = "auto"` will call): same model, world and context."""
+    t = job.training
+    return choose(job.model, gpus=world, context=t.seq_len, tokens_per_step=None, calibration=calibration,
+                  **kwargs)
