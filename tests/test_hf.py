@@ -81,7 +81,13 @@ def test_train_from_hf_and_export_back(hf_dir, tmp_path):
         torch.testing.assert_close(p.detach(), start.tensor(name), atol=0, rtol=0, msg=name)
     trainer.train()
     out = export_run(tmp_path / "run", tmp_path / "export", dtype=torch.float32)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_moe"
+    # config.json round-trips through the run (model.json carries it): every key as imported, except
+    # the dtype key, which states the written tensors' dtype; generation_config.json is copied.
+    source, exported = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
+    assert {k for k in source.keys() | exported.keys() if source.get(k) != exported.get(k)} <= {"dtype"}
+    assert exported["dtype"] == "float32" and exported["model_type"] == "qwen3_moe"
+    assert json.loads((out / "generation_config.json").read_text()) == \
+        json.loads((hf_dir / "generation_config.json").read_text())
     torch.testing.assert_close(_hf_logits(out, _tokens()), _mop_logits(trainer.model, _tokens()), atol=2e-5, rtol=1e-5)
     moved = max((p.detach() - start.tensor(n)).abs().max().item() for n, p in trainer.model.named_parameters())
     assert moved > 0  # the export holds the trained weights, not the initial ones
@@ -116,6 +122,12 @@ def test_bad_checkpoints_are_refused(hf_dir, tmp_path):
 
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         config_from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match="'num_experts' is missing or null"):  # not a raw TypeError
+        config_from_hf({**HF_CONFIG, "model_type": "qwen3_moe", "num_experts": None})
+    with pytest.raises(ValueError, match="'n_routed_experts' is missing"):
+        config_from_hf({"model_type": "deepseek_v3", "num_attention_heads": 4})
+    with pytest.raises(ValueError, match="rope scaling"):
+        config_from_hf({**HF_CONFIG, "model_type": "qwen3_moe", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="first layers"):
         config_from_hf({**HF_CONFIG, "model_type": "qwen3_moe", "mlp_only_layers": [1]})
     with pytest.raises(ValueError, match="checkpoint.init_from"):

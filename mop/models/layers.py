@@ -43,7 +43,7 @@ class Attention(nn.Module):
     """Grouped-query attention with optional QK-norm and rotary embeddings."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: bool, bias: bool,
-                 norm_eps: float, rope_theta: float):
+                 norm_eps: float, rope_theta: float, *, rope=None, sinks: bool = False, window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
@@ -53,12 +53,22 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.core = AttentionCore()
+        self.rope = rope  # a mop.models.rope.Rotary (YaRN scaling); None: plain RoPE of rope_theta
+        # gpt-oss: learned per-head sink logits and a sliding window, handed to the core as keyword
+        # extras so that the Ulysses core swapped in by parallelize() gets them too.
+        self.sinks = nn.Parameter(torch.empty(n_heads)) if sinks else None
+        self.window = window
+        if sinks or window:
+            from mop.models.variant_core import VariantAttentionCore
+
+            self.core = VariantAttentionCore()
 
     def forward(self, x_BSH: torch.Tensor, positions_BS: torch.Tensor):
         B, S, _ = x_BSH.shape
         # cos/sin are recomputed per layer from the integer positions (S x Dh/2, negligible): passing
         # float tables between blocks would let mixed precision cast them to bf16 on the way in.
-        rope = rope_cos_sin(positions_BS, self.head_dim, self.rope_theta)
+        rope = self.rope.tables(positions_BS) if self.rope is not None else rope_cos_sin(positions_BS, self.head_dim,
+                                                                                         self.rope_theta)
         # Head counts come from the projections' widths (-1), so a tensor-parallel split of the
         # projections (the FSDP-best baseline) gives local heads without a model change.
         q = self.wq(x_BSH).view(B, S, -1, self.head_dim)
@@ -67,7 +77,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions_BS)
+        extras = {}
+        if self.sinks is not None:
+            extras["sinks"] = self.sinks
+        if self.window:
+            extras["window"] = self.window
+        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions_BS, **extras)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -4,7 +4,8 @@
 (`head_dim` for GQA, `qk_rope_head_dim` for MLA); `tables(positions)` gives fp32 cos/sin, already
 multiplied by that factor as Hugging Face does (which scales q.k by its square), and `rotate`
 applies them. Nothing here is a parameter: frequencies are recomputed from the config (a few
-hundred floats), so meta-device construction and sharding never see them.
+hundred floats, built on the CPU even inside `with torch.device("meta")`), so meta-device
+construction and sharding never see them.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def yarn_inv_freq(dim: int, theta: float, factor: float, original_max_len: int, 
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     extrapolation = 1 - ramp  # share of the original frequency kept, per dim pair
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
@@ -53,7 +54,7 @@ class Rotary:
             else:
                 self.attention_factor = yarn_mscale(cfg.rope_factor)
         else:
-            self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
             self.attention_factor = 1.0
 
     def tables(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

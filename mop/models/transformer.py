@@ -21,7 +21,9 @@ import torch.nn as nn
 from mop.models.checkpointing import checkpoint_block
 from mop.models.config import ModelConfig
 from mop.models.layers import Attention, FeedForward, RMSNorm
+from mop.models.mla import MultiHeadLatentAttention
 from mop.models.moe import MoE
+from mop.models.rope import Rotary
 from mop.models.offload import HostStash, checkpoint_block_offloaded
 from mop.ops.cross_entropy import OutputHead
 
@@ -33,8 +35,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, cfg.attn_bias,
-                                   cfg.norm_eps, cfg.rope_theta)
+        if cfg.attention == "mla":
+            self.attention = MultiHeadLatentAttention(cfg)
+        else:
+            self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, cfg.attn_bias,
+                                       cfg.norm_eps, cfg.rope_theta, rope=Rotary(cfg, cfg.head_dim),
+                                       sinks=cfg.attn_sinks, window=cfg.layer_window(layer_id))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = layer_id >= cfg.n_dense_layers
         if self.is_moe:
