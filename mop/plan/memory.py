@@ -45,7 +45,8 @@ def attention_saved_bytes(step: Step) -> float:
         b += a * (q + kv) + 4 * (m.n_heads + m.n_kv_heads)  # q/k norm inputs and rstd
     b += 4 * (q + kv)  # RoPE multiplies fp32 copies of q and k (the tensors themselves in fp32)
     b += attention_state_bytes(step)
-    b += a * q  # output projection input (the head-merged copy)
+    if step.layout.seq > 1:  # Ulysses: the output projection's input is the all-to-all's result, not a view
+        b += a * q
     return b
 
 
@@ -84,9 +85,10 @@ def kept_bytes(step: Step, policy: str, is_moe: bool) -> float:
 
 
 def outside_blocks_bytes(step: Step) -> float:
-    """Per token: the final norm (its input is the last block's output), the loss's input gradient, labels."""
+    """Per token: the final norm's input (the last block's output) and rstd, the loss's input gradient
+    (formed in forward), labels. The loss keeps no logits."""
     a, H = step.act_bytes, step.model.dim
-    return H * a + _norm_saved(H, a, step.cpu) - H * a * (0 if step.cpu else 1) + H * a + 8
+    return H * a + 4 + (H * a if step.cpu else 0) + H * a + 8
 
 
 def loss_grad_weight_bytes(step: Step) -> float:

@@ -1,0 +1,137 @@
+"""`mop plan`: the memory model against exact state sizes and a CPU run, a deterministic search, clear
+refusals, calibration files that round-trip, and overrides that `mop train` accepts."""
+
+import gc
+import json
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from mop.config import build_config
+from mop.models.shapes import get_shape
+from mop.models.transformer import Transformer
+from mop.parallel.layout import LayoutSpec
+from mop.plan import state_memory
+from mop.plan.calibration import Calibration
+from mop.plan.cli import main as plan_cli
+from mop.plan.memory import estimate_memory, kept_bytes, loss_grad_weight_bytes, outside_blocks_bytes
+from mop.plan.search import NoPlan, choose
+from mop.plan.step import Step, parse_policy_spec, policy_spec, step_from_overrides
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Every storage an op creates, by weak reference: what is still alive afterwards is what was kept.
+
+    Counts more than saved-tensor hooks see: state held on autograd ctx objects (the attention
+    core's kernel state, the loss's gradients formed in forward) is memory too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.refs = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.refs[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+        return out
+
+
+def _kept_after_forward(cfg, seq_len: int, policy: str) -> int:
+    """Bytes alive after a CPU training forward of `cfg`, parameters and buffers excluded."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    model.train()
+    model.block_policies = [policy] * cfg.n_layers
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    positions = torch.arange(seq_len).expand(1, seq_len).contiguous()
+    mode = _LiveStorages()
+    with mode:
+        ce, aux = model(tokens, positions, tokens, None)
+    gc.collect()
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return sum(n for ptr, (ref, n) in mode.refs.items() if not ref.expired() and ptr not in owned)
+
+
+def _predicted(cfg, seq_len: int, policy: str) -> float:
+    step = Step(model=cfg, layout=LayoutSpec(1), seq_len=seq_len, policies=policy, dispatcher="alltoall",
+                act_bytes=4, cpu=True)
+    moe = [i >= cfg.n_dense_layers for i in range(cfg.n_layers)]
+    per_token = sum(kept_bytes(step, p, e) for p, e in zip(step.policies, moe)) + outside_blocks_bytes(step)
+    return seq_len * per_token + loss_grad_weight_bytes(step)
+
+
+@pytest.mark.parametrize("shape", ["debug", "tiny"])
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_activation_bytes_match_a_cpu_run(shape, policy):
+    cfg = get_shape(shape)
+    for seq_len in (128, 256):
+        measured = _kept_after_forward(cfg, seq_len, policy)
+        # Exact per token; a few hundred bytes of per-step scalars (losses, router statistics) aside.
+        assert _predicted(cfg, seq_len, policy) == pytest.approx(measured, abs=512), (shape, policy, seq_len)
+
+
+def test_memory_model_reproduces_the_exact_state():
+    cfg = get_shape("qwen3-30b-a3b", n_layers=4)
+    for W, offload, frac in [(1, "none", 0.0), (4, "none", 0.0), (2, "gpu_stream", 0.25), (8, "cpu", 0.0)]:
+        step = Step(model=cfg, layout=LayoutSpec(W), seq_len=8192, offload=offload, device_fraction=frac)
+        mem = estimate_memory(step, Calibration.load("h200"))
+        exact = state_memory(cfg, W, offload, frac)
+        assert (mem.weights, mem.grads, mem.optimizer, mem.host_pinned_state) == (
+            exact.weights, exact.grads, exact.optimizer_device, exact.optimizer_host)
+
+
+def test_search_is_deterministic_and_its_overrides_run_in_mop_train():
+    cfg = get_shape("qwen3-30b-a3b", n_layers=8)
+    a = choose(cfg, gpus=4, context=65536)
+    b = choose(cfg, gpus=4, context=65536)
+    assert a.render() == b.render() and a.overrides() == b.overrides()
+    assert a.best.fits and all(c.fits for c in a.runners_up)
+    assert all(c.time.tokens_per_s_per_gpu <= a.best.time.tokens_per_s_per_gpu for c in a.runners_up)
+    job = build_config(None, a.overrides())  # every option exists and validates
+    assert job.parallel.seq == a.best.step.layout.seq and job.training.seq_len == 65536
+    back = step_from_overrides(job.model, a.best.step.overrides(), 4)
+    assert back.policies == a.best.step.policies and back.layout == a.best.step.layout
+
+
+def test_impossible_requests_are_refused_with_numbers():
+    cfg = get_shape("qwen3-235b-a22b")
+    with pytest.raises(NoPlan, match=r"(?s)no configuration .* fits on 4 GPU\(s\).*\d+\.\d GiB.*at least \d+ GPUs"):
+        choose(cfg, gpus=4, context=2**20)
+    with pytest.raises(NoPlan, match="multiple of --gpus-per-node"):
+        choose(cfg, gpus=12, context=8192, gpus_per_node=8)
+
+
+def test_rejections_name_the_term_and_the_limit(capsys):
+    assert plan_cli(["--shape", "qwen3-30b-a3b", "--layers", "24", "--gpus", "2", "--context", "128K"]) == 0
+    out = capsys.readouterr().out
+    assert "run it:" in out and "--parallel.seq=" in out
+    assert "ac=none" in out and "GiB >" in out and "activations_kept" in out  # why not the faster ones
+    assert plan_cli(["--shape", "qwen3-235b-a22b", "--gpus", "2", "--context", "1M"]) == 1
+    assert "at least" in capsys.readouterr().err
+
+
+def test_calibration_round_trips(tmp_path):
+    cal = Calibration.load("h200")
+    path = cal.save(tmp_path / "x.json")
+    assert Calibration.load(path) == cal
+    with pytest.raises(ValueError, match="unknown fields"):
+        Calibration.from_dict({**json.loads(path.read_text()), "bogus": 1})
+    from mop.plan.microbench import calibrate
+
+    measured, out = calibrate(device="cpu", quick=True, out=tmp_path / "cpu.json")
+    assert Calibration.load(out) == measured and measured.gemm_flops > 0 and measured.device_name == "cpu"
+
+
+def test_policy_specs_round_trip():
+    assert parse_policy_spec("none*2,full", 5) == ("none", "none", "full", "full", "full")
+    assert policy_spec(("selective",) * 3 + ("full",) * 2) == "selective*3,full"
+    assert parse_policy_spec(policy_spec(("none", "full", "full", "offload")), 4) == ("none", "full", "full", "offload")
+    with pytest.raises(ValueError, match="covers 2 blocks"):
+        parse_policy_spec("none*2", 3)
