@@ -1,0 +1,128 @@
+"""Predicted against measured: peak device memory and step time of every mop point in bench results.
+
+Each `results.json` point carries the exact worker command, so the prediction is made for exactly
+that configuration (`step_from_overrides`). Points measured outside `mop bench` (a `mop train` log,
+or numbers reported before their results.json is committed) are listed in `EXTRA_POINTS` with their
+source. The table says, per point, which predicted term is the largest, and a note where the code
+that was measured is known to differ from the code modelled (older commits).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shlex
+from pathlib import Path
+
+from mop.config import build_config
+from mop.plan.calibration import Calibration
+from mop.plan.memory import estimate_memory
+from mop.plan.step import GIB, step_from_overrides
+from mop.plan.timing import estimate_time
+
+# Measurements not (yet) in a results.json: (source, world, options, measured peak GiB or None,
+# measured tokens/s/GPU or None).
+EXTRA_POINTS = [
+    ("session-2 train_128K.log (mop train, identity all-to-all)", 1,
+     "--model.shape=qwen3-30b-a3b --model.n_layers=4 --parallel.dispatcher=alltoall --training.seq_len=131072 "
+     "--training.batch_size=1 --training.activation_checkpoint=true --optimizer.offload=none", 90.1, 21634.0),
+    ("2xH200 report (GPU engineer, 2026-11-29), no AC", 2,
+     "--model.shape=qwen3-30b-a3b --model.n_layers=24 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 "
+     "--parallel.dispatcher=llep_pipelined --training.seq_len=32768 --training.batch_size=1 "
+     "--training.activation_checkpoint=none --optimizer.offload=gpu_stream --optimizer.device_fraction=-1",
+     126.7, 6425.0),
+    ("2xH200 report (GPU engineer, 2026-11-29), AC", 2,
+     "--model.shape=qwen3-30b-a3b --model.n_layers=24 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 "
+     "--parallel.dispatcher=llep_pipelined --training.seq_len=131072 --training.batch_size=1 "
+     "--training.activation_checkpoint=full --optimizer.offload=gpu_stream --optimizer.device_fraction=-1",
+     None, 3017.0),
+    ("2xH200 report (GPU engineer, 2026-11-29), AC", 2,
+     "--model.shape=qwen3-30b-a3b --model.n_layers=24 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 "
+     "--parallel.dispatcher=llep_pipelined --training.seq_len=262144 --training.batch_size=1 "
+     "--training.activation_checkpoint=full --optimizer.offload=gpu_stream --optimizer.device_fraction=-1",
+     None, 1640.0),
+]
+
+# Known differences between the measured code and the modelled one, by results directory.
+NOTES = {
+    "2026-11-28-qwen3-30b-a3b-4xh200": "session 1 code: before the kernel fixes (1.24x slower at 32K on 1 GPU), "
+                                       "attention forward 3x under AC, all-to-all copies at Ep=1",
+    "bench-1gpu-offload-no-overlap-32K": "update not overlapped (code before optimizer.overlap_update)",
+}
+
+
+def _options(command: str) -> list[str]:
+    args = shlex.split(command)
+    if "mop.bench.worker" in args:
+        args = args[args.index("mop.bench.worker") + 1:]
+    return [a for a in args if a.startswith("--") and "." in a.split("=")[0]]
+
+
+def predict(options: list[str], world: int, cal: Calibration):
+    """(step, memory, time) for the run described by `--section.key=value` options."""
+    model = build_config(None, [o for o in options if o.startswith("--model.")]).model
+    step = step_from_overrides(model, options, world)
+    mem = estimate_memory(step, cal)
+    return step, mem, estimate_time(step, cal, device_fraction=mem.device_fraction)
+
+
+def _points(paths):
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        label = "/".join(Path(path).parts[-3:-1]) if "results" in Path(path).parts else str(path)
+        note = next((n for key, n in NOTES.items() if key in str(path)), "")
+        for p in data["points"]:
+            if p.get("system") != "mop" or p.get("status") != "ok":
+                continue
+            yield (label, p["world"], _options(p["command"]), p.get("peak_alloc_gib"), p.get("step_s"),
+                   p.get("tokens_per_s_per_gpu"), note)
+    for source, world, opts, peak, tps in EXTRA_POINTS:
+        yield source, world, opts.split(), peak, None, tps, ""
+
+
+def _err(pred, meas) -> str:
+    return "" if meas in (None, 0) else f"{(pred / meas - 1) * 100:+.0f}%"
+
+
+def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[dict]:
+    """One dict per measured point: what was run, measured and predicted memory and time, and the largest terms."""
+    cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
+    paths = sorted(paths or glob.glob("bench/results/**/results.json", recursive=True))
+    rows = []
+    for label, world, opts, peak, step_s, tps, note in _points(paths):
+        step, mem, t = predict(opts, world, cal)
+        if step_s is None and tps:
+            step_s = step.tokens_per_step / world / tps
+        big_t = max(((k, v) for k, v in t.terms().items() if k not in ("comm_hidden", "optimizer_total")),
+                    key=lambda kv: kv[1])
+        rows.append(dict(source=label, world=world, layers=step.model.n_layers, context=step.seq_len,
+                         config=f"D{step.layout.seq} Ep{step.layout.expert} P{step.layout.vocab} {step.dispatcher} "
+                                f"ac={step.policies[-1]} opt={step.offload}",
+                         peak_meas=peak, peak_pred=mem.allocated / GIB, step_meas=step_s, step_pred=t.step,
+                         mem_term=mem.largest(), time_term=f"{big_t[0]} {big_t[1]:.2f}s", note=note))
+    return rows
+
+
+def accuracy_table(paths=None, calibration: str | Calibration = "h200") -> str:
+    """The Markdown table of `accuracy_rows`, with the share of points within 10% (memory) / 15% (time)."""
+    rows = accuracy_rows(paths, calibration)
+    out = ["| source | W | L | context | configuration | peak GiB meas / pred | err | step s meas / pred | err "
+           "| largest terms (memory; time) | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mem_ok = time_ok = mem_n = time_n = 0
+    for r in rows:
+        pm = "-" if r["peak_meas"] is None else f"{r['peak_meas']:.1f}"
+        sm = "-" if r["step_meas"] is None else f"{r['step_meas']:.3f}"
+        out.append(f"| {r['source']} | {r['world']} | {r['layers']} | {r['context'] // 1024}K | {r['config']} | "
+                   f"{pm} / {r['peak_pred']:.1f} | {_err(r['peak_pred'], r['peak_meas'])} | {sm} / "
+                   f"{r['step_pred']:.3f} | {_err(r['step_pred'], r['step_meas'])} | {r['mem_term']}; "
+                   f"{r['time_term']} | {r['note']} |")
+        if r["peak_meas"]:
+            mem_n += 1
+            mem_ok += abs(r["peak_pred"] / r["peak_meas"] - 1) <= 0.10
+        if r["step_meas"]:
+            time_n += 1
+            time_ok += abs(r["step_pred"] / r["step_meas"] - 1) <= 0.15
+    out.append("")
+    out.append(f"Within 10% on peak memory: {mem_ok} of {mem_n} points; within 15% on step time: {time_ok} of "
+               f"{time_n} points.")
+    return "\n".join(out)
