@@ -212,8 +212,8 @@ class CheckpointManager:
         error = None
         if _rank() == 0:
             try:
-                for stale in self.root.glob("*.partial") if self.root.is_dir() else []:
-                    shutil.rmtree(stale, ignore_errors=True)  # a crashed save's leftovers
+                for stale in sorted(self.root.glob("*.partial")) + sorted(self.root.glob("*.trash")):
+                    shutil.rmtree(stale, ignore_errors=True)  # a crashed save's or rotation's leftovers
                 partial.mkdir(parents=True)
                 for name, text in (files or {}).items():
                     (partial / name).write_text(text)
