@@ -48,6 +48,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from mop.models.attention_core import AttentionFunction, AttentionSlots, attention_graph, state_backward
 from mop.ops.attention import SpansMemo, causal_attention, document_spans
+from mop.ops.attention_variants import variant_attention
 
 # Layers share one positions tensor per micro-batch: gather it and cut documents once, not per layer.
 _GLOBAL_SPANS = SpansMemo()
@@ -278,16 +279,19 @@ def slot_attention(
     v_BHKD: torch.Tensor,
     slot: Ranges,
     spans: list[Ranges] | None,
+    piece=_causal_piece,
 ) -> torch.Tensor:
     """Attention of a token slot's queries (global ranges `slot`, concatenated) over keys [0, K).
 
-    `spans`: per row, the document [start, end) spans of the full sequence (None: one document)."""
+    `spans`: per row, the document [start, end) spans of the full sequence (None: one document).
+    `piece(q, k, v)`: the attention of one lower-right-aligned piece (sinks and windows plug in here:
+    mop.parallel.ulysses_variants)."""
     offsets = [0]
     for a, b in slot:
         offsets.append(offsets[-1] + b - a)
     if spans is None:
         parts = [
-            _causal_piece(q_BHLD[:, :, o:o + b - a], k_BHKD[:, :, :b], v_BHKD[:, :, :b])
+            piece(q_BHLD[:, :, o:o + b - a], k_BHKD[:, :, :b], v_BHKD[:, :, :b])
             for (a, b), o in zip(slot, offsets)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
@@ -299,7 +303,7 @@ def slot_attention(
             for s, e in row_spans:
                 qs, qe = max(s, a), min(e, b)
                 if qe > qs:  # document [s, e) has queries in [a, b): its keys are [s, qe)
-                    parts.append(_causal_piece(q[:, :, o + qs - a:o + qe - a], k[:, :, s:qe], v[:, :, s:qe]))
+                    parts.append(piece(q[:, :, o + qs - a:o + qe - a], k[:, :, s:qe], v[:, :, s:qe]))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
 
@@ -442,8 +446,11 @@ class UlyssesAttention(nn.Module):
         return document_spans(torch.cat(parts, dim=1))
 
     def forward(self, q_BHND: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor,
-                positions_BN: torch.Tensor | None = None) -> torch.Tensor:
-        """q [B, Hq, N, Dh], k/v [B, Hkv, N, Dh] for this rank's N tokens -> out [B, Hq, N, Dh]."""
+                positions_BN: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
+                window: int = 0) -> torch.Tensor:
+        """q [B, Hq, N, Dh], k/v [B, Hkv, N, Dh] for this rank's N tokens -> out [B, Hq, N, Dh].
+
+        `sinks` [Hq] / `window` (gpt-oss): mop.parallel.ulysses_variants."""
         B, Hq, N, Dh = q_BHND.shape
         if Hq != self.n_heads or k_BHND.shape != (B, self.n_kv_heads, N, Dh) or v_BHND.shape != k_BHND.shape:
             raise ValueError(
@@ -452,10 +459,18 @@ class UlyssesAttention(nn.Module):
             )
         if not (q_BHND.dtype == k_BHND.dtype == v_BHND.dtype):
             raise ValueError(f"q, k, v must share a dtype; got {q_BHND.dtype}, {k_BHND.dtype}, {v_BHND.dtype}")
+        variant = sinks is not None or window > 0
         if self.seq_degree == 1:
+            if variant:
+                return variant_attention(q_BHND, k_BHND, v_BHND, positions_BN, sinks=sinks, window=window)
             return causal_attention(q_BHND, k_BHND, v_BHND, positions_BN)
         spans = None if positions_BN is None else _GLOBAL_SPANS.get(
             positions_BN, lambda: self._global_spans(positions_BN, q_BHND.device), key=id(self.seq_group))
+        if variant:
+            from mop.parallel.ulysses_variants import UlyssesVariantFunction
+
+            return UlyssesVariantFunction.apply(q_BHND, k_BHND, v_BHND, sinks, self._plan(N), spans, self.seq_rank,
+                                                self.seq_group, window)
         kernel = UlyssesKernel(self._plan(N), spans, self.seq_rank, self.seq_group)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHND, k_BHND, v_BHND))):
             return kernel.forward(q_BHND, k_BHND, v_BHND)
