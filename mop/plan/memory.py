@@ -14,6 +14,7 @@ a head-sharded layout of the same size per rank, so the per-rank bytes do not de
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, fields
 
 from mop.plan.calibration import Calibration
@@ -31,8 +32,9 @@ def _norm_saved(H: int, a: int, cpu: bool) -> float:
 def attention_state_bytes(step: Step) -> float:
     """Per token: what the attention kernel keeps for backward (q, k, v post-RoPE, K/V unexpanded, out, lse)."""
     m, a = step.model, step.act_bytes
-    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    return a * (2 * q + 2 * kv) + 4 * m.n_heads
+    dv = m.value_head_dim if m.attention == "mla" else m.head_dim  # MLA: values narrower than q/k heads
+    q, k, v, out = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.n_kv_heads * dv, m.n_heads * dv
+    return a * (q + k + v + out) + 4 * m.n_heads
 
 
 def attention_saved_bytes(step: Step) -> float:
@@ -148,7 +150,7 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
     N = step.tokens
     H, Hq, Dh, k, I = m.dim, m.n_heads, m.head_dim, m.top_k, m.expert_dim
     moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
-    kept = N * sum(kept_bytes(step, p, e) for p, e in zip(step.policies, moe))
+    kept = N * sum(n * kept_bytes(step, p, e) for (p, e), n in Counter(zip(step.policies, moe)).items())
     n_off = sum(p == "offload" for p in step.policies)
     kept += min(n_off, 2) * N * H * a  # an offloaded input is back on the device one block ahead
     kept += N * outside_blocks_bytes(step) + loss_grad_weight_bytes(step)

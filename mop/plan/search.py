@@ -191,9 +191,9 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     fitting.sort(key=_rank)
     best = fitting[0]
     seen, ups = {best.label()}, []
-    for c in fitting[1:]:  # one runner-up per layout: the fastest of each
-        key = (c.step.layout.seq, c.step.layout.expert, c.step.layout.vocab)
-        if key in seen or key == (best.step.layout.seq, best.step.layout.expert, best.step.layout.vocab):
+    for c in fitting[1:]:  # one runner-up per (D, Ep): the fastest of each (P matters least)
+        key = (c.step.layout.seq, c.step.layout.expert)
+        if key in seen or key == (best.step.layout.seq, best.step.layout.expert):
             continue
         seen.add(key)
         ups.append(c)

@@ -23,6 +23,7 @@ The host optimizer update overlaps the next step's first forward (optimizer.over
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, fields
 
 from mop.plan.calibration import Calibration
@@ -84,17 +85,22 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     attn = exp = dense = mem = over = 0.0
     comm_block_param = comm_exposed = comm_hidden = 0.0
     fwd_time = 0.0  # the first forward of a micro-batch (what the optimizer update hides behind)
-    attn_fwd_flops = 2.0 * b * S * S * m.n_heads * m.head_dim / ly.seq
+    dv = m.value_head_dim if m.attention == "mla" else m.head_dim
+    attn_fwd_flops = b * S * S * m.n_heads * (m.head_dim + dv) / ly.seq  # QK^T and AV, causal half
     attn_rate = _rate(cal.attn_flops, S, cal.attn_half_seq)
     E_local = m.n_experts // ly.expert
     chunks = step.expert_chunks()
     rows = N * k / chunks / max(E_local, 1)  # routed rows per local expert per chunk (balanced routing)
     exp_rate = _rate(cal.expert_flops, rows, cal.expert_half_rows)
     shard = W // ly.expert
-    for policy, is_moe in zip(step.policies, moe):
+    dense_params = dense_block_params(step)
+    # Blocks with the same policy and kind cost the same: each group is computed once.
+    groups = Counter(zip(step.policies, moe))
+    for (policy, is_moe), n_blocks in sorted(groups.items()):
+        attn0, exp0, dense0, mem0, over0 = attn, exp, dense, mem, over
+        comm_exposed0, comm_hidden0, fwd0 = comm_exposed, comm_hidden, fwd_time
         ckpt = policy != "none"
-        dense_p = H * (2 * q + 2 * kv) + (H * m.n_experts + 3 * H * m.shared_dim if is_moe else 3 * H * m.dense_dim)
-        dense_f = 2.0 * N * dense_p
+        dense_f = 2.0 * N * dense_params  # attention projections, router, shared/dense FFN
         t_dense_f = dense_f / _rate(cal.gemm_flops, 2.0 * N * H * q, cal.gemm_half)
         t_attn_f = attn_fwd_flops / attn_rate
         attn_passes = 1 + (1 if policy in ("full", "offload") else 0)
@@ -118,7 +124,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         param_bytes = 0.0
         if W > 1:
             gathers = 3 if ckpt else 2
-            param_bytes += dense_block_params(step) * (a * gathers + 4) * (W - 1) / W
+            param_bytes += dense_params * (a * gathers + 4) * (W - 1) / W
         t_param = param_bytes / _bw(cluster, cal, W > G)
         if is_moe and shard > 1:
             gathers = 3 if (ckpt or step.expert_recompute) else 2
@@ -127,6 +133,13 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         exposed = max(0.0, t_param - block_compute)
         comm_exposed += exposed
         comm_hidden += t_param - exposed
+        # Offloaded block input: to the host in forward, back one block ahead in backward (hidden
+        # behind the block's compute unless the host link is slower).
+        if policy == "offload":
+            share = min(cal.h2d_bw, cal.h2d_node_bw / G)
+            t = 2 * N * H * a / share
+            comm_exposed += max(0.0, t - block_compute)
+            comm_hidden += min(t, block_compute)
         # Ulysses: q, k, v in and the output back, per attention pass (forward, recompute, backward).
         if ly.seq > 1:
             vol = a * N * (2 * q + 2 * kv) * (ly.seq - 1) / ly.seq * (attn_passes + 1)
@@ -142,6 +155,13 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             hidden = t * (1 - 1 / chunks)
             comm_exposed += t - hidden
             comm_hidden += hidden
+        # The group's other blocks cost the same as this one.
+        attn, exp, dense = attn0 + (attn - attn0) * n_blocks, exp0 + (exp - exp0) * n_blocks, \
+            dense0 + (dense - dense0) * n_blocks
+        mem, over, fwd_time = mem0 + (mem - mem0) * n_blocks, over0 + (over - over0) * n_blocks, \
+            fwd0 + (fwd_time - fwd0) * n_blocks
+        comm_exposed = comm_exposed0 + (comm_exposed - comm_exposed0) * n_blocks
+        comm_hidden = comm_hidden0 + (comm_hidden - comm_hidden0) * n_blocks
     # Vocabulary: strips (GEMMs + softmax at memory bandwidth), ring hops of weight blocks.
     V = m.vocab_size
     vocab_flops = (6.0 if ly.vocab == 1 else 8.0) * N * H * V
