@@ -71,7 +71,7 @@ def _predicted(cfg, seq_len: int, policy: str) -> float:
 @pytest.mark.parametrize("policy", ["none", "selective", "full"])
 def test_activation_bytes_match_a_cpu_run(shape, policy):
     cfg = get_shape(shape)
-    for seq_len in (128, 256):
+    for seq_len in ((64, 128) if shape == "debug" else (64,)):  # two lengths: the bytes scale per token
         measured = _kept_after_forward(cfg, seq_len, policy)
         # Exact per token; a few hundred bytes of per-step scalars (losses, router statistics) aside.
         assert _predicted(cfg, seq_len, policy) == pytest.approx(measured, abs=512), (shape, policy, seq_len)

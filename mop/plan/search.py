@@ -140,12 +140,14 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
            tokens_per_step: int | None = None, host_bytes: float | None = None, intra_bw: float | None = None,
            inter_bw: float | None = None, calibration: Calibration | None = None, device_bytes: float | None = None,
            headroom: float = 0.95, offloads=OFFLOADS, dispatchers=("alltoall", "llep_pipelined"),
-           policies=FASTEST_FIRST, max_vocab_degree: int | None = None, runners_up: int = 4) -> Plan:
+           policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
+           runners_up: int = 4) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
     `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
-    Raises `NoPlan` with the numbers when nothing fits.
+    `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
+    sequences). Raises `NoPlan` with the numbers when nothing fits.
     """
     cal = calibration or for_device(None)
     device_bytes = device_bytes or cal.device_bytes
@@ -160,7 +162,7 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     closest: dict[tuple, Candidate] = {}
     max_p = max_vocab_degree or G
     for D in _divisors(W):
-        if context % D:
+        if context % D or (seq_degrees is not None and D not in seq_degrees):
             continue
         for Ep in _divisors(W):
             if model.n_experts % Ep:
