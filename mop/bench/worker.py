@@ -71,6 +71,13 @@ def _timed_steps(trainer, n: int, device: torch.device, outs: list) -> list[floa
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
+def _describe_policies(model) -> str | None:
+    from mop.memory_budget import describe
+
+    policies = getattr(model, "block_policies", None)
+    return describe(list(policies)) if policies else None
+
+
 def _reduce(values: list[float], op, device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -165,6 +172,10 @@ def run(args, overrides: list[str]) -> dict:
         "host_rss_total_gib": rss_sum / gib,
         "build_s": maxes[n + 3],
         "skew_bias": biases,
+        # What mop chose before step 1 (mop.memory_budget): per-block activation policies and the
+        # host optimizer's device-resident share.
+        "activation_policies": _describe_policies(trainer.model),
+        "optimizer_device_fraction": getattr(trainer, "device_fraction", None),
         **imbalance,
         **ablation,
     }

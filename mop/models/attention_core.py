@@ -58,8 +58,14 @@ class _ExpandedKV:
         return out
 
     def pack(self, t: torch.Tensor):
+        if not self.expansions:
+            return t
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except RuntimeError:  # a tensor without real storage (e.g. inside a tensor-subclass kernel)
+            return t
         for out, src, rep in self.expansions:
-            if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            if ptr == out.untyped_storage().data_ptr():
                 return (src, rep, t.size(), t.stride(), t.storage_offset())
         return t
 
