@@ -51,7 +51,12 @@ def _train_rank(rank: int, world: int, overrides: list[str], run_dir: str, steps
     if rank != 0:
         return None
     return {"losses": [h["loss"] for h in result.history], "grad_norms": [h["grad_norm"] for h in result.history],
-            "grads": result.captured_grads[1], "weights": weights}
+            "grads": result.captured_grads[1], "weights": weights, "buffers": _routing_buffers(trainer)}
+
+
+def _routing_buffers(trainer) -> dict[str, torch.Tensor]:
+    """Buffers that training changes (the routers' expert-selection bias): replicated, so rank 0's copy."""
+    return {n: b.detach().float().cpu().clone() for n, b in trainer.model.named_buffers() if n.endswith("expert_bias")}
 
 
 def run_parallel(world: int, overrides: list[str], run_dir: str, steps: int = 3) -> dict:
@@ -67,21 +72,23 @@ def run_reference(overrides: list[str], run_dir: str, steps: int = 3) -> dict:
     trainer = Trainer(job, ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
     result = trainer.train(capture_grads_at=(1,))
     return {"losses": [h["loss"] for h in result.history], "grad_norms": [h["grad_norm"] for h in result.history],
-            "grads": result.captured_grads[1], "weights": trainer.full_state_dict()}
+            "grads": result.captured_grads[1], "weights": trainer.full_state_dict(),
+            "buffers": _routing_buffers(trainer)}
 
 
 def compare_with_reference(world: int, layout: dict[str, int], tmp_path, extra: list[str] = (), steps: int = 3,
                            batch_size: int = 2, rtol: float = 1e-5, atol: float = 1e-5,
-                           ref_extra: list[str] | None = None) -> None:
-    """Assert the parallel run equals the single-process run of the same global batch.
+                           ref_extra: list[str] | None = None, ref_batch_size: int | None = None) -> tuple[dict, dict]:
+    """Assert the parallel run equals the single-process run of the same global batch; return both runs.
 
     `extra` options apply to both runs unless `ref_extra` gives the reference its own (e.g. plain
-    torch AdamW as the reference of the host-resident optimizer).
+    torch AdamW as the reference of the host-resident optimizer, or no gradient accumulation with
+    `ref_batch_size` holding all micro-batches at once).
     """
     seq = layout.get("seq", 1)
     par = [f"--parallel.{k}={v}" for k, v in layout.items()] + list(extra)
     got = run_parallel(world, par + [f"--training.batch_size={batch_size}"], str(tmp_path / "par"), steps)
-    ref_batch = batch_size * (world // seq)
+    ref_batch = ref_batch_size or batch_size * (world // seq)
     ref_opts = list(extra if ref_extra is None else ref_extra)
     ref = run_reference(ref_opts + [f"--training.batch_size={ref_batch}"], str(tmp_path / "ref"), steps)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=atol)
@@ -94,3 +101,7 @@ def compare_with_reference(world: int, layout: dict[str, int], tmp_path, extra: 
     assert set(got["weights"]) == set(ref["weights"])
     for name, w in ref["weights"].items():
         torch.testing.assert_close(got["weights"][name], w, rtol=rtol, atol=atol, msg=lambda m: f"weight {name}: {m}")
+    assert set(got["buffers"]) == set(ref["buffers"])
+    for name, b in ref["buffers"].items():
+        torch.testing.assert_close(got["buffers"][name], b, rtol=rtol, atol=atol, msg=lambda m: f"buffer {name}: {m}")
+    return got, ref
