@@ -12,12 +12,14 @@ from __future__ import annotations
 import glob
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from mop.config import build_config
 from mop.plan.calibration import Calibration
 from mop.plan.memory import estimate_memory
-from mop.plan.step import GIB, step_from_overrides
+from mop.plan.search import FASTEST_FIRST, _policy_candidates
+from mop.plan.step import GIB, Cluster, policy_spec, step_from_overrides
 from mop.plan.timing import estimate_time
 
 # Measurements not (yet) in a results.json: (source, world, options, measured peak GiB or None,
@@ -58,12 +60,32 @@ def _options(command: str) -> list[str]:
     return [a for a in args if a.startswith("--") and "." in a.split("=")[0]]
 
 
-def predict(options: list[str], world: int, cal: Calibration):
-    """(step, memory, time) for the run described by `--section.key=value` options."""
+def predict(options: list[str], world: int, cal: Calibration, chosen: str | None = None,
+            device_fraction: float | None = None):
+    """(step, memory, time, note) for the run described by `--section.key=value` options.
+
+    `activation_checkpoint=auto`: the policies the run chose (`chosen`, recorded by newer bench
+    results) or else the planner's own choice for this layout (the trainer probes; we predict).
+    """
     model = build_config(None, [o for o in options if o.startswith("--model.")]).model
+    note = ""
+    auto = "--training.activation_checkpoint=auto" in options
+    if auto:
+        options = [o for o in options if o != "--training.activation_checkpoint=auto"]
+        options.append(f"--training.activation_checkpoint={chosen or 'full'}")
+    if device_fraction is not None:
+        options = [o for o in options if not o.startswith("--optimizer.device_fraction=")]
+        options.append(f"--optimizer.device_fraction={device_fraction}")
     step = step_from_overrides(model, options, world)
+    if auto and not chosen:
+        cluster = Cluster(gpus_per_node=world)
+        cands = _policy_candidates(replace(step, device_fraction=-1.0 if step.offload != "none" else 0.0), cal,
+                                   cluster, cal.device_bytes, 0.95, FASTEST_FIRST)
+        fitting = [c for c in cands if c.fits] or cands
+        step = replace(step, policies=max(fitting, key=lambda c: c.time.tokens_per_s_per_gpu).step.policies)
+        note = f"ac=auto, policies not recorded: modelled as the planner's {policy_spec(step.policies)}"
     mem = estimate_memory(step, cal)
-    return step, mem, estimate_time(step, cal, device_fraction=mem.device_fraction)
+    return step, mem, estimate_time(step, cal, device_fraction=mem.device_fraction), note
 
 
 def _points(paths):
@@ -75,9 +97,10 @@ def _points(paths):
             if p.get("system") != "mop" or p.get("status") != "ok":
                 continue
             yield (label, p["world"], _options(p["command"]), p.get("peak_alloc_gib"), p.get("step_s"),
-                   p.get("tokens_per_s_per_gpu"), note)
+                   p.get("tokens_per_s_per_gpu"), note, p.get("activation_policies"),
+                   p.get("optimizer_device_fraction"))
     for source, world, opts, peak, tps in EXTRA_POINTS:
-        yield source, world, opts.split(), peak, None, tps, ""
+        yield source, world, opts.split(), peak, None, tps, "", None, None
 
 
 def _err(pred, meas) -> str:
@@ -89,15 +112,16 @@ def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[d
     cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     paths = sorted(paths or glob.glob("bench/results/**/results.json", recursive=True))
     rows = []
-    for label, world, opts, peak, step_s, tps, note in _points(paths):
-        step, mem, t = predict(opts, world, cal)
+    for label, world, opts, peak, step_s, tps, note, chosen, frac in _points(paths):
+        step, mem, t, auto_note = predict(opts, world, cal, chosen, frac)
+        note = "; ".join(n for n in (note, auto_note) if n)
         if step_s is None and tps:
             step_s = step.tokens_per_step / world / tps
         big_t = max(((k, v) for k, v in t.terms().items() if k not in ("comm_hidden", "optimizer_total")),
                     key=lambda kv: kv[1])
         rows.append(dict(source=label, world=world, layers=step.model.n_layers, context=step.seq_len,
                          config=f"D{step.layout.seq} Ep{step.layout.expert} P{step.layout.vocab} {step.dispatcher} "
-                                f"ac={step.policies[-1]} opt={step.offload}",
+                                f"ac={policy_spec(step.policies)} opt={step.offload}",
                          peak_meas=peak, peak_pred=mem.allocated / GIB, step_meas=step_s, step_pred=t.step,
                          mem_term=mem.largest(), time_term=f"{big_t[0]} {big_t[1]:.2f}s", note=note))
     return rows
