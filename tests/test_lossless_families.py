@@ -24,3 +24,11 @@ def test_mla_equals_single_process(world, layout, tmp_path):
 ])
 def test_gpt_oss_attention_equals_single_process(world, layout, tmp_path):
     compare_with_reference(world, layout, tmp_path, extra=["--model.shape=debug-gpt-oss"])
+
+
+@pytest.mark.parametrize("shape,policy", [("debug-mla", "selective"), ("debug-gpt-oss", "full")])
+def test_families_under_activation_checkpointing_equal_single_process(shape, policy, tmp_path):
+    """Checkpointed blocks recompute MLA and sink/window attention (plain autograd under Ulysses'
+    variant Function) and still train exactly like one process."""
+    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2}, tmp_path,
+                           extra=[f"--model.shape={shape}", f"--training.activation_checkpoint={policy}"])

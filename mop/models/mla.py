@@ -21,14 +21,15 @@ every other, so every rank up-projects its own tokens for all heads and Ulysses 
 to its owner. The cost is that the exchange moves h x (2 x qk_head_dim) values per token, not the
 latent's kv_lora_rank + rope.
 
-v_head_dim differs from the q/k head dim (DeepSeek-V3: 128 vs 192). The core receives v padded
-with zeros to the q/k head dim and the output is cut back: SDPA's flash backend (on CPU and CUDA)
-needs equal head dims, the exchange in Ulysses moves one head dim per call, and zero columns of v
-only produce zero columns of the output (exact, forward and backward). Backend on CUDA: with equal
-dims the core's preference order applies (cuDNN, then flash, then memory-efficient; the
-memory-efficient kernel alone would take dv != dqk unpadded). Not verified on a GPU here: this
-machine is CPU-only. The padding costs (dqk - dv) / dv more V traffic and attention-output FLOPs
-(50% of the AV product at DeepSeek's 192/128).
+v_head_dim differs from the q/k head dim (DeepSeek-V3: 128 vs 192). Which SDPA backend runs it,
+measured on an H200 (torch 2.11, cuDNN 9.19; scripts/sdpa_backends_mla.py; bf16, causal, 16 heads,
+forward + backward): cuDNN takes dv != dqk and is the fastest, 5.8 ms at 8K tokens and 36.6 ms at
+32K; flash refuses unequal dims; memory-efficient takes them at 25.8 / 368 ms. With v padded to 192,
+cuDNN needs 3.8 / 59.4 ms and flash 5.7 / 81 ms. So the local core (whose preference order puts
+cuDNN first, `mop.ops.attention`) gets v unpadded. Under Ulysses (any other core) v is padded with
+zeros to the q/k head dim and the output cut back: the exchange moves one head dim per call, and
+zero columns of v only produce zero columns of the output (exact, forward and backward), at the
+cost of (dqk - dv) / dv more V traffic and AV FLOPs.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(h * self.v_dim, cfg.dim, bias=bias)
         self.rope = Rotary(cfg, self.rope_dim)
-        # The core applies the default 1/sqrt(its head dim, after padding); the configured scale
-        # (YaRN's extra mscale^2) is folded into q.
-        self.q_scale = cfg.softmax_scale() * max(self.qk_dim, self.v_dim) ** 0.5
+        # The core applies the default 1/sqrt(q's head dim); the configured scale (YaRN's extra
+        # mscale^2) is folded into q in forward, after any padding of q.
+        self.softmax_scale = cfg.softmax_scale()
         self.core = AttentionCore()
 
     def forward(self, x_BSH: torch.Tensor, positions_BS: torch.Tensor) -> torch.Tensor:
@@ -82,13 +83,15 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = self.rope.rotate(k_rope.view(B, S, 1, self.rope_dim), cos, sin)
         heads = k_nope.shape[2]
         q = torch.cat([q_nope, q_rope], dim=-1)
-        if self.q_scale != 1.0:
-            q = q * self.q_scale
         k = torch.cat([k_nope, k_rope.expand(B, S, heads, self.rope_dim)], dim=-1)
-        if self.v_dim < self.qk_dim:  # see the module docstring: equal head dims for the core
-            v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        elif self.v_dim > self.qk_dim:  # zero q/k columns change no score
-            q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
+        if type(self.core) is not AttentionCore:  # Ulysses: equal head dims (see the module docstring)
+            if self.v_dim < self.qk_dim:
+                v = F.pad(v, (0, self.qk_dim - self.v_dim))
+            elif self.v_dim > self.qk_dim:  # zero q/k columns change no score
+                q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
+        q_scale = self.softmax_scale * q.shape[-1] ** 0.5
+        if q_scale != 1.0:
+            q = q * q_scale
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions_BS)
         out = out[..., : self.v_dim].transpose(1, 2).reshape(B, S, -1)
         return self.wo(out)

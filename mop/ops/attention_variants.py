@@ -9,8 +9,10 @@ key k' = [k, 0], and the sink key is [0, ..., 0, 1/scale] with value 0, placed f
 exactly the softmax above, forward and backward (autograd reaches s_h through q'), with no score
 matrix materialised where the kernel is fused. Putting s_h on the query side keeps one sink key per
 KV head, so grouped-query K/V are not expanded. On CUDA the augmented head dim is padded with
-zeros to a multiple of 8 (zeros change no dot product) so the fused kernels accept it (not run here:
-this machine is CPU-only).
+zeros to a multiple of 8 (zeros change no dot product), and v too (zero columns, cut off after):
+measured on an H200 (torch 2.11, cuDNN 9.19, scripts/sdpa_backends_mla.py), flash refuses q/k 72
+with v 64 and the memory-efficient kernel runs it at 107 ms (32K tokens, 16 heads, fwd+bwd); with
+v padded to 72, flash runs it at 43 ms (cuDNN does not take the lower-right mask).
 
 **Sliding windows** (gpt-oss: 128 tokens; query i sees keys i-W+1 .. i of its own document). A
 window is a mask, so it composes with every other mask by AND: document masking (each document is
@@ -44,6 +46,8 @@ def _with_sink_key(q, k, v, sinks_H, scale):
     sink_key = k.new_zeros(B, k.shape[1], 1, D + pad)
     sink_key[..., D] = 1.0 / scale
     k = torch.cat([sink_key, k], dim=2)
+    if q.is_cuda:  # equal head dims: the flash kernel (see the module docstring); the output is cut back
+        v = F.pad(v, (0, D + pad - v.shape[-1]))
     v = torch.cat([v.new_zeros(B, v.shape[1], 1, v.shape[-1]), v], dim=2)
     return q, k, v
 
@@ -68,7 +72,7 @@ def attention_piece(q_BHLD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKD: torch.Te
     if not window or window >= Lk:
         if sinks_H is not None:
             q, k, v = _with_sink_key(q_BHLD, k_BHKD, v_BHKD, sinks_H, scale)
-            return _sdpa(q, k, v, causal_lower_right(Lq, Lk + 1), scale)
+            return _sdpa(q, k, v, causal_lower_right(Lq, Lk + 1), scale)[..., :v_BHKD.shape[-1]]
         mask = causal_lower_right(Lq, Lk) if Lq != Lk else None
         if mask is None:
             return F.scaled_dot_product_attention(q_BHLD, k_BHKD, v_BHKD, is_causal=True, scale=scale,
@@ -85,7 +89,7 @@ def attention_piece(q_BHLD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKD: torch.Te
         if sinks_H is not None:
             q, k, v = _with_sink_key(q, k, v, sinks_H, scale)
             mask = torch.cat([mask.new_ones(q1 - q0, 1), mask], dim=1)  # every query sees the sink
-        outs.append(_sdpa(q, k, v, mask, scale))
+        outs.append(_sdpa(q, k, v, mask, scale)[..., :v_BHKD.shape[-1]])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
