@@ -1,11 +1,13 @@
 """Multi-node launch: two `torchrun` node agents on this machine meet through a c10d rendezvous on
-127.0.0.1 (gloo, one CPU worker each), train with checkpoints, then resume on two nodes again."""
+127.0.0.1 (gloo, one CPU worker each) and train with checkpoints; then `scripts/slurm_mop.sh`, under
+stand-ins for `srun` and `scontrol`, starts two node agents again and resumes the run by itself."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 ARGS = ["--model.shape=debug", "--data.dataset=synthetic", "--training.seq_len=32", "--training.batch_size=2",
         "--training.device=cpu", "--training.warmup_steps=1", "--logging.progress=plain", "--logging.log_every=1",
@@ -37,14 +39,42 @@ def _two_nodes(run_dir, *extra) -> list[subprocess.CompletedProcess]:
     return outs
 
 
-def test_two_node_run_and_resume(tmp_path):
+SCONTROL = """#!/bin/bash
+[ "$1" = show ] && echo 127.0.0.1
+exit 0
+"""
+SRUN = """#!/bin/bash
+# srun stand-in: drop srun's options, run the command once per node with SLURM_NODEID set
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait $p || rc=$?; done
+exit $rc
+"""
+
+
+def _slurm_job(run_dir, bin_dir, *extra) -> subprocess.CompletedProcess:
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_mop.sh"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "mop", "GPUS_PER_NODE": "1",
+           "OMP_NUM_THREADS": "1", "PORT": str(_free_port()), "RUN_DIR": str(run_dir)}
+    return subprocess.run(["bash", str(script), *ARGS, *extra], env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_two_node_run_then_slurm_script_resumes(tmp_path):
     first = _two_nodes(tmp_path, "--training.steps=4")
     assert all(o.returncode == 0 for o in first), "\n".join(o.stdout[-3000:] for o in first)
     log = "".join(o.stdout for o in first)
     assert "layout W=2 D=1 Ep=2 P=2" in log and "step_00000004" in log
-    second = _two_nodes(tmp_path, "--training.steps=6", "--checkpoint.resume=true")
-    assert all(o.returncode == 0 for o in second), "\n".join(o.stdout[-3000:] for o in second)
-    assert "resumed from" in "".join(o.stdout for o in second) and "at step 4" in "".join(o.stdout for o in second)
+    # The SLURM script sees the checkpoint and resumes (checkpoint.resume=true) on its own.
+    second = _slurm_job(tmp_path, tmp_path / "bin", "--training.steps=6")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at step 4" in second.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["loss"] < records[0]["loss"]
