@@ -150,8 +150,8 @@ class MoE(nn.Module):
             # without biases: running it would silently compute another model.
             raise NotImplementedError(
                 "gpt-oss experts (expert biases, clamped SwiGLU) are not supported by the expert-parallel "
-                "kernels (mop/parallel/experts) yet; train gpt-oss on one process, or with model.moe_bias=false "
-                "model.swiglu_limit=0 (plain SwiGLU experts)")
+                "kernels (mop/parallel/experts) that every GPU run and every multi-process run uses yet; train "
+                "gpt-oss with one CPU process, or with model.moe_bias=false model.swiglu_limit=0 (plain SwiGLU experts)")
         x_TH = x_BSH.reshape(B * S, H)
         topk_idx_TK, topk_w_TK, aux = self.router(x_TH)
         # Shared experts are queued before the routed ones: an expert-parallel dispatcher waits on the
