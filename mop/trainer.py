@@ -150,8 +150,9 @@ class Trainer:
         if saved_file.is_file():  # checkpoints from before model.json existed: nothing to compare
             saved = json.loads(saved_file.read_text())
             now = json.loads(json.dumps(dataclasses.asdict(self.job.model)))
-            diffs = [f"model.{k}={saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            # Options added to ModelConfig after the save are absent from its model.json: not compared.
+            diffs = [f"model.{k}={saved[k]!r} in the checkpoint, {now[k]!r} now"
+                     for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
             if diffs:
                 raise CheckpointError(f"{path} holds a different model ({'; '.join(diffs)}): resume with the "
                                       "checkpoint's model options, or start a new --logging.run_dir "
