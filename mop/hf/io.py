@@ -97,9 +97,9 @@ def hf_to_mop(get, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 def mop_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hub-named tensors of a full mop state dict (parameters, and buffers the family stores)."""
     adapter = adapter_for(cfg)
-    keep = {n: t for n, t in state.items() if not n.endswith("expert_bias") or "moe.router.expert_bias" in
-            adapter.layer_names}
-    return adapter.to_hub(keep, cfg)
+    # The routers' selection bias is a buffer; of the families only DeepSeek-V3 stores it.
+    stores_bias = "moe.router.expert_bias" in adapter.layer_names
+    return adapter.to_hub({n: t for n, t in state.items() if stores_bias or not n.endswith(".expert_bias")}, cfg)
 
 
 # -- files ------------------------------------------------------------------------------------------

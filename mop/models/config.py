@@ -201,7 +201,8 @@ class ModelConfig:
         """Training FLOPs per token: 6 x active matmul params + causal attention.
 
         Formula (stated in the README): 6 * (active params - embedding table) + 6 * L * S/2 * 2 * Hq * Dh,
-        i.e. QK^T and AV each 2*S*Hq*Dh per token forward, halved for causality, x3 for backward.
+        i.e. QK^T and AV each 2*S*Hq*Dh per token forward, halved for causality, x3 for backward; with
+        Dh = (Dqk + Dv) / 2 under MLA, and S/2 capped at the window on windowed layers.
         Recomputation (activation checkpointing) is not counted, as is customary for MFU.
         """
         counts = self.param_counts()
