@@ -101,3 +101,19 @@ def test_first_logged_step_is_step_1_and_lr_is_the_one_used(tmp_path):
     assert [h["step"] for h in history] == [1, 3]  # the first step, then every log_every and the last
     # Linear warm-up over 4 steps: step 1 updates with lr/4, step 3 with 3lr/4.
     assert history[0]["lr"] == pytest.approx(0.25e-2) and history[1]["lr"] == pytest.approx(0.75e-2)
+
+
+def test_export_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
+    from mop.checkpoint import CheckpointManager
+    from mop.cli import main as cli_main
+
+    job = build_config(overrides=[*SMALL, "--training.steps=4", "--checkpoint.enabled=true", "--checkpoint.every=2",
+                                  f"--logging.run_dir={tmp_path / 'run'}"])
+    Trainer(job, ProcessInfo(0, 1, 0, 1, torch.device("cpu"))).train()
+    newest = CheckpointManager(tmp_path / "run").latest()
+    (newest / ".metadata").write_bytes(b"\0" * 16)
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    err = capsys.readouterr().err
+    assert "step_00000004 is damaged" in err and "falling back to" in err and "step_00000002" in err
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert newest.is_dir()  # export only reads: the damaged checkpoint is not moved
