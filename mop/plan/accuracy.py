@@ -49,7 +49,10 @@ EXTRA_POINTS = [
 NOTES = {
     "2026-11-28-qwen3-30b-a3b-4xh200": "session 1 code: before the kernel fixes (1.24x slower at 32K on 1 GPU), "
                                        "attention forward 3x under AC, all-to-all copies at Ep=1",
-    "bench-1gpu-offload-no-overlap-32K": "update not overlapped (code before optimizer.overlap_update)",
+    "bench-1gpu-offload-no-overlap-32K": "update not overlapped (code before optimizer.overlap_update); "
+                                         "Ep=1 all-to-all copies (2 k H a per token) not yet removed",
+    "2026-11-28-session2-1xh200": "code before the Ep=1 all-to-all became the identity (2 k H a bytes per "
+                                  "token more in the expert layer than modelled)",
 }
 
 

@@ -48,7 +48,10 @@ class Calibration:
     host_adam_stream: float = 3.95e9  # params/s, gpu_stream engine, one GPU
     device_adam_bytes: float = 36.0  # bytes of device traffic per parameter of fused AdamW (fitted: 26 ms/3.1B)
     allocator_slack: float = 0.10  # reserved / allocated - 1 (expandable segments; measured 0.03-0.11)
-    expert_slot_factor: float = 4.4  # live bytes per routed slot / ((H + 3I) * act_bytes) (fitted, 1xH200)
+    # live bytes per routed slot / ((H + 3I) * act_bytes), all-to-all send/receive copies included
+    # (fitted on the 1xH200 expert-layer benchmark before Ep = 1 became the identity; memory.py
+    # removes the copies at Ep = 1)
+    expert_slot_factor: float = 4.4
     expert_token_factor: float = 2.0  # live bytes per token / (k * H * act_bytes), pipelined (fitted)
     strip_bytes_per_element: float = 6.0  # loss strip: bf16 logits + fp32 math + bf16 gradient (fitted)
     host_process_bytes: float = 2.2e9  # host RSS of one rank before any pinned state (measured)

@@ -179,7 +179,10 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
         else:
             live, token_term = N, 0.0
         alpha = 1.1 if step.dispatcher != "alltoall" and ly.expert > 1 else 1.0
-        slots = live * k * alpha * cal.expert_slot_factor * (H + 3 * I) * a
+        per_slot = cal.expert_slot_factor * (H + 3 * I) * a
+        if ly.expert == 1:  # the all-to-all over a group of one is the identity: no send/receive copies
+            per_slot -= 2 * H * a
+        slots = live * k * alpha * per_slot
         expert_ws = 2 * weights + slots + token_term  # gathered weights and their gradients
     # Loss: one strip of logits (bf16 + fp32 math + gradient), the vocabulary block(s) in use.
     V_block = m.vocab_size // ly.vocab
