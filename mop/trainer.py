@@ -569,6 +569,9 @@ class Trainer:
                     result.history.append({"step": self.step, **metrics})
                     logger.log(self.step, metrics)
                     self.check_finite()
+                    if not math.isfinite(stats[0]) and t.nonfinite == "stop":  # the all-reduced loss: all ranks agree
+                        raise NonFiniteError(f"step {self.step}: non-finite loss ({stats[0]}) with a finite gradient "
+                                             "norm; stopped (training.nonfinite=stop)")
                 logger.advance()
                 if job.checkpoint.enabled and ((job.checkpoint.every and self.step % job.checkpoint.every == 0)
                                                or self.step == t.steps):
