@@ -270,8 +270,6 @@ class Trainer:
         self.step_peak_bytes = None
         if self.device.type != "cuda":
             return
-        from mop import memory_budget as mb
-
         job, t = self.job, self.job.training
         o = job.optimizer
         local_numel = sum(_local(p).numel() for p in self.model.parameters())
@@ -284,47 +282,106 @@ class Trainer:
             cap -= 2 * 3 * 4 * min(o.bucket_numel, local_numel)  # gpu_stream staging slots (fp32 master, m, v)
         blocks = list(self.model.layers.values())
         if t.activation_checkpoint == "auto":
-            pattern = mb.probe_pattern(len(blocks))
-            if pattern is None:
-                self.model.block_policies = ["full"] * len(blocks)
-                self._say(f"activation policy auto: {len(blocks)} blocks are too few to probe; using full")
-            else:
-                self.model.block_policies = pattern
-                marks: list[float] = []
-                hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(self.device)))
-                         for b in blocks]
-                try:
-                    self._probe_step(backward=False)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                self._drop_attention_slots()  # that forward had no backward
-                kept = mb.kept_from_marks(pattern, marks)
-                peak = self._probe_step(keep_grads=accumulate)
-                kept_list = self._agree([kept[p] for p in mb.LADDER] + [peak], dist.ReduceOp.MAX)
-                kept, peak = dict(zip(mb.LADDER, kept_list[:-1])), kept_list[-1]
-                base = peak - mb.policies_bytes(pattern, kept)  # state + one block's backward working set
-                spec = self.spec
-                costs = mb.BlockCosts(kept, mb.recompute_seconds(
-                    job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
-                    pipelined_experts=job.parallel.dispatcher == "llep_pipelined"))
-                budget = cap - base
-                for attempt in range(3):
-                    policies = mb.choose_policies(len(blocks), costs, budget)
-                    self.model.block_policies = policies
-                    peak = self._step_peak(accumulate)
-                    if peak <= cap:
-                        break
-                    budget -= 1.1 * (peak - cap)  # the estimate missed: shrink the budget by the overshoot
-                self._say(f"activation policy auto: {mb.describe(policies)} (per block, kept: "
-                          + ", ".join(f"{p} {kept[p] / 2**30:.2f} GiB" for p in mb.LADDER)
-                          + f"; peak {peak / 2**30:.1f} GiB of {cap / 2**30:.1f} GiB)")
-                self.step_peak_bytes = peak
+            self.step_peak_bytes = self._choose_activation_policies(blocks, cap, accumulate)
         if self.step_peak_bytes is None and o.offload != "none" and o.device_fraction < 0:
             self.step_peak_bytes = self._step_peak(accumulate)
         for p in self.model.parameters():
             p.grad = None
         self._room_bytes = cap - (self.step_peak_bytes or 0.0)
+
+    def _choose_activation_policies(self, blocks, cap: float, accumulate: bool) -> float | None:
+        """`training.activation_checkpoint=auto`: measure, choose, verify (mop.memory_budget).
+
+        1. One forward with a pattern of policies (one interior block each of none, selective,
+           full) reads the allocator between blocks: bytes each policy keeps per block.
+        2. One micro-batch with that pattern: its peak minus what the pattern kept is the state plus
+           the transient working set ("base").
+        3. Choose for the budget `cap - base`, run a micro-batch with the choice; if it runs out of
+           memory or peaks above `cap`, shrink the budget and choose again (three tries, then the
+           least memory). An OOM in a probe is caught and freed: it is a measurement, not a failure.
+        Returns the verified peak bytes.
+        """
+        from mop import memory_budget as mb
+
+        job, t = self.job, self.job.training
+        n = len(blocks)
+        pattern = mb.probe_pattern(n)
+        if pattern is None:
+            self.model.block_policies = ["full"] * n
+            self._say(f"activation policy auto: {n} blocks are too few to probe; using full")
+            return None
+        allowed = mb.LADDER
+        for attempt in range(2):
+            self.model.block_policies = pattern
+            marks: list[float] = []
+            hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(self.device)))
+                     for b in blocks]
+            try:
+                self._probe_step(backward=False)
+                self._drop_attention_slots()  # that forward had no backward
+                kept = mb.kept_from_marks(pattern, marks)
+                peak = self._probe_step(keep_grads=accumulate)
+                oom = 0.0
+            except torch.OutOfMemoryError:
+                self._recover_from_oom()
+                oom, kept, peak = 1.0, {p: 0.0 for p in mb.LADDER}, 0.0
+            finally:
+                for h in hooks:
+                    h.remove()
+            agreed = self._agree([kept[p] for p in mb.LADDER] + [peak, oom], dist.ReduceOp.MAX)
+            kept, peak, oom = dict(zip(mb.LADDER, agreed[:4])), agreed[4], agreed[5]
+            if not oom:
+                break
+            # A block kept whole ("none") did not fit even once: measure and choose without it.
+            pattern = [p if p != "none" else "full" for p in pattern]
+            allowed = ("offload", "full", "selective")
+            self._say("activation policy auto: the probe with one block kept whole ran out of memory; "
+                      "choosing among offload/full/selective")
+        else:
+            self.model.block_policies = ["offload"] * n
+            self._say("activation policy auto: even the probe ran out of memory; using offload everywhere")
+            return None
+        if "none" not in allowed:
+            kept["none"] = float("inf")
+        base = peak - mb.policies_bytes(pattern, kept)  # state + one block's backward working set
+        spec = self.spec
+        costs = mb.BlockCosts(kept, mb.recompute_seconds(
+            job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
+            pipelined_experts=job.parallel.dispatcher == "llep_pipelined"))
+        budget = 0.95 * (cap - base)  # the kept bytes are measured on one block: a 5% margin
+        policies, peak = ["offload"] * n, None
+        for attempt in range(3):
+            policies = mb.choose_policies(n, costs, budget, allowed=allowed)
+            self.model.block_policies = policies
+            try:
+                got = self._step_peak(accumulate)
+            except torch.OutOfMemoryError:
+                self._recover_from_oom()
+                got = float("inf")
+            got = self._agree([got], dist.ReduceOp.MAX)[0]
+            if got <= cap:
+                peak = got
+                break
+            # Over the cap: shrink by the overshoot (or by a quarter after an OOM) and choose again.
+            budget -= 1.1 * (got - cap) if got != float("inf") else 0.25 * max(budget, 0.0)
+        else:
+            policies = ["offload"] * n
+            self.model.block_policies = policies
+        self._say(f"activation policy auto: {mb.describe(policies)} (kept per block: "
+                  + ", ".join(f"{p} {kept[p] / 2**30:.2f} GiB" for p in mb.LADDER if kept[p] != float("inf"))
+                  + f"; base {base / 2**30:.1f} GiB; verified peak "
+                  + (f"{peak / 2**30:.1f}" if peak is not None else "-") + f" of {cap / 2**30:.1f} GiB)")
+        return peak
+
+    def _recover_from_oom(self) -> None:
+        """Free what a probe that ran out of memory left behind."""
+        import gc
+
+        for p in self.model.parameters():
+            p.grad = None
+        self._drop_attention_slots()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def _auto_device_fraction(self, local_numel: int) -> float:
         """Share of this rank's optimizer state (12 B/param) that fits in what the measured step leaves."""

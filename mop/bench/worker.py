@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         record = run(args, overrides)
         code = 0
     except torch.OutOfMemoryError as e:
-        record, code = {"status": "oom", "error": str(e)[-4000:]}, 3
+        # Where it ran out: the innermost mop frames (an OOM is an expected outcome, the full
+        # traceback is noise; these lines say whether it was start-up, a probe or a step).
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/mop/" in f.filename][-6:]
+        where = "".join(f"\n  at {f.filename.split('/mop/')[-1]}:{f.lineno} {f.name}" for f in frames)
+        record, code = {"status": "oom", "error": str(e)[-4000:] + where}, 3
     except Exception:  # recorded, so the sweep goes on with the next point
         record, code = {"status": "error", "error": traceback.format_exc()[-8000:]}, 4
     out_path.write_text(json.dumps(record, indent=1))
