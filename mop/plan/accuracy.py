@@ -114,8 +114,11 @@ def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[d
     """One dict per measured point: what was run, measured and predicted memory and time, and the largest terms."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     paths = sorted(paths or glob.glob("bench/results/**/results.json", recursive=True))
-    rows = []
+    rows, seen = [], set()
     for label, world, opts, peak, step_s, tps, note, chosen, frac in _points(paths):
+        if (tuple(opts), step_s, tps) in seen:  # a point copied into a later results file (--resume)
+            continue
+        seen.add((tuple(opts), step_s, tps))
         step, mem, t, auto_note = predict(opts, world, cal, chosen, frac)
         note = "; ".join(n for n in (note, auto_note) if n)
         if step_s is None and tps:

@@ -193,11 +193,18 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
 
 
 def dense_block_params(step: Step) -> float:
-    """Parameters of one block outside the routed experts (attention, norms, router, shared/dense FFN)."""
+    """Parameters of one block outside the routed experts (attention, norms, router, shared/dense FFN),
+    averaged over the blocks (the final norm excluded)."""
     m = step.model
-    c = m.param_counts()
-    per_block_dense = (c["dense"] - m.dim) / max(m.n_layers, 1)
-    return per_block_dense
+    return (m.param_counts()["dense"] - m.dim) / max(m.n_layers, 1)
+
+
+def _largest_working_set(act: dict[str, float]) -> dict[str, float]:
+    """The working sets do not coincide in time: the peak holds the largest one (attention counts
+    with its all-to-all buffers); the others are reported as 0."""
+    groups = {"attention": ("attention_ws", "alltoall_ws"), "expert": ("expert_ws",), "vocab": ("vocab_ws",)}
+    top = max(groups, key=lambda g: sum(act[k] for k in groups[g]))
+    return {k: (act[k] if k in groups[top] else 0.0) for keys in groups.values() for k in keys}
 
 
 def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = None) -> MemoryEstimate:
@@ -210,25 +217,18 @@ def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = N
     a = step.act_bytes
     device_bytes = device_bytes or cal.device_bytes
     act = activation_peak(step, cal)
+    ws = _largest_working_set(act)
     gather_dense = (2 if W > 1 else 1) * dense_block_params(step) * a  # current block + prefetched next
-    # The working sets do not coincide: the peak holds the largest of them next to what is kept.
-    transient = max(act["attention_ws"] + act["alltoall_ws"], act["expert_ws"], act["vocab_ws"])
+    step_bytes = act["activations_kept"] + act["recompute"] + sum(ws.values()) + gather_dense
     frac = step.device_fraction
-    base = state_memory(step.model, W, step.offload, 0.0)
     if step.offload == "none":
         frac = 1.0
     elif frac < 0:
-        without = base.device + act["activations_kept"] + act["recompute"] + transient + gather_dense
+        without = state_memory(step.model, W, step.offload, 0.0).device + step_bytes
         local = step.model.param_counts()["total"] / W
         frac = max(0.0, min(1.0, (0.9 * device_bytes - without) / (ADAM_STATE_BYTES * local)))
     state = state_memory(step.model, W, step.offload, frac)
-    if act["attention_ws"] + act["alltoall_ws"] >= max(act["expert_ws"], act["vocab_ws"]):
-        ws = {"attention_ws": act["attention_ws"], "alltoall_ws": act["alltoall_ws"], "expert_ws": 0.0, "vocab_ws": 0.0}
-    elif act["expert_ws"] >= act["vocab_ws"]:
-        ws = {"attention_ws": 0.0, "alltoall_ws": 0.0, "expert_ws": act["expert_ws"], "vocab_ws": 0.0}
-    else:
-        ws = {"attention_ws": 0.0, "alltoall_ws": 0.0, "expert_ws": 0.0, "vocab_ws": act["vocab_ws"]}
-    allocated = (state.device + act["activations_kept"] + act["recompute"] + sum(ws.values()) + gather_dense)
+    allocated = state.device + step_bytes
     host_state = state.optimizer_host
     staging = 0.0
     if step.offload == "gpu_stream":
