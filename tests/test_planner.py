@@ -18,7 +18,7 @@ from mop.plan import state_memory
 from mop.plan.calibration import Calibration
 from mop.plan.cli import main as plan_cli
 from mop.plan.memory import estimate_memory, kept_bytes, loss_grad_weight_bytes, outside_blocks_bytes
-from mop.plan.search import NoPlan, choose
+from mop.plan.search import NoPlan, check_step_fits, choose, plan_for_job
 from mop.plan.step import Step, parse_policy_spec, policy_spec, step_from_overrides
 
 
@@ -135,3 +135,19 @@ def test_policy_specs_round_trip():
     assert parse_policy_spec(policy_spec(("none", "full", "full", "offload")), 4) == ("none", "full", "full", "offload")
     with pytest.raises(ValueError, match="covers 2 blocks"):
         parse_policy_spec("none*2", 3)
+
+
+def test_slower_links_never_predict_faster_and_jobs_plan_and_preflight():
+    cfg = get_shape("qwen3-30b-a3b", n_layers=8)
+    fast = choose(cfg, gpus=16, gpus_per_node=8, context=65536, inter_bw=100e9)
+    slow = choose(cfg, gpus=16, gpus_per_node=8, context=65536, inter_bw=10e9)
+    assert slow.best.time.tokens_per_s_per_gpu <= fast.best.time.tokens_per_s_per_gpu
+    assert fast.command().startswith("torchrun --nnodes 2 --nproc-per-node 8")
+    job = build_config(None, ["--model.shape=qwen3-30b-a3b", "--model.n_layers=8", "--training.seq_len=65536",
+                              "--training.batch_size=1", "--training.grad_accum=4", "--parallel.seq=2"])
+    plan = plan_for_job(job, 4)
+    assert plan.best.step.tokens_per_step == 2 * 65536 * 4  # the job's tokens per step, kept
+    check_step_fits(job, 4, 141 * 2**30)  # fits: returns the estimate
+    with pytest.raises(ValueError, match=r"predicted peak .* GiB per GPU exceeds .*mop plan --shape"):
+        check_step_fits(build_config(None, ["--model.shape=qwen3-30b-a3b", "--training.seq_len=1048576",
+                                            "--training.batch_size=1"]), 1, 141 * 2**30)

@@ -257,8 +257,44 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster) -
     return "\n".join(lines)
 
 
-def plan_for_job(job, world: int, calibration: Calibration | None = None, **kwargs) -> Plan:
-    """`choose` for a `JobConfig` (what `parallel.plan = "auto"` will call): same model, world and context."""
-    t = job.training
-    return choose(job.model, gpus=world, context=t.seq_len, tokens_per_step=None, calibration=calibration,
-                  **kwargs)
+def plan_for_job(job, world: int, gpus_per_node: int | None = None, calibration: Calibration | None = None,
+                 **kwargs) -> Plan:
+    """`choose` for a `JobConfig` (what `parallel.plan = "auto"` calls): the job's model, context and
+    tokens per step (its batch x accumulation x sequence groups at its current D), on `world` GPUs.
+
+    Apply the result with `build_config(file, overrides + plan.best.step.overrides())`.
+    """
+    t, p = job.training, job.parallel
+    tokens = (world // p.seq) * t.batch_size * t.grad_accum * t.seq_len if world % p.seq == 0 else None
+    return choose(job.model, gpus=world, context=t.seq_len, gpus_per_node=gpus_per_node,
+                  tokens_per_step=tokens if tokens and tokens > (world // p.seq) * t.seq_len else None,
+                  calibration=calibration, **kwargs)
+
+
+def check_step_fits(job, world: int, device_bytes: float, calibration: Calibration | None = None,
+                    margin: float = 1.15) -> MemoryEstimate:
+    """Pre-flight check of a whole step (activations included) for a `JobConfig` on `world` GPUs.
+
+    Raises ValueError with the terms when the predicted peak exceeds the device by more than the
+    model's error `margin` (predictions are within ~10% where measured; the exact state-only check,
+    `check_state_fits`, stays the hard gate). Returns the estimate otherwise.
+    """
+    from mop.plan.step import step_from_overrides
+
+    t, p, o = job.training, job.parallel, job.optimizer
+    opts = [f"--parallel.seq={p.seq}", f"--parallel.expert={p.expert}", f"--parallel.vocab={p.vocab}",
+            f"--parallel.dispatcher={p.dispatcher}", f"--parallel.moe_chunk_tokens={p.moe_chunk_tokens}",
+            f"--parallel.moe_max_chunks={p.moe_max_chunks}", f"--parallel.ulysses_head_chunks={p.ulysses_head_chunks}",
+            f"--training.seq_len={t.seq_len}", f"--training.batch_size={t.batch_size}",
+            f"--training.grad_accum={t.grad_accum}", f"--optimizer.offload={o.offload}",
+            f"--optimizer.device_fraction={o.device_fraction}",
+            f"--training.activation_checkpoint={'full' if t.activation_checkpoint == 'auto' else t.activation_checkpoint}"]
+    cal = calibration or for_device(None)
+    step = step_from_overrides(job.model, opts, world)
+    mem = estimate_memory(step, cal, device_bytes)
+    if mem.reserved > margin * device_bytes:
+        terms = ", ".join(f"{k} {v / GIB:.1f}" for k, v in mem.device_terms().items() if v > 0.05 * GIB)
+        raise ValueError(f"predicted peak {mem.reserved / GIB:.1f} GiB per GPU exceeds the {device_bytes / GIB:.0f} GiB "
+                         f"device ({terms}); `mop plan --shape {job.model.shape} --gpus {world} --context "
+                         f"{t.seq_len}` lists configurations that fit")
+    return mem
