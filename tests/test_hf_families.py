@@ -137,3 +137,33 @@ def test_a_changed_option_is_the_only_rewritten_key(family, tmp_path):
     changed = {k for k in source if exported.get(k) != source[k]}
     expected = {"num_hidden_layers", "dtype"} | ({"layer_types"} if name == "gpt_oss" else set())
     assert changed == expected
+
+
+def test_kimi_k2_config_layout(tmp_path):
+    """Kimi-K2's Hub config: model_type kimi_k2, the older rope_scaling {"type": "yarn"} with a top-level
+    rope_theta, one expert group, no MTP. mop reads it as DeepSeek-V3 and gives transformers' logits of
+    the same weights; the export writes that config back key by key."""
+    import shutil
+
+    rope = {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0}
+    kwargs = {**DEEPSEEK, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
+              "rope_parameters": {"rope_type": "yarn", "rope_theta": 50000.0, **rope}}
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kwargs))
+    _randomise(model)
+    model.save_pretrained(tmp_path / "ds")
+    kimi = json.loads((tmp_path / "ds" / "config.json").read_text())
+    del kimi["rope_parameters"]
+    kimi.update(model_type="kimi_k2", rope_theta=50000.0, rope_scaling={"type": "yarn", **rope}, num_nextn_predict_layers=0,
+                topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, ep_size=1,
+                auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    shutil.copytree(tmp_path / "ds", tmp_path / "kimi")
+    (tmp_path / "kimi" / "config.json").write_text(json.dumps(kimi))
+    mop_model = _mop_model(tmp_path / "kimi")
+    assert mop_model.cfg.rope_theta == 50000.0 and mop_model.cfg.rope_scaling == "yarn" and mop_model.cfg.n_groups == 1
+    tokens = _tokens()
+    hf_logits, _ = _hf_logits(transformers.DeepseekV3ForCausalLM, tmp_path / "ds", tokens)
+    torch.testing.assert_close(_mop_logits(mop_model, tokens), hf_logits, atol=ATOL, rtol=RTOL)
+    out = save_hf_checkpoint(mop_model.state_dict(), mop_model.cfg, tmp_path / "export", dtype=torch.float32)
+    exported = json.loads((out / "config.json").read_text())
+    assert {k for k in kimi.keys() | exported.keys() if kimi.get(k) != exported.get(k)} == set()

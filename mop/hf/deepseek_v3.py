@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (`deepseek_v3`, also the Kimi-K2 checkpoint layout): MLA, sigmoid group-limited router
+"""DeepSeek-V3 (`deepseek_v3`; Kimi-K2's `kimi_k2` is the same layout): MLA, sigmoid group-limited router
 with a selection bias (`e_score_correction_bias`), shared experts, first-k dense layers.
 
 Multi-token prediction (MTP) is not modelled: a checkpoint's MTP layers (`model.layers.{L}.*`,
@@ -40,6 +40,9 @@ class DeepseekV3Adapter(FamilyAdapter):
         if hf.get("topk_method", "noaux_tc") != "noaux_tc" or hf.get("scoring_func", "sigmoid") != "sigmoid":
             raise ValueError("config.json: only DeepSeek-V3's router (scoring_func 'sigmoid', topk_method 'noaux_tc') "
                              "is supported")
+        if hf.get("moe_layer_freq", 1) != 1:
+            raise ValueError(f"config.json: moe_layer_freq={hf['moe_layer_freq']} is not supported (every layer after "
+                             "the first_k_dense_replace dense ones is MoE)")
         heads = require(hf, "num_attention_heads")
         n_experts = require(hf, "n_routed_experts", "the routed expert count")
         nope, rope_dim = require(hf, "qk_nope_head_dim"), require(hf, "qk_rope_head_dim")

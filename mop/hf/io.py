@@ -25,6 +25,7 @@ from mop.hf.quant import dequantize_fp8_blocks, dequantize_mxfp4
 from mop.models.config import ModelConfig
 
 ADAPTERS: dict[str, FamilyAdapter] = {a.model_type: a for a in (Qwen3MoeAdapter(), DeepseekV3Adapter(), GptOssAdapter())}
+ADAPTERS["kimi_k2"] = ADAPTERS["deepseek_v3"]  # Kimi-K2 ships the DeepSeek-V3 architecture under its own name
 SUPPORTED = tuple(ADAPTERS)
 CONFIG, GENERATION_CONFIG = "config.json", "generation_config.json"
 _SHARD_BYTES = 5 * 2**30
