@@ -167,3 +167,14 @@ def test_kimi_k2_config_layout(tmp_path):
     out = save_hf_checkpoint(mop_model.state_dict(), mop_model.cfg, tmp_path / "export", dtype=torch.float32)
     exported = json.loads((out / "config.json").read_text())
     assert {k for k in kimi.keys() | exported.keys() if kimi.get(k) != exported.get(k)} == set()
+
+
+def test_checkpoint_serves_the_router_bias_buffer(family):
+    """`HFCheckpoint.buffer`: DeepSeek's correction bias by mop name, None where a family has none."""
+    name, path, _ = family
+    ckpt = HFCheckpoint(path)
+    bias = ckpt.buffer("layers.1.moe.router.expert_bias")
+    if name.startswith("deepseek"):
+        assert bias is not None and bias.shape == (8,) and bias.abs().sum() > 0
+    else:
+        assert bias is None

@@ -175,6 +175,11 @@ class HFCheckpoint:
     def tensor(self, mop_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.adapter.to_mop(mop_name, self._get, self.config).to(dtype)
 
+    def buffer(self, mop_name: str) -> torch.Tensor | None:
+        """The stored value of a persistent mop buffer (DeepSeek-V3's `e_score_correction_bias` as
+        `moe.router.expert_bias`), or None when the family does not store it (keep the model's own)."""
+        return self.tensor(mop_name) if self._has(mop_name) else None
+
     def state_dict(self, dtype: torch.dtype = torch.float32, buffers: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (and with `buffers`, each persistent buffer the checkpoint stores)."""
         names = mop_names(self.config, buffers=buffers)
