@@ -106,6 +106,39 @@ def _points(paths):
         yield source, world, opts.split(), peak, None, tps, "", None, None
 
 
+def oom_rows(paths=None, calibration: str | Calibration = "h200") -> list[dict]:
+    """Points that ran out of memory: does the model predict that their configuration cannot fit?
+
+    `activation_checkpoint=auto` is judged by its leanest choice ("offload" on every block): the
+    run could not have fitted if even that is predicted over the device.
+    """
+    cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
+    paths = sorted(paths or glob.glob("bench/results/**/results.json", recursive=True))
+    rows, seen = [], set()
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        world = int(data.get("args", {}).get("gpus", 1))
+        for p in data["points"]:
+            if p.get("system") != "mop" or p.get("status") != "oom" or not p.get("command"):
+                continue
+            opts = _options(p["command"])
+            if tuple(opts) in seen:
+                continue
+            seen.add(tuple(opts))
+            if "--training.activation_checkpoint=auto" in opts:
+                opts = [o for o in opts if o != "--training.activation_checkpoint=auto"]
+                opts.append("--training.activation_checkpoint=offload")
+            step, mem, _, _ = predict(opts, world, cal)
+            if step.offload != "none":  # judge the configuration with none of the optional device share
+                mem = estimate_memory(replace(step, device_fraction=0.0), cal)
+            rows.append(dict(source="/".join(Path(path).parts[-3:-1]), world=world, layers=step.model.n_layers,
+                             context=step.seq_len, config=f"D{step.layout.seq} Ep{step.layout.expert} "
+                             f"P{step.layout.vocab} {step.dispatcher} ac={policy_spec(step.policies)} "
+                             f"opt={step.offload}", predicted=mem.reserved / GIB,
+                             predicted_oom=mem.reserved > cal.device_bytes, largest=mem.largest()))
+    return rows
+
+
 def _err(pred, meas) -> str:
     return "" if meas in (None, 0) else f"{(pred / meas - 1) * 100:+.0f}%"
 
@@ -155,4 +188,13 @@ def accuracy_table(paths=None, calibration: str | Calibration = "h200") -> str:
     out.append("")
     out.append(f"Within 10% on peak memory: {mem_ok} of {mem_n} points; within 15% on step time: {time_ok} of "
                f"{time_n} points.")
+    ooms = oom_rows(paths, calibration)
+    if ooms:
+        out += ["", "Runs that ran out of memory, judged at their leanest (auto policies: offload on every block; "
+                "host optimizer: no device share):", "",
+                "| source | W | L | context | configuration | predicted reserved GiB | predicted OOM? | largest term |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in ooms:
+            out.append(f"| {r['source']} | {r['world']} | {r['layers']} | {r['context'] // 1024}K | {r['config']} | "
+                       f"{r['predicted']:.1f} | {'yes' if r['predicted_oom'] else '**no**'} | {r['largest']} |")
     return "\n".join(out)
