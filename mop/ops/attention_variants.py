@@ -73,11 +73,7 @@ def attention_piece(q_BHLD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKD: torch.Te
         if sinks_H is not None:
             q, k, v = _with_sink_key(q_BHLD, k_BHKD, v_BHKD, sinks_H, scale)
             return _sdpa(q, k, v, causal_lower_right(Lq, Lk + 1), scale)[..., :v_BHKD.shape[-1]]
-        mask = causal_lower_right(Lq, Lk) if Lq != Lk else None
-        if mask is None:
-            return F.scaled_dot_product_attention(q_BHLD, k_BHKD, v_BHKD, is_causal=True, scale=scale,
-                                                  enable_gqa=q_BHLD.shape[1] != k_BHKD.shape[1])
-        return _sdpa(q_BHLD, k_BHKD, v_BHKD, mask, scale)
+        return _sdpa(q_BHLD, k_BHKD, v_BHKD, causal_lower_right(Lq, Lk), scale)  # a window longer than the keys
     outs = []
     for q0 in range(0, Lq, block):
         q1 = min(q0 + block, Lq)
