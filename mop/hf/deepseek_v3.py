@@ -86,4 +86,5 @@ class DeepseekV3Adapter(FamilyAdapter):
 
     def unused_hub_tensors(self, hub_names, cfg: ModelConfig) -> list[str]:
         """The MTP layers: every `model.layers.{i}.*` with i >= num_hidden_layers."""
-        return sorted(n for n in hub_names if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= cfg.n_layers)
+        layer = re.compile(r"model\.layers\.(\d+)\.")
+        return sorted(n for n in hub_names if (m := layer.match(n)) and int(m.group(1)) >= cfg.n_layers)

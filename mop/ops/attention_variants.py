@@ -5,9 +5,9 @@
     out_i = sum_j exp(z_ij) v_j / (exp(s_h) + sum_j exp(z_ij)) = softmax-attention_i * sigmoid(lse_i - s_h).
 
 SDPA does not return the log-sum-exp, so the sink enters as one extra key: q' = [q, s_h], every real
-key k' = [k, 0], and the sink key is [0, ..., 0, 1/scale] with value 0, placed first. Then q'.k' = q.k for real keys and s_h for the sink:
-exactly the softmax above, forward and backward (autograd reaches s_h through q'), with no score
-matrix materialised where the kernel is fused. Putting s_h on the query side keeps one sink key per
+key k' = [k, 0], and the sink key is [0, ..., 0, 1/scale] with value 0, placed first. Then
+q'.k' = q.k for real keys and s_h for the sink: exactly the softmax above, forward and backward
+(autograd reaches s_h through q'), with no score matrix materialised where the kernel is fused. Putting s_h on the query side keeps one sink key per
 KV head, so grouped-query K/V are not expanded. On CUDA the augmented head dim is padded with
 zeros to a multiple of 8 (zeros change no dot product), and v too (zero columns, cut off after):
 measured on an H200 (torch 2.11, cuDNN 9.19, scripts/sdpa_backends_mla.py), flash refuses q/k 72
