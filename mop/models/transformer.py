@@ -83,7 +83,7 @@ class Transformer(nn.Module):
         parts = fqn.split(".")
         if len(parts) >= 2 and parts[-2].endswith("norm"):
             return None
-        if parts[-1] == "bias":
+        if parts[-1] == "bias" or fqn.endswith(("experts.b1", "experts.b2", "experts.b3")):  # gpt-oss expert biases
             return 0.0
         std = self.cfg.init_std
         if fqn.endswith(("attention.wo.weight", "w2.weight")) or fqn.endswith("experts.w2"):
