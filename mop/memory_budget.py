@@ -128,6 +128,6 @@ def kept_from_marks(pattern: list[str], marks: list[float]) -> dict[str, float]:
     set, which the caller measures with a full step).
     """
     kept = {p: max(0.0, float(marks[i + 1] - marks[i])) for i, p in enumerate(pattern) if 0 < i < len(pattern) - 1}
-    out = {p: kept[p] for p in PROBED}
+    out = {p: kept.get(p, float("inf")) for p in PROBED}  # a policy the pattern left out is never chosen
     out["offload"] = 0.0
     return out

@@ -328,7 +328,7 @@ class Trainer:
             finally:
                 for h in hooks:
                     h.remove()
-            agreed = self._agree([kept[p] for p in mb.LADDER] + [peak, oom], dist.ReduceOp.MAX)
+            agreed = self._agree([min(kept[p], 2.0**62) for p in mb.LADDER] + [peak, oom], dist.ReduceOp.MAX)
             kept, peak, oom = dict(zip(mb.LADDER, agreed[:4])), agreed[4], agreed[5]
             if not oom:
                 break
@@ -341,8 +341,7 @@ class Trainer:
             self.model.block_policies = ["offload"] * n
             self._say("activation policy auto: even the probe ran out of memory; using offload everywhere")
             return None
-        if "none" not in allowed:
-            kept["none"] = float("inf")
+        kept = {p: (b if b < 2.0**62 else float("inf")) for p, b in kept.items()}
         base = peak - mb.policies_bytes(pattern, kept)  # state + one block's backward working set
         spec = self.spec
         costs = mb.BlockCosts(kept, mb.recompute_seconds(

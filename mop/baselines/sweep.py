@@ -97,6 +97,9 @@ def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dic
     plain = [c for c in configs if not c.cpu_offload]
     for cfg in plain:
         attempt(cfg)
+    for cfg in configs:  # offloaded configs given explicitly run as given, whatever `offload` says
+        if cfg.cpu_offload:
+            attempt(cfg)
     fits = any(r["status"] == "ok" for r in records)
     if offload == "always" or (offload == "auto" and not fits):
         seen = set()
