@@ -115,6 +115,10 @@ def test_rejections_name_the_term_and_the_limit(capsys):
     assert "ac=none" in out and "GiB >" in out and "activations_kept" in out  # why not the faster ones
     assert plan_cli(["--shape", "qwen3-235b-a22b", "--gpus", "2", "--context", "1M"]) == 1
     assert "at least" in capsys.readouterr().err
+    assert plan_cli(["explain", "--gpus", "2", "--model.shape=qwen3-30b-a3b", "--parallel.seq=2",
+                     "--training.seq_len=65536", "--training.activation_checkpoint=full"]) == 0
+    out = capsys.readouterr().out
+    assert "activations_kept" in out and "attention" in out and "tokens/s/GPU" in out
 
 
 def test_calibration_round_trips(tmp_path):

@@ -4,6 +4,8 @@
     mop plan --shape qwen3-235b-a22b --gpus 64 --gpus-per-node 8 --context 256K --host-mem-gib 2000
     mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
     mop plan accuracy bench/results/*/*/results.json             # predicted vs measured, Markdown
+    mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b --parallel.seq=2 --training.seq_len=131072 ...
+                                                                 # one configuration, term by term
 """
 
 from __future__ import annotations
@@ -104,8 +106,38 @@ def accuracy_main(argv: list[str]) -> int:
     return 0
 
 
+def explain_main(argv: list[str]) -> int:
+    """Predicted memory and time, by term, of one given configuration (its `mop train` options)."""
+    from mop.plan.accuracy import predict
+    from mop.plan.calibration import Calibration
+
+    p = argparse.ArgumentParser(prog="mop plan explain", description="Predict one configuration, term by term.",
+                                epilog="example: mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b "
+                                       "--model.n_layers=24 --parallel.seq=2 --training.seq_len=131072")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--calibration", default="h200")
+    args, options = p.parse_known_args(argv)
+    step, mem, t, note = predict(options, args.gpus, Calibration.load(args.calibration))
+    print(f"{step.model.shape} ({step.model.n_layers} layers) on {args.gpus} GPU(s): "
+          + " ".join(step.overrides()) + (f"\n({note})" if note else ""))
+    if step.offload != "none" and step.device_fraction < 0:
+        print(f"(optimizer.device_fraction=-1 resolves as the trainer does: {mem.device_fraction:.2f})")
+    print(f"\npeak device memory {mem.reserved / GIB:.1f} GiB reserved ({mem.allocated / GIB:.1f} allocated):")
+    for k, v in mem.device_terms().items():
+        print(f"  {k:18s} {v / GIB:8.2f} GiB")
+    print(f"host per rank {mem.host / GIB:.1f} GiB: pinned state {mem.host_pinned_state / GIB:.1f}, staging "
+          f"{mem.host_staging / GIB:.1f}, offloaded checkpoints {mem.host_checkpoints / GIB:.1f}, process "
+          f"{mem.host_process / GIB:.1f}")
+    print(f"\nstep {t.step:.3f} s, {t.tokens_per_s_per_gpu:,.0f} tokens/s/GPU:")
+    for k, v in t.terms().items():
+        print(f"  {k:18s} {v:8.3f} s" + ("  (not in the step)" if k in ("comm_hidden", "optimizer_total") else ""))
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    """Dispatch `mop plan [calibrate|accuracy] ...`."""
+    """Dispatch `mop plan [calibrate|accuracy|explain] ...`."""
+    if argv and argv[0] == "explain":
+        return explain_main(argv[1:])
     if argv and argv[0] == "calibrate":
         return calibrate_main(argv[1:])
     if argv and argv[0] == "accuracy":

@@ -167,7 +167,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     vocab_flops = (6.0 if ly.vocab == 1 else 8.0) * N * H * V
     vocab = vocab_flops / _rate(cal.gemm_flops, 2.0 * min(N, 8192) * H * V / ly.vocab, cal.gemm_half)
     vocab += (4 if ly.vocab == 1 else 6) * N * V * a / cal.hbm_bw
-    fwd_time += vocab / 3
+    fwd_time += vocab if ly.vocab == 1 else vocab / 2  # one block forms its gradients in forward
     if ly.vocab > 1:
         t = 2 * (ly.vocab - 1) * (V // ly.vocab) * H * a / _bw(cluster, cal, ly.vocab > G)
         hidden = min(t, vocab)
