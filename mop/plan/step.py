@@ -64,6 +64,7 @@ class Step:
     policies: tuple[str, ...] | str = "full"  # per block, or one policy for every block
     offload: str = "none"  # optimizer state: "none" (device AdamW) | "cpu" | "gpu_stream"
     device_fraction: float = 0.0  # share of offloaded state on the device; -1: as much as fits (auto)
+    overlap_update: bool = True  # the host optimizer's update runs beside the next forward
     dispatcher: str = "llep_pipelined"
     moe_chunk_tokens: int = 16384
     moe_max_chunks: int = 10
@@ -119,6 +120,8 @@ class Step:
                 f"--optimizer.offload={self.offload}"]
         if self.offload != "none":
             out.append(f"--optimizer.device_fraction={round(self.device_fraction, 3)}")
+        if not self.overlap_update:
+            out.append("--optimizer.overlap_update=false")
         return out
 
 
@@ -162,6 +165,7 @@ def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *,
                 batch_size=int(g("training.batch_size", 4)), grad_accum=int(g("training.grad_accum", 1)),
                 policies=tuple(policies), offload=g("optimizer.offload", "none"),
                 device_fraction=float(g("optimizer.device_fraction", -1.0)),
+                overlap_update=g("optimizer.overlap_update", "true").lower() in _TRUE,
                 dispatcher=g("parallel.dispatcher", "alltoall"),
                 moe_chunk_tokens=int(g("parallel.moe_chunk_tokens", 16384)),
                 moe_max_chunks=int(g("parallel.moe_max_chunks", 10)),

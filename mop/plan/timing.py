@@ -189,7 +189,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         else:  # cpu engine: the node's cores are shared by its GPUs; bf16 grads in, bf16 weights out
             host_rate = min(cal.host_adam_cpu / G, cal.h2d_bw * share / 4)
         t_opt = local * (1 - frac) / host_rate + local * frac * cal.device_adam_bytes / cal.hbm_bw
-        window = fwd_time + (micro if acc > 1 else 0.0)
+        window = fwd_time + (micro if acc > 1 else 0.0) if step.overlap_update else 0.0
         opt_exposed = max(0.0, t_opt - window)
     return TimeEstimate(attention=attn * acc, expert_gemm=exp * acc, dense_gemm=dense * acc, vocab=vocab * acc,
                         memory_bound=mem * acc, overhead=over * acc, comm_exposed=comm_exposed * acc,
