@@ -143,6 +143,26 @@ def verify_checkpoint(path: Path) -> str | None:
     return agree(problem)
 
 
+def check_same_model(path: Path, model: dict) -> None:
+    """Refuse to resume `model` (a ModelConfig as a dict) from a checkpoint of another model, naming the fields.
+
+    The layout and world size may change (DCP reshards); the model may not: a checkpoint of 4 layers
+    would silently lose one under `--model.n_layers=3`. Options added to ModelConfig after the save
+    are absent from its `model.json` and not compared; checkpoints without one are not checked.
+    """
+    saved_file = Path(path) / "model.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    now = json.loads(json.dumps(model))  # tuples as lists, like the saved file
+    diffs = [f"model.{k}={saved[k]!r} in the checkpoint, {now[k]!r} now"
+             for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
+    if diffs:
+        raise CheckpointError(f"{path} holds a different model ({'; '.join(diffs)}): resume with the checkpoint's "
+                              "model options, or start a new --logging.run_dir (the parallel layout may change; "
+                              "the model may not)")
+
+
 class CheckpointManager:
     """Save / find / verify / load checkpoints under `run_dir/checkpoints`."""
 
@@ -161,7 +181,7 @@ class CheckpointManager:
         """Complete checkpoints, oldest first (by step number)."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
                  and (p / COMPLETE).exists()]
         return sorted(found, key=self.step_of)
 

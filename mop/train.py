@@ -150,7 +150,8 @@ def _run(job) -> int:
     import torch.distributed as dist
 
     from mop.checkpoint import CheckpointError, RunDirError
-    from mop.trainer import NonFiniteError, Trainer
+    from mop.guard import NonFiniteError
+    from mop.trainer import Trainer
 
     try:
         trainer = Trainer(job)

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from mop.checkpoint import CheckpointError, CheckpointManager, RunDir, RunDirError, Stateful, agree, rng_state, set_rng_state
+from mop.checkpoint import (CheckpointManager, RunDir, RunDirError, Stateful, agree, check_same_model, rng_state,
+                            set_rng_state)
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo, init_process
+from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
 from mop.ops.cross_entropy import set_loss_kernels
@@ -61,10 +63,6 @@ def build_loader(job: JobConfig, spec: LayoutSpec, rank: int, vocab_size: int):
         raise ValueError(f"data.dataset {path} has vocabulary {dataset.vocab_size} > model.vocab_size={vocab_size}; "
                          f"set --model.vocab_size={dataset.vocab_size} or use a matching tokenizer")
     return PackedLoader(dataset, **common)
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient norm under training.nonfinite=stop (the message names the step and ranks)."""
 
 
 @dataclass
@@ -115,8 +113,8 @@ class Trainer:
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.step = 0
         self.clip_coef = None  # set per step when the host optimizer folds clipping into its update
-        self.skipped_steps = 0  # updates skipped for a NaN/Inf (training.nonfinite=skip)
-        self._nonfinite = None  # device [first non-finite step, local loss non-finite] (training.nonfinite=stop)
+        self.guard = NonFiniteGuard(t.nonfinite, self.proc.rank, self.proc.world, self._all_reduce,
+                                    lambda text: self._tell(text))
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -146,17 +144,7 @@ class Trainer:
         if path is None:
             self._tell(f"mop: checkpoint.resume=true, but {self.ckpt.root} holds no checkpoint yet: starting from step 0")
             return None
-        saved_file = path / "model.json"
-        if saved_file.is_file():  # checkpoints from before model.json existed: nothing to compare
-            saved = json.loads(saved_file.read_text())
-            now = json.loads(json.dumps(dataclasses.asdict(self.job.model)))
-            # Options added to ModelConfig after the save are absent from its model.json: not compared.
-            diffs = [f"model.{k}={saved[k]!r} in the checkpoint, {now[k]!r} now"
-                     for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
-            if diffs:
-                raise CheckpointError(f"{path} holds a different model ({'; '.join(diffs)}): resume with the "
-                                      "checkpoint's model options, or start a new --logging.run_dir "
-                                      "(the parallel layout may change; the model may not)")
+        check_same_model(path, dataclasses.asdict(self.job.model))
         return path
 
     # -- construction ------------------------------------------------------------------------------
@@ -510,7 +498,7 @@ class Trainer:
         captured = self.full_grads() if capture_grads else None
         grad_norm = self._grad_norm_and_clip()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged with this step)
-        update = self._guard_nonfinite(grad_norm, loss_sum)
+        update = self.guard.allow_update(self.step + 1, grad_norm, loss_sum, self.optimizer)
         if update and self.job.optimizer.offload != "none":
             self.optimizer.step_async(self.clip_coef)  # finished by the next forward's hooks (overlap.py)
             if not self.job.optimizer.overlap_update:
@@ -525,59 +513,6 @@ class Trainer:
         scale = self._loss_report_scale()
         return {"loss_local": loss_sum * scale, "aux_local": aux_sum * scale, "grad_norm": grad_norm,
                 "loads": loads_LE, "grads": captured, "lr": lr}
-
-    # -- NaN/Inf guard -----------------------------------------------------------------------------
-    def _nonfinite_ranks(self, loss_bad: torch.Tensor) -> list[int]:
-        """Ranks whose local loss was non-finite (collective; only on the failure path)."""
-        flags = torch.zeros(self.proc.world, device=self.device)
-        flags[self.proc.rank] = loss_bad.float()
-        return [r for r, f in enumerate(self._all_reduce(flags).tolist()) if f]
-
-    def _describe_nonfinite(self, step: int, loss_bad: torch.Tensor) -> str:
-        ranks = self._nonfinite_ranks(loss_bad)
-        where = (f"the loss was non-finite on rank(s) {ranks}" if ranks else
-                 "the loss was finite on every rank: a gradient overflowed")
-        return f"step {step}: non-finite gradient norm ({where})"
-
-    def _guard_nonfinite(self, grad_norm: torch.Tensor, loss_local: torch.Tensor) -> bool:
-        """Whether this step's update may be applied. The gradient norm is all-reduced, so a NaN/Inf
-        loss or gradient on any rank makes it non-finite on every rank: all ranks decide alike."""
-        finite = torch.isfinite(grad_norm)
-        if self.job.training.nonfinite == "skip":
-            if bool(finite):  # host sync, every step: a skip must be decided before the update is issued
-                return True
-            self.skipped_steps += 1
-            # The cpu engine copied this step's gradients to the host during backward and marks them
-            # consumed only in step_async; forget them, or the next step would update with these.
-            for bucket in getattr(self.optimizer, "_buckets", ()):
-                bucket.offloaded.clear()
-            text = self._describe_nonfinite(self.step + 1, ~torch.isfinite(loss_local))
-            self._tell(f"mop: {text}; update skipped ({self.skipped_steps} so far, training.nonfinite=skip)")
-            return False
-        # stop: no per-step host sync. The first bad step is remembered on the device and checked on
-        # logging steps and before every save (check_finite), so a NaN never reaches a checkpoint.
-        record = torch.stack([torch.full_like(grad_norm, self.step + 1), (~torch.isfinite(loss_local)).float()])
-        if self._nonfinite is None:
-            self._nonfinite = torch.zeros_like(record)
-        self._nonfinite = torch.where(~finite & (self._nonfinite[0] == 0), record, self._nonfinite)
-        return True
-
-    def check_finite(self) -> None:
-        """Raise NonFiniteError on every rank if a step since start-up had a NaN/Inf (stop policy; host sync)."""
-        if self._nonfinite is None:
-            return
-        step, loss_bad = self._nonfinite.tolist()  # host sync: logging steps and saves only
-        if step:
-            raise NonFiniteError(f"{self._describe_nonfinite(int(step), torch.tensor(bool(loss_bad)))}; stopped "
-                                 "(training.nonfinite=stop) without saving it. Lower --optimizer.lr or "
-                                 "--training.max_grad_norm, resume from the last checkpoint, or pass "
-                                 "--training.nonfinite=skip to skip such steps")
-
-    def _check_finite_weights(self) -> None:
-        """Refuse to save non-finite parameters, whatever their origin (one pass over the weights; a host sync)."""
-        bad = torch.stack([(~torch.isfinite(_local(p))).any() for p in self.model.parameters()]).any().float()
-        if self._all_reduce(bad.reshape(1)).item():
-            raise NonFiniteError(f"step {self.step}: the weights hold NaN/Inf; not saving a checkpoint of them")
 
     # -- the loop ----------------------------------------------------------------------------------
     def tokens_per_device_per_step(self) -> int:
@@ -617,22 +552,20 @@ class Trainer:
                                "lr": out["lr"], **meter.read(), **device_memory(self.device),
                                "host_rss_gib": host_rss_bytes() / 2**30}
                     if t.nonfinite == "skip":
-                        metrics["skipped_steps"] = self.skipped_steps
+                        metrics["skipped_steps"] = self.guard.skipped
                     loads = out["loads"]
                     if loads.numel():
                         loads = self._all_reduce(loads)
                         metrics["expert_imbalance"] = float((loads.max(-1).values / loads.mean(-1).clamp(min=1)).max())
                     result.history.append({"step": self.step, **metrics})
                     logger.log(self.step, metrics)
-                    self.check_finite()
-                    if not math.isfinite(stats[0]) and t.nonfinite == "stop":  # the all-reduced loss: all ranks agree
-                        raise NonFiniteError(f"step {self.step}: non-finite loss ({stats[0]}) with a finite gradient "
-                                             "norm; stopped (training.nonfinite=stop)")
+                    self.guard.check()
+                    self.guard.check_loss(self.step, stats[0])  # all-reduced: every rank agrees
                 logger.advance()
                 if job.checkpoint.enabled and ((job.checkpoint.every and self.step % job.checkpoint.every == 0)
                                                or self.step == t.steps):
                     self.save_checkpoint()
-            self.check_finite()
+            self.guard.check()
         finally:
             logger.close()
             self._tell = self._print_main
@@ -670,8 +603,8 @@ class Trainer:
 
     def save_checkpoint(self):
         self.finish_update()
-        self.check_finite()  # never a checkpoint of a NaN run: keep-K rotation would discard the good ones
-        self._check_finite_weights()
+        self.guard.check()  # never a checkpoint of a NaN run: keep-K rotation would discard the good ones
+        self.guard.check_weights(self.model, self.step, self.device)
         t0 = time.perf_counter()
         model_json = json.dumps(dataclasses.asdict(self.job.model), indent=1)
         path = self.ckpt.save(self.step, self._state(), files={"model.json": model_json})

@@ -10,7 +10,8 @@ import torch
 from mop.checkpoint import CheckpointManager
 from mop.config import build_config
 from mop.distributed import ProcessInfo
-from mop.trainer import NonFiniteError, Trainer
+from mop.guard import NonFiniteError
+from mop.trainer import Trainer
 
 CPU = ProcessInfo(0, 1, 0, 1, torch.device("cpu"))
 COMMON = ["--model.shape=debug", "--data.dataset=synthetic", "--training.seq_len=32", "--training.batch_size=2",
@@ -76,7 +77,7 @@ def _skip_run(run_dir, *extra):
 
 def test_skip_leaves_the_model_untouched_and_counts(tmp_path, capsys):
     trainer, history, snaps = _skip_run(tmp_path)
-    assert trainer.skipped_steps == 1 and history[-1]["skipped_steps"] == 1
+    assert trainer.guard.skipped == 1 and history[-1]["skipped_steps"] == 1
     assert "step 3: non-finite gradient norm" in capsys.readouterr().out
     # Step 3 (from the state after step 2 to the state after step 3) changed nothing; step 4 did.
     assert all(torch.equal(snaps[2][n], snaps[3][n]) for n in snaps[2])
