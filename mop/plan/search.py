@@ -1,7 +1,7 @@
 """`choose(...) -> Plan`: the fastest configuration that fits, by a deterministic exhaustive search.
 
 The search visits every layout (D, Ep, P dividing W; Ep dividing the experts; P at most a node),
-every dispatcher and optimizer placement, and per layout the activation policies from the fastest
+every dispatcher (the pipelined one with 16K- and 4K-token chunks) and optimizer placement, and per layout the activation policies from the fastest
 (no checkpoint) down to the leanest (offloaded block inputs), plus the mixes "selective on the
 first n blocks, full on the rest" with the largest n that fits. Each candidate gets the memory and
 time model (`estimate_memory`, `estimate_time`); it fits when the predicted reserved device memory
@@ -43,7 +43,8 @@ class Candidate:
 
     def label(self) -> str:
         s = self.step
-        return (f"D={s.layout.seq} Ep={s.layout.expert} P={s.layout.vocab} {s.dispatcher} "
+        disp = s.dispatcher + (f":{s.moe_chunk_tokens}" if s.dispatcher == "llep_pipelined" else "")
+        return (f"D={s.layout.seq} Ep={s.layout.expert} P={s.layout.vocab} {disp} "
                 f"ac={policy_spec(s.policies)} opt={s.offload}"
                 + (f"@{s.device_fraction:.2f}" if s.offload != "none" else ""))
 
@@ -111,7 +112,8 @@ def _head_chunks(model: ModelConfig, D: int) -> int:
 def _rank(c: Candidate):
     s = c.step
     return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
-            FASTEST_FIRST.index(s.policies[-1]), s.policies, OFFLOADS.index(s.offload), s.dispatcher)
+            FASTEST_FIRST.index(s.policies[-1]), s.policies, OFFLOADS.index(s.offload), s.dispatcher,
+            -s.moe_chunk_tokens)
 
 
 def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95
@@ -139,7 +141,8 @@ def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float
 def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | None = None,
            tokens_per_step: int | None = None, host_bytes: float | None = None, intra_bw: float | None = None,
            inter_bw: float | None = None, calibration: Calibration | None = None, device_bytes: float | None = None,
-           headroom: float = 0.95, offloads=OFFLOADS, dispatchers=("alltoall", "llep_pipelined"),
+           headroom: float = 0.95, offloads=OFFLOADS,
+           dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
            runners_up: int = 4) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
@@ -175,11 +178,13 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                     if tokens_per_step % per_micro:
                         continue
                     accum = tokens_per_step // per_micro
-                for disp in dispatchers:
+                for disp_spec in dispatchers:  # "name" or "name:chunk_tokens" (pipelined chunk size)
+                    disp, _, chunk = disp_spec.partition(":")
                     for off in offloads:
                         base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
                                     policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
-                                    dispatcher=disp, ulysses_head_chunks=_head_chunks(model, D))
+                                    dispatcher=disp, ulysses_head_chunks=_head_chunks(model, D),
+                                    moe_chunk_tokens=int(chunk) if chunk else 16384)
                         for cand in _policy_candidates(base, cal, cluster, device_bytes, headroom, policies):
                             key = (D, Ep, P)
                             if cand.fits:
