@@ -23,7 +23,8 @@ from mop.plan.step import GIB, Cluster, policy_spec, step_from_overrides
 from mop.plan.timing import estimate_time
 
 # Measurements not (yet) in a results.json: (source, world, options, measured peak GiB or None,
-# measured tokens/s/GPU or None).
+# measured tokens/s/GPU or None). The 2xH200 points were measured before 9eaa9cc (Ulysses attention
+# ran forward three times in a checkpointed block): LEGACY_ULYSSES below.
 EXTRA_POINTS = [
     ("session-2 train_128K.log (mop train, identity all-to-all)", 1,
      "--model.shape=qwen3-30b-a3b --model.n_layers=4 --parallel.dispatcher=alltoall --training.seq_len=131072 "
@@ -45,10 +46,13 @@ EXTRA_POINTS = [
      None, 1640.0),
 ]
 
+# Sources measured before 9eaa9cc, whose Ulysses attention (D > 1) ran forward 3x per checkpointed block.
+LEGACY_ULYSSES = ("2026-11-28-qwen3-30b-a3b-4xh200", "2xH200 report")
+
 # Known differences between the measured code and the modelled one, by results directory.
 NOTES = {
     "2026-11-28-qwen3-30b-a3b-4xh200": "session 1 code: before the kernel fixes (1.24x slower at 32K on 1 GPU), "
-                                       "attention forward 3x under AC, all-to-all copies at Ep=1",
+                                       "all-to-all copies at Ep=1",
     "bench-1gpu-offload-no-overlap-32K": "update not overlapped (code before optimizer.overlap_update); "
                                          "Ep=1 all-to-all copies (2 k H a per token) not yet removed",
     "2026-11-28-session2-1xh200": "code before the Ep=1 all-to-all became the identity (2 k H a bytes per "
@@ -64,7 +68,7 @@ def _options(command: str) -> list[str]:
 
 
 def predict(options: list[str], world: int, cal: Calibration, chosen: str | None = None,
-            device_fraction: float | None = None):
+            device_fraction: float | None = None, attention_forwards: int = 2):
     """(step, memory, time, note) for the run described by `--section.key=value` options.
 
     `activation_checkpoint=auto`: the policies the run chose (`chosen`, recorded by newer bench
@@ -80,6 +84,9 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
         options = [o for o in options if not o.startswith("--optimizer.device_fraction=")]
         options.append(f"--optimizer.device_fraction={device_fraction}")
     step = step_from_overrides(model, options, world)
+    if attention_forwards != 2 and step.layout.seq > 1 and any(p in ("full", "offload") for p in step.policies):
+        step = replace(step, attention_forwards=attention_forwards)
+        note = f"attention forward {attention_forwards}x in full blocks (the Ulysses code measured)"
     if auto and not chosen:
         cluster = Cluster(gpus_per_node=world)
         cands = _policy_candidates(replace(step, device_fraction=-1.0 if step.offload != "none" else 0.0), cal,
@@ -152,7 +159,8 @@ def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[d
         if (tuple(opts), step_s, tps) in seen:  # a point copied into a later results file (--resume)
             continue
         seen.add((tuple(opts), step_s, tps))
-        step, mem, t, auto_note = predict(opts, world, cal, chosen, frac)
+        legacy = 3 if any(k in label for k in LEGACY_ULYSSES) else 2
+        step, mem, t, auto_note = predict(opts, world, cal, chosen, frac, legacy)
         note = "; ".join(n for n in (note, auto_note) if n)
         if step_s is None and tps:
             step_s = step.tokens_per_step / world / tps

@@ -69,6 +69,9 @@ class Step:
     moe_chunk_tokens: int = 16384
     moe_max_chunks: int = 10
     ulysses_head_chunks: int = 1
+    # Attention kernel forwards per step in a "full"/"offload" block: 2 (forward, recompute). Code
+    # before 9eaa9cc ran 3 under Ulysses (its backward recomputed again); kept for old measurements.
+    attention_forwards: int = 2
     act_bytes: int = 2  # 2: bf16 compute (GPU); 4: fp32 (the CPU path)
     cpu: bool = False  # CPU kernels: composite RMSNorm (one more saved tensor), no GQA expansion
     max_strip_elements: int = 2**28
