@@ -128,7 +128,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def table(rows: list[dict]) -> str:
     out = ["| model | GPUs | context | layout (D, Ep, P), dispatcher | activations | optimizer | predicted tok/s/GPU "
-           "(nothing overlapped) | paper MoP | paper FSDP-best | device GiB/GPU (needed) | host GiB/GPU | host GiB/node | FSDP-style (D=1) |",
+           "(nothing overlapped) | paper MoP | paper FSDP-best | device GiB/GPU (needed) | host GiB/GPU "
+           "| host GiB/node | FSDP-style (D=1) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = r["paper"] or (None, None)
@@ -145,7 +146,8 @@ def table(rows: list[dict]) -> str:
                    f"{r['D']}, {r['Ep']}, {r['P']}, {r['dispatcher']} | {r['ac']} | {r['optimizer']} "
                    f"(device {r['device_fraction']:.2f}) | **{r['tokens_per_s_per_gpu']:,.0f}** "
                    f"({r['no_overlap_tokens_per_s_per_gpu']:,.0f}) | {pm} | {pb} | "
-                   f"{r['device_gib']:.0f} ({r['needed_gib']:.0f}) | {r['host_gib_per_gpu']:.0f} | {r['host_gib_per_node']:.0f} | {fs} |")
+                   f"{r['device_gib']:.0f} ({r['needed_gib']:.0f}) | {r['host_gib_per_gpu']:.0f} | "
+                   f"{r['host_gib_per_node']:.0f} | {fs} |")
     return "\n".join(out)
 
 

@@ -1,9 +1,10 @@
 """`choose(...) -> Plan`: the fastest configuration that fits, by a deterministic exhaustive search.
 
 The search visits every layout (D, Ep, P dividing W; Ep dividing the experts; P at most a node),
-every dispatcher (the pipelined one with 16K- and 4K-token chunks) and optimizer placement, and per layout the activation policies from the fastest
-(no checkpoint) down to the leanest (offloaded block inputs), plus the mixes "selective on the
-first n blocks, full on the rest" with the largest n that fits. Each candidate gets the memory and
+every dispatcher (the pipelined one with 16K- and 4K-token chunks) and optimizer placement, and
+per layout the activation policies from the fastest (no checkpoint) down to the leanest (offloaded
+block inputs), plus the mix "selective on the first n blocks, full on the rest" with the largest n
+that fits. Each candidate gets the memory and
 time model (`estimate_memory`, `estimate_time`); it fits when the predicted reserved device memory
 is under `headroom` x the device and the predicted host memory under the node's. Candidates are
 ranked by predicted tokens/s/GPU, ties broken by the configuration itself, so the result is the
@@ -293,13 +294,15 @@ def check_step_fits(job, world: int, device_bytes: float, calibration: Calibrati
             f"--training.seq_len={t.seq_len}", f"--training.batch_size={t.batch_size}",
             f"--training.grad_accum={t.grad_accum}", f"--optimizer.offload={o.offload}",
             f"--optimizer.device_fraction={o.device_fraction}",
-            f"--training.activation_checkpoint={'full' if t.activation_checkpoint == 'auto' else t.activation_checkpoint}"]
+            "--training.activation_checkpoint=" + ("full" if t.activation_checkpoint == "auto"
+                                                   else t.activation_checkpoint)]
     cal = calibration or for_device(None)
     step = step_from_overrides(job.model, opts, world)
     mem = estimate_memory(step, cal, device_bytes)
     if mem.reserved > margin * device_bytes:
         terms = ", ".join(f"{k} {v / GIB:.1f}" for k, v in mem.device_terms().items() if v > 0.05 * GIB)
-        raise ValueError(f"predicted peak {mem.reserved / GIB:.1f} GiB per GPU exceeds the {device_bytes / GIB:.0f} GiB "
+        raise ValueError(f"predicted peak {mem.reserved / GIB:.1f} GiB per GPU exceeds the "
+                         f"{device_bytes / GIB:.0f} GiB "
                          f"device ({terms}); `mop plan --shape {job.model.shape} --gpus {world} --context "
                          f"{t.seq_len}` lists configurations that fit")
     return mem
