@@ -181,7 +181,8 @@ def main(argv: list[str]) -> int:
                   workdir=str(work), optimizer_ablation=args.optimizer_ablation)
     for context in args.context_list:
         for setting in settings:
-            run_dir = str(work / "run")
+            # One run directory per point: a point killed at its timeout must not hold the next one's lock.
+            run_dir = str(work / f"run-{context}-{setting}")
             if "mop" in args.system_list and ("mop", context, setting) not in done:
                 # User overrides come last, so an explicit --training.activation_checkpoint wins.
                 extra = (default_mop_overrides(model_cfg, args.gpus, context)
