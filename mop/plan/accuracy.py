@@ -99,6 +99,7 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
 
 
 def _points(paths):
+    """Measured points as dicts: where from, world, options, measured peak/step/throughput/host, what auto chose."""
     for path in paths:
         data = json.loads(Path(path).read_text())
         label = "/".join(Path(path).parts[-3:-1]) if "results" in Path(path).parts else str(path)
@@ -106,11 +107,12 @@ def _points(paths):
         for p in data["points"]:
             if p.get("system") != "mop" or p.get("status") != "ok":
                 continue
-            yield (label, p["world"], _options(p["command"]), p.get("peak_alloc_gib"), p.get("step_s"),
-                   p.get("tokens_per_s_per_gpu"), note, p.get("activation_policies"),
-                   p.get("optimizer_device_fraction"))
+            yield dict(label=label, world=p["world"], opts=_options(p["command"]), peak=p.get("peak_alloc_gib"),
+                       step_s=p.get("step_s"), tps=p.get("tokens_per_s_per_gpu"), host=p.get("host_rss_peak_gib"),
+                       note=note, chosen=p.get("activation_policies"), frac=p.get("optimizer_device_fraction"))
     for source, world, opts, peak, tps in EXTRA_POINTS:
-        yield source, world, opts.split(), peak, None, tps, "", None, None
+        yield dict(label=source, world=world, opts=opts.split(), peak=peak, step_s=None, tps=tps, host=None,
+                   note="", chosen=None, frac=None)
 
 
 def oom_rows(paths=None, calibration: str | Calibration = "h200") -> list[dict]:
@@ -155,21 +157,24 @@ def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[d
     cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     paths = sorted(paths or glob.glob("bench/results/**/results.json", recursive=True))
     rows, seen = [], set()
-    for label, world, opts, peak, step_s, tps, note, chosen, frac in _points(paths):
-        if (tuple(opts), step_s, tps) in seen:  # a point copied into a later results file (--resume)
+    for pt in _points(paths):
+        label, world, step_s = pt["label"], pt["world"], pt["step_s"]
+        key = (tuple(pt["opts"]), step_s, pt["tps"])
+        if key in seen:  # a point copied into a later results file (--resume)
             continue
-        seen.add((tuple(opts), step_s, tps))
+        seen.add(key)
         legacy = 3 if any(k in label for k in LEGACY_ULYSSES) else 2
-        step, mem, t, auto_note = predict(opts, world, cal, chosen, frac, legacy)
-        note = "; ".join(n for n in (note, auto_note) if n)
-        if step_s is None and tps:
-            step_s = step.tokens_per_step / world / tps
+        step, mem, t, auto_note = predict(pt["opts"], world, cal, pt["chosen"], pt["frac"], legacy)
+        note = "; ".join(n for n in (pt["note"], auto_note) if n)
+        if step_s is None and pt["tps"]:
+            step_s = step.tokens_per_step / world / pt["tps"]
         big_t = max(((k, v) for k, v in t.terms().items() if k not in ("comm_hidden", "optimizer_total")),
                     key=lambda kv: kv[1])
         rows.append(dict(source=label, world=world, layers=step.model.n_layers, context=step.seq_len,
                          config=f"D{step.layout.seq} Ep{step.layout.expert} P{step.layout.vocab} {step.dispatcher} "
                                 f"ac={policy_spec(step.policies)} opt={step.offload}",
-                         peak_meas=peak, peak_pred=mem.allocated / GIB, step_meas=step_s, step_pred=t.step,
+                         peak_meas=pt["peak"], peak_pred=mem.allocated / GIB, step_meas=step_s, step_pred=t.step,
+                         host_meas=pt["host"], host_pred=mem.host / GIB,
                          mem_term=mem.largest(), time_term=f"{big_t[0]} {big_t[1]:.2f}s", note=note))
     return rows
 
@@ -178,14 +183,17 @@ def accuracy_table(paths=None, calibration: str | Calibration = "h200") -> str:
     """The Markdown table of `accuracy_rows`, with the share of points within 10% (memory) / 15% (time)."""
     rows = accuracy_rows(paths, calibration)
     out = ["| source | W | L | context | configuration | peak GiB meas / pred | err | step s meas / pred | err "
-           "| largest terms (memory; time) | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| host GiB/rank meas / pred | largest terms (memory; time) | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mem_ok = time_ok = mem_n = time_n = 0
     for r in rows:
         pm = "-" if r["peak_meas"] is None else f"{r['peak_meas']:.1f}"
         sm = "-" if r["step_meas"] is None else f"{r['step_meas']:.3f}"
+        hm = "-" if r["host_meas"] is None else f"{r['host_meas']:.1f}"
         out.append(f"| {r['source']} | {r['world']} | {r['layers']} | {r['context'] // 1024}K | {r['config']} | "
                    f"{pm} / {r['peak_pred']:.1f} | {_err(r['peak_pred'], r['peak_meas'])} | {sm} / "
-                   f"{r['step_pred']:.3f} | {_err(r['step_pred'], r['step_meas'])} | {r['mem_term']}; "
+                   f"{r['step_pred']:.3f} | {_err(r['step_pred'], r['step_meas'])} | "
+                   f"{hm} / {r['host_pred']:.1f} | {r['mem_term']}; "
                    f"{r['time_term']} | {r['note']} |")
         if r["peak_meas"]:
             mem_n += 1
