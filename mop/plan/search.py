@@ -145,13 +145,14 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
            headroom: float = 0.95, offloads=OFFLOADS,
            dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
-           runners_up: int = 4) -> Plan:
+           runners_up: int = 4, suggest: bool = True) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
     `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
     `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
-    sequences). Raises `NoPlan` with the numbers when nothing fits.
+    sequences). Raises `NoPlan` with the numbers when nothing fits, and (`suggest`) the smallest
+    larger cluster, in whole nodes up to 8x, that would.
     """
     cal = calibration or for_device(None)
     device_bytes = device_bytes or cal.device_bytes
@@ -195,7 +196,7 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                             if key not in closest or cand.memory.reserved < closest[key].memory.reserved:
                                 closest[key] = cand
     if not fitting:
-        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster))
+        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest))
     fitting.sort(key=_rank)
     best = fitting[0]
     seen, ups = {best.label()}, []
@@ -246,7 +247,7 @@ def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policie
     return out
 
 
-def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster) -> str:
+def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest: bool) -> str:
     counts = model.param_counts()
     state = state_memory(model, W, "gpu_stream", 0.0)
     lines = [f"no configuration of {model.shape} ({counts['total'] / 1e9:.1f}B parameters, {model.n_layers} layers) "
@@ -255,11 +256,24 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster) -
         best = min(closest.values(), key=lambda c: c.memory.reserved)
         lines.append(f"closest: {best.label()}: {best.reason}")
     need = state.weights + state.grads
+    min_state = W
     if need > headroom * device_bytes:
+        min_state = int(-(-need * W // (headroom * device_bytes)))
         lines.append(f"weights + gradients alone are {need / GIB:.1f} GiB per GPU (fp32 shards, optimizer on the "
-                     f"host): at least {int(-(-need * W // (headroom * device_bytes)))} GPUs for the state alone")
-    else:
-        lines.append("try more GPUs (a larger D divides the activations), or a shorter context")
+                     f"host): at least {min_state} GPUs for the state alone")
+    if suggest:
+        G = cluster.gpus_per_node
+        for more in sorted({w for w in (2 * W, 4 * W, 8 * W, -(-min_state // G) * G) if w > W and w % G == 0}):
+            try:  # the smallest larger cluster that fits (whole nodes), with its plan
+                plan = choose(model, gpus=more, context=context, gpus_per_node=G, host_bytes=cluster.host_bytes,
+                              intra_bw=cluster.intra_bw, inter_bw=cluster.inter_bw, calibration=cal,
+                              device_bytes=device_bytes, headroom=headroom, suggest=False)
+            except NoPlan:
+                continue
+            lines.append(f"{more} GPUs would fit: {plan.best.summary()}")
+            break
+        else:
+            lines.append("up to 8x the GPUs do not fit either: a shorter context or fewer layers")
     return "\n".join(lines)
 
 
