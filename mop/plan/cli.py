@@ -3,6 +3,7 @@
     mop plan --shape qwen3-30b-a3b --gpus 2 --context 128K --layers 24
     mop plan --shape qwen3-235b-a22b --gpus 64 --gpus-per-node 8 --context 256K --host-mem-gib 2000
     mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
+    torchrun --nproc-per-node 8 -m mop.cli plan calibrate        # ... and the collectives of 8 GPUs
     mop plan accuracy bench/results/*/*/results.json             # predicted vs measured, Markdown
     mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b --parallel.seq=2 --training.seq_len=131072 ...
                                                                  # one configuration, term by term
@@ -90,8 +91,20 @@ def calibrate_main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--quick", action="store_true", help="small sizes (seconds; for tests)")
     args = p.parse_args(argv)
-    cal, path = calibrate(device=args.device, name=args.name, out=args.out, quick=args.quick, log=print)
-    print(f"wrote {path}")
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also all-gather / all-to-all bandwidth
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    log = print if rank == 0 else (lambda *a: None)
+    cal, path = calibrate(device=args.device, name=args.name, out=args.out if rank == 0 else os.devnull,
+                          quick=args.quick, log=log)
+    log(f"wrote {path}")
     return 0
 
 

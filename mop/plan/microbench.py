@@ -182,8 +182,15 @@ def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bo
                   host_adam_stream=h2d / 14.0)  # gpu_stream moves ~14 B/param each way, overlapped (H200 fit)
     coll = collective_bandwidths(dev, 2**20 if small else 2**26)
     if coll is not None:
-        fields.update(intra_bw=coll[0], alltoall_bw=coll[1])
-        log(f"all-gather {coll[0] / 1e9:.0f} GB/s, all-to-all {coll[1] / 1e9:.0f} GB/s (bus, per rank)")
+        # Every rank measured at once: the host link and cores were shared by the node's GPUs, so the
+        # per-rank numbers are a node's total divided by its GPUs.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        fields.update(intra_bw=coll[0], alltoall_bw=coll[1], h2d_bw=cal.h2d_bw, h2d_node_bw=h2d * local,
+                      host_adam_cpu=adam * local, host_adam_stream=cal.host_adam_stream)
+        log(f"all-gather {coll[0] / 1e9:.0f} GB/s, all-to-all {coll[1] / 1e9:.0f} GB/s (bus, per rank); "
+            f"host link {h2d * local / 1e9:.0f} GB/s per node with {local} GPUs copying")
     cal = dataclasses.replace(cal, **fields)
+    if str(out) == os.devnull:  # a non-zero rank under torchrun: measured, not written
+        return cal, out
     path = cal.save(out or CALIBRATION_DIR / f"{cal.name}.json")
     return cal, path
