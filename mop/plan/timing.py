@@ -2,7 +2,8 @@
 
 Compute (per micro-batch, per rank):
 * attention: causal forward 2 * b * S^2 * Hq * Dh / D FLOPs (each rank runs Hq/D heads over all S
-  tokens), backward `attn_bwd_ratio` times that; "full"/"offload" blocks run the forward twice.
+  tokens; S * w pairs instead of S^2 / 2 with a sliding window w), backward `attn_bwd_ratio` times
+  that; "full"/"offload" blocks run the forward twice.
 * expert GEMMs: 6 * N * k * H * I forward (three GEMMs), twice that backward; forward again when the
   layer recomputes itself (pipelined dispatcher, or any block checkpoint). The rate depends on the
   routed rows per local expert (per chunk when pipelined); each chunk also re-reads and accumulates
@@ -94,15 +95,17 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     exp_rate = _rate(cal.expert_flops, rows, cal.expert_half_rows)
     shard = W // ly.expert
     dense_params = dense_block_params(step)
-    # Blocks with the same policy and kind cost the same: each group is computed once.
-    groups = Counter(zip(step.policies, moe))
-    for (policy, is_moe), n_blocks in sorted(groups.items()):
+    # Blocks with the same policy, kind and attention window cost the same: each group is computed once.
+    windows = [m.layer_window(i) if hasattr(m, "layer_window") else 0 for i in range(m.n_layers)]
+    groups = Counter(zip(step.policies, moe, windows))
+    for (policy, is_moe, window), n_blocks in sorted(groups.items()):
         attn0, exp0, dense0, mem0, over0 = attn, exp, dense, mem, over
         comm_exposed0, comm_hidden0, fwd0 = comm_exposed, comm_hidden, fwd_time
         ckpt = policy != "none"
         dense_f = 2.0 * N * dense_params  # attention projections, router, shared/dense FFN
         t_dense_f = dense_f / _rate(cal.gemm_flops, 2.0 * N * H * q, cal.gemm_half)
-        t_attn_f = attn_fwd_flops / attn_rate
+        # A sliding window of w keys: S*w query-key pairs instead of the causal S^2/2.
+        t_attn_f = attn_fwd_flops * (min(1.0, 2.0 * window / S) if window else 1.0) / attn_rate
         attn_passes = step.attention_forwards if policy in ("full", "offload") else 1
         attn += t_attn_f * (attn_passes + cal.attn_bwd_ratio)
         dense += t_dense_f * ((2 if ckpt else 1) + 2)
