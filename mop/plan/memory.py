@@ -33,6 +33,8 @@ def attention_state_bytes(step: Step) -> float:
     """Per token: what the attention kernel keeps for backward (q, k, v post-RoPE, K/V unexpanded, out, lse)."""
     m, a = step.model, step.act_bytes
     dv = m.value_head_dim if m.attention == "mla" else m.head_dim  # MLA: values narrower than q/k heads
+    if step.layout.seq > 1:  # Ulysses pads MLA's v (and so the output) to the q/k head dim (mop.models.mla)
+        dv = max(dv, m.head_dim)
     q, k, v, out = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.n_kv_heads * dv, m.n_heads * dv
     return a * (q + k + v + out) + 4 * m.n_heads
 
