@@ -46,6 +46,7 @@ def _plan_args(argv):
                    help="tokens per optimizer step (default: one sequence per sequence group)")
     p.add_argument("--calibration", default=None, help="a calibration name (h200, cpu) or .json path")
     p.add_argument("--headroom", type=float, default=0.95, help="share of device memory a plan may reserve")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p.parse_args(argv)
 
 
@@ -73,6 +74,11 @@ def plan_main(argv: list[str]) -> int:
     except NoPlan as e:
         print(f"mop plan: {e}", file=sys.stderr)
         return 1
+    if args.json:
+        import json
+
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
     counts = model.param_counts()
     print(f"{model.shape}: {counts['total'] / 1e9:.2f}B parameters ({counts['active'] / 1e9:.2f}B active), "
           f"{model.n_layers} layers; {args.gpus} x {cal.device_name} ({G} per node), context {args.context:,}; "

@@ -80,6 +80,17 @@ class Plan:
                 f"torchrun --nnodes {c.nodes} --nproc-per-node {c.gpus_per_node} -m mop.train")
         return head + " " + " ".join(self.overrides())
 
+    def to_dict(self) -> dict:
+        """The plan as plain data (for scripts): options, predicted terms, runner-ups, rejections."""
+        def cand(c: Candidate) -> dict:
+            return {"label": c.label(), "overrides": c.step.overrides(), "fits": c.fits, "reason": c.reason,
+                    "tokens_per_s_per_gpu": c.time.tokens_per_s_per_gpu, "step_s": c.time.step,
+                    "device_gib": c.memory.reserved / GIB, "host_gib_per_rank": c.memory.host / GIB,
+                    "memory_gib": {k: v / GIB for k, v in c.memory.device_terms().items()},
+                    "time_s": c.time.terms()}
+        return {"best": cand(self.best), "command": self.command(), "runners_up": [cand(c) for c in self.runners_up],
+                "rejected": [cand(c) for c in self.rejected]}
+
     def render(self, n_rejected: int = 8) -> str:
         b = self.best
         m, t = b.memory, b.time
