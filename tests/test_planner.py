@@ -116,6 +116,8 @@ def test_rejections_name_the_term_and_the_limit(capsys):
     assert plan_cli(["--shape", "qwen3-30b-a3b", "--layers", "4", "--gpus", "1", "--context", "8K", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["best"]["fits"] and "--parallel.seq=1" in data["best"]["overrides"]
+    assert plan_cli(["--shape", "nope", "--gpus", "1", "--context", "8K"]) == 2
+    assert "unknown shape 'nope'" in capsys.readouterr().err
     assert plan_cli(["--shape", "qwen3-30b-a3b", "--gpus", "2", "--context", "128K"]) == 1  # all 48 layers
     err = capsys.readouterr().err
     assert "closest: D=" in err and "GiB >" in err and "4 GPUs would fit: D=" in err

@@ -154,11 +154,11 @@ def explain_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Dispatch `mop plan [calibrate|accuracy|explain] ...`."""
-    if argv and argv[0] == "explain":
-        return explain_main(argv[1:])
-    if argv and argv[0] == "calibrate":
-        return calibrate_main(argv[1:])
-    if argv and argv[0] == "accuracy":
-        return accuracy_main(argv[1:])
-    return plan_main(argv)
+    """Dispatch `mop plan [calibrate|accuracy|explain] ...`; a bad option is one line, not a traceback."""
+    sub = {"explain": explain_main, "calibrate": calibrate_main, "accuracy": accuracy_main}
+    run = sub.get(argv[0], plan_main) if argv else plan_main
+    try:
+        return run(argv[1:] if argv and argv[0] in sub else argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mop plan: {e}", file=sys.stderr)
+        return 2
