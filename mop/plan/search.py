@@ -27,6 +27,7 @@ from mop.plan.step import GIB, OFFLOADS, Cluster, Step, policy_spec
 from mop.plan.timing import TimeEstimate, estimate_time
 
 FASTEST_FIRST = ("none", "selective", "full", "offload")
+_OFFLOAD_PREFERENCE = ("none", "gpu_stream", "cpu")  # ties: the faster engine, then less host memory
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _head_chunks(model: ModelConfig, D: int) -> int:
 def _rank(c: Candidate):
     s = c.step
     return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
-            FASTEST_FIRST.index(s.policies[-1]), s.policies, OFFLOADS.index(s.offload), s.dispatcher,
+            FASTEST_FIRST.index(s.policies[-1]), s.policies, _OFFLOAD_PREFERENCE.index(s.offload), s.dispatcher,
             -s.moe_chunk_tokens)
 
 
