@@ -62,7 +62,7 @@ def test_bench_helpers():
 
 def test_sweep_prunes_after_oom():
     from mop.baselines import BaselineConfig
-    from mop.baselines.sweep import candidate_configs, run_sweep
+    from mop.bench.sweep import candidate_configs, run_sweep
     from mop.models.shapes import get_shape
 
     cfgs = candidate_configs(get_shape("qwen3-30b-a3b"), 8192, 4, mode="full", cuda=True)
@@ -99,3 +99,46 @@ def test_bench_optimizer_ablation_reports_exposed_time(tmp_path):
     assert point["step_s_no_optimizer"] > 0
     assert abs(point["step_s"] - point["step_s_no_optimizer"] - point["optimizer_exposed_s"]) < 1e-9
     assert "## Optimizer exposed time" in (out / "results.md").read_text()
+
+
+def test_sigterm_to_bench_kills_the_point_in_flight(tmp_path):
+    """`timeout mop bench ...` must not orphan the point's workers (they run in their own session):
+    orphans kept the GPUs and the run directory's lock, failing the next run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mop.cli", "bench", "--device", "cpu", "--shape", "debug", "--gpus", "2",
+           "--contexts", "64", "--warmup", "1", "--steps", "100000", "--systems", "mop", "--out", str(out)]
+    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers():
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"mop.bench.worker" in args and any(str(out).encode() in a for a in args):
+                found.append(int(pid))
+        return found
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not workers():
+            time.sleep(0.5)
+        assert workers(), "the point's workers never started"
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=60)
+        deadline = time.time() + 10  # killed at once with the fix; orphans live on for minutes
+        while time.time() < deadline and workers():
+            time.sleep(0.5)
+        assert not workers(), "workers outlived a SIGTERM'd mop bench"
+    finally:
+        bench.kill()
+        for pid in workers():
+            os.kill(pid, signal.SIGKILL)

@@ -139,12 +139,13 @@ MOP_AC = {"auto": "auto", "on": "full", "off": "none"}  # --mop-ac -> training.a
 def main(argv: list[str]) -> int:
     """Entry point of `mop bench` (see the module docstring)."""
     from mop.baselines import BaselineConfig
-    from mop.baselines.sweep import candidate_configs, run_sweep
+    from mop.bench.sweep import candidate_configs, run_sweep
     from mop.bench.report import environment, markdown, plots
-    from mop.bench.runner import run_point
+    from mop.bench.runner import run_point, terminate_points_on_sigterm
     from mop.config import build_config
 
     args = parse_args(argv)
+    terminate_points_on_sigterm()
     device = _device(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> int:
     for context in args.context_list:
         for setting in settings:
             # One run directory per point: a point killed at its timeout must not hold the next one's lock.
-            run_dir = str(work / f"run-{context}-{setting}")
+            run_dir = str(work / f"run-{context}-{setting}")  # per point; each system's runs are sequential
             if "mop" in args.system_list and ("mop", context, setting) not in done:
                 # User overrides come last, so an explicit --training.activation_checkpoint wins.
                 extra = (default_mop_overrides(model_cfg, args.gpus, context)

@@ -56,6 +56,13 @@ def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warm
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and all of its workers (own session)
             output, _ = proc.communicate()
+        except BaseException:
+            # `mop bench` itself interrupted or killed by SIGTERM (see `terminate_points_on_sigterm`):
+            # the point runs in its own session, so without this its workers would outlive us, keep
+            # the GPUs and hold the run directory's lock.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         wall_s = time.perf_counter() - t0
         ranks = {}
         for f in Path(result_dir).glob("rank*.json"):
@@ -80,3 +87,13 @@ def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warm
     if record["status"] != "ok":
         record["output_tail"] = (output or "")[-OUTPUT_TAIL:]
     return record
+
+
+def terminate_points_on_sigterm() -> None:
+    """Turn SIGTERM (e.g. `timeout`, a batch scheduler) into SystemExit, so the point in flight is
+    killed with its process group (`run_point`) instead of being orphaned."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
