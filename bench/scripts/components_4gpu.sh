@@ -23,6 +23,6 @@ for S in 131072 262144 524288 1048576; do
   cp /tmp/ctx$S/metrics.jsonl "$OUT/ctx_$S.jsonl" 2>/dev/null; grep -E "^step|rc=|Error" "$OUT/ctx_$S.log" | tail -3
 done
 echo "== 4. experts micro-benchmark (qwen3 widths, 2 skews)"
-timeout 60 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
+timeout 60 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
   --out "$OUT/experts.jsonl" > "$OUT/experts.log" 2>&1; tail -8 "$OUT/experts.log"
 pack components

@@ -14,12 +14,12 @@ case ${PART:-a} in
 a)
   timeout 150 python scripts/gpu_lossless.py --gpus $G --layout seq=2,expert=2,vocab=$G,dispatcher=llep \
     --out "$OUT/lossless_bf16.json" > "$OUT/lossless_bf16.log" 2>&1; tail -4 "$OUT/lossless_bf16.log"
-  timeout 150 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 \
+  timeout 150 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 \
     --skew 0,0.3,0.5,0.8,0.95 --checkpointed --out "$OUT/experts_qwen3.jsonl" > "$OUT/experts_qwen3.log" 2>&1
   grep "^|" "$OUT/experts_qwen3.log"
-  timeout 80 $TR -m mop.parallel.experts.bench --shape kimi-k2-slice --tokens 16384 --skew 0,0.95 --checkpointed \
+  timeout 80 $TR -m mop.bench.experts --shape kimi-k2-slice --tokens 16384 --skew 0,0.95 --checkpointed \
     --out "$OUT/experts_kimi.jsonl" > "$OUT/experts_kimi.log" 2>&1; grep "^|" "$OUT/experts_kimi.log"
-  timeout $(left) $TR -m mop.parallel.vocab_bench --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
+  timeout $(left) $TR -m mop.bench.vocab --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
     --P 1,2,$G --methods plain-compiled,chunked,ring-weights,ring-activations --warmup 1 --iters 3 \
     --out "$OUT/vocab.json" > "$OUT/vocab.log" 2>&1; grep "^|" "$OUT/vocab.log" | head -60
   ;;

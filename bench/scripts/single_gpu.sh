@@ -17,19 +17,19 @@ done
 
 echo "== experts layer, 1 rank (Ep=1): plain vs pipelined, bare and inside a checkpointed block"
 for C in "" "--checkpointed"; do
-  timeout 60 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
+  timeout 60 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
     --dispatchers alltoall,llep_pipelined $C --out "$OUT/experts_qwen3${C:+_ckpt}.jsonl" \
     > "$OUT/experts_qwen3${C:+_ckpt}.log" 2>&1; tail -6 "$OUT/experts_qwen3${C:+_ckpt}.log"
 done
-timeout 50 $TR -m mop.parallel.experts.bench --shape kimi-k2-slice --tokens 8192,16384 --skew 0,0.95 \
+timeout 50 $TR -m mop.bench.experts --shape kimi-k2-slice --tokens 8192,16384 --skew 0,0.95 \
   --dispatchers alltoall,llep_pipelined --checkpointed --out "$OUT/experts_kimi_ckpt.jsonl" \
   > "$OUT/experts_kimi_ckpt.log" 2>&1; tail -6 "$OUT/experts_kimi_ckpt.log"
 
 echo "== vocabulary loss, P=1: ours vs F.cross_entropy on logits vs chunked"
-timeout 90 $TR -m mop.parallel.vocab_bench --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
+timeout 90 $TR -m mop.bench.vocab --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
   --P 1 --out "$OUT/vocab_p1.json" > "$OUT/vocab_p1.log" 2>&1; tail -20 "$OUT/vocab_p1.log"
 
 echo "== host AdamW engines, 1e9 params"
-timeout 60 python -m mop.optim.bench_host_adamw --numel 1e9 --engine cpu,gpu_stream \
+timeout 60 python -m mop.bench.host_adamw --numel 1e9 --engine cpu,gpu_stream \
   > "$OUT/host_adamw.log" 2>&1; tail -12 "$OUT/host_adamw.log"
 pack single_gpu

@@ -17,13 +17,13 @@ grep -E "^step|rc=|Error" "$OUT/profile_$S.log" | tail -5
 
 echo "== experts layer, 1 rank: bare and inside a checkpointed block"
 for C in "" "--checkpointed"; do
-  timeout 45 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
+  timeout 45 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
     --dispatchers alltoall,llep_pipelined $C --out "$OUT/experts_qwen3${C:+_ckpt}.jsonl" \
     > "$OUT/experts_qwen3${C:+_ckpt}.log" 2>&1; tail -5 "$OUT/experts_qwen3${C:+_ckpt}.log"
 done
 
 echo "== vocabulary loss, one device"
-timeout 140 $TR -m mop.parallel.vocab_bench --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
+timeout 140 $TR -m mop.bench.vocab --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768,65536 \
   --P 1 --methods plain,plain-compiled,chunked-eager,chunked --warmup 1 --iters 3 --out "$OUT/vocab_p1.json" \
   > "$OUT/vocab_p1.log" 2>&1; tail -30 "$OUT/vocab_p1.log" | grep "^|"
 

@@ -6,12 +6,12 @@
 NPROC=1 source "$(dirname "$0")/common.sh"
 
 echo "== vocabulary loss, one device"
-timeout 70 $TR -m mop.parallel.vocab_bench --vocab 151936 --hidden 2048,7168 --tokens 8192,32768 \
+timeout 70 $TR -m mop.bench.vocab --vocab 151936 --hidden 2048,7168 --tokens 8192,32768 \
   --P 1 --methods plain-compiled,chunked --warmup 1 --iters 3 --out "$OUT/vocab_p1.json" \
   > "$OUT/vocab_p1.log" 2>&1; grep "^|" "$OUT/vocab_p1.log"
 
 echo "== experts layer in a checkpointed block, chunk 16384 tokens"
-timeout 40 $TR -m mop.parallel.experts.bench --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
+timeout 40 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
   --dispatchers alltoall,llep_pipelined --checkpointed --chunk-tokens 16384 --out "$OUT/experts_c16k_ckpt.jsonl" \
   > "$OUT/experts_c16k_ckpt.log" 2>&1; grep "^|" "$OUT/experts_c16k_ckpt.log"
 

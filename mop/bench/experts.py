@@ -1,6 +1,6 @@
 """GPU micro-benchmark of the expert layer: alltoall vs llep vs llep_pipelined (not a test).
 
-    torchrun --nproc-per-node 4 -m mop.parallel.experts.bench --shape qwen3-30b-a3b \
+    torchrun --nproc-per-node 4 -m mop.bench.experts --shape qwen3-30b-a3b \
         --tokens 16384,65536,131072 --skew 0,0.3,0.5,0.8,0.95 --out bench_experts.json
 
 Each rank routes `tokens` tokens (top-k) through one `ExpertParallelExperts` layer in bf16; a
@@ -24,11 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-SHAPES = {
-    "qwen3-30b-a3b": dict(dim=2048, n_experts=128, top_k=8, hidden=768),
-    "kimi-k2-slice": dict(dim=7168, n_experts=384, top_k=8, hidden=2048),
-}
-DISPATCHERS = ("alltoall", "llep", "llep_pipelined")
+from mop.models.shapes import SHAPES, get_shape
+from mop.parallel.experts import DISPATCHERS
 
 
 def skewed_routing(n_tokens: int, n_experts: int, top_k: int, skew: float, n_hot: int, gen: torch.Generator,
@@ -44,34 +41,27 @@ def skewed_routing(n_tokens: int, n_experts: int, top_k: int, skew: float, n_hot
     return idx.to(device), weight.to(device)
 
 
-class _MetaExperts(torch.nn.Module):
-    def __init__(self, n_experts: int, dim: int, hidden: int, dtype: torch.dtype):
-        super().__init__()
-        kw = dict(device="meta", dtype=dtype)
-        self.w1 = torch.nn.Parameter(torch.empty(n_experts, dim, hidden, **kw))
-        self.w3 = torch.nn.Parameter(torch.empty(n_experts, dim, hidden, **kw))
-        self.w2 = torch.nn.Parameter(torch.empty(n_experts, hidden, dim, **kw))
-
-
-def run_case(layout, shape: dict, dispatcher: str, n_tokens: int, skew: float, args, device) -> dict:
+def run_case(layout, shape, dispatcher: str, n_tokens: int, skew: float, args, device) -> dict:
     """Time fwd+bwd of one layer configuration on this rank; returns local metrics (may raise OOM)."""
     from mop.models.checkpointing import checkpoint_block
+    from mop.models.moe import GroupedExperts
     from mop.parallel.experts import ExpertParallelExperts
 
     cfg = dict(dispatcher=dispatcher, llep_alpha=args.alpha, llep_min_chunk=args.min_chunk,
                llep_imbalance_threshold=args.imbalance_threshold, chunk_tokens=args.chunk_tokens,
                max_chunks=args.max_chunks)
-    meta = _MetaExperts(shape["n_experts"], shape["dim"], shape["hidden"], torch.bfloat16)
+    with torch.device("meta"):  # the model's own experts module, for its shapes only
+        meta = GroupedExperts(shape.n_experts, shape.dim, shape.expert_dim).to(torch.bfloat16)
     mod = ExpertParallelExperts.from_module(meta, layout, cfg)
     mod.to_empty(device=device)
     gen = torch.Generator().manual_seed(1234 + dist.get_rank())
     with torch.no_grad():
         for p in mod.parameters():
             p.to_local().normal_(0.0, 0.02)
-    n_hot = args.hot_experts or shape["top_k"]  # >= top_k hot experts so any skew up to 1 is reachable
-    idx, weight = skewed_routing(n_tokens, shape["n_experts"], shape["top_k"], skew, n_hot, gen, device)
-    x = torch.randn(n_tokens, shape["dim"], generator=gen).to(device, torch.bfloat16).requires_grad_()
-    gy = torch.randn(n_tokens, shape["dim"], generator=gen).to(device, torch.bfloat16)
+    n_hot = args.hot_experts or shape.top_k  # >= top_k hot experts so any skew up to 1 is reachable
+    idx, weight = skewed_routing(n_tokens, shape.n_experts, shape.top_k, skew, n_hot, gen, device)
+    x = torch.randn(n_tokens, shape.dim, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    gy = torch.randn(n_tokens, shape.dim, generator=gen).to(device, torch.bfloat16)
     weight.requires_grad_()
 
     def layer(x_):
@@ -133,7 +123,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    ap.add_argument("--shape", choices=sorted(n for n, s in SHAPES.items() if s.n_experts > 1),
+                    default="qwen3-30b-a3b")
     ap.add_argument("--tokens", default="16384,65536,131072", help="tokens per rank, comma-separated")
     ap.add_argument("--skew", default="0,0.3,0.5,0.8,0.95", help="fractions of top-k slots to hot experts")
     ap.add_argument("--dispatchers", default=",".join(DISPATCHERS))
@@ -161,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl", timeout=timedelta(seconds=args.timeout), device_id=device)
     world = dist.get_world_size()
-    shape = SHAPES[args.shape]
+    shape = get_shape(args.shape)
     layout = Layout.build(LayoutSpec(world, expert=args.ep or world), device)
     dispatchers = [d for d in args.dispatchers.split(",") if d]
     for d in dispatchers:

@@ -13,7 +13,7 @@ ranks: time is the mean of `--iters` fwd+bwd passes timed with CUDA events after
 memory is the peak allocated during the pass (`peak_gib`, inputs included) and above the inputs
 (`extra_gib`).
 
-    torchrun --nproc-per-node 4 -m mop.parallel.vocab_bench --vocab 151936,200000 --hidden 2048,7168 \\
+    torchrun --nproc-per-node 4 -m mop.bench.vocab --vocab 151936,200000 --hidden 2048,7168 \\
         --tokens 8192,32768,65536 --P 1,2,4 --out vocab_bench.json
 
 writes one JSON object per line to --out and a Markdown table next to it (--out with .md). On a

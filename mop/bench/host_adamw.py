@@ -1,6 +1,6 @@
 """Benchmark HostAdamW engines on one GPU: update throughput, copy bandwidth, memory, and correctness.
 
-    python -m mop.optim.bench_host_adamw --numel 1e9 --engine cpu,gpu_stream
+    python -m mop.bench.host_adamw --numel 1e9 --engine cpu,gpu_stream
 
 For each engine it builds bf16 parameters on the GPU (split into `--tensors` tensors, like layers),
 fixed bf16 gradients, runs `--warmup` + `--steps` full updates, and prints one JSON line with
@@ -170,7 +170,7 @@ def check_cuda_paths(engine: str, device: torch.device) -> dict:
     return {"check": engine, "max_abs_err_vs_torch_adamw": err, "ok": err <= MASTER_ATOL}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Parse arguments and print one JSON line per engine (plus one for the raw link bandwidth)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=float, default=1e9, help="total parameters (e.g. 1e9)")
@@ -181,14 +181,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.numel = int(args.numel)
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
     for e in engines:
         if e not in ("cpu", "gpu_stream", "device"):
             raise ValueError(f"--engine: {e!r} is not one of cpu, gpu_stream, device")
     if not torch.cuda.is_available():
-        raise SystemExit("bench_host_adamw needs a CUDA GPU")
+        raise SystemExit("mop.bench.host_adamw needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
     print(
         json.dumps({"link": torch.cuda.get_device_name(device), **link_bandwidth(min(args.numel, 2**28), device)}),
@@ -206,7 +206,7 @@ def main() -> None:
         if not result["ok"]:
             failed.append(engine)
     if failed:
-        raise SystemExit(f"bench_host_adamw: result outside the stated tolerance for {failed}")
+        raise SystemExit(f"mop.bench.host_adamw: result outside the stated tolerance for {failed}")
 
 
 if __name__ == "__main__":
