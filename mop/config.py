@@ -30,7 +30,7 @@ class ParallelConfig:
     expert: int = 1  # Ep: expert-parallel degree (experts further sharded over W/Ep)
     vocab: int = 1  # P: vocabulary-parallel degree
     ulysses_head_chunks: int = 1
-    dispatcher: str = "alltoall"  # "alltoall" | "llep" | "llep_pipelined"
+    dispatcher: str = "alltoall"  # a name in mop.parallel.experts.registry.DISPATCHERS
     llep_alpha: float = 1.1
     llep_min_chunk: int = 1024
     llep_lambda: float = 1.3
@@ -44,8 +44,9 @@ class ParallelConfig:
         for name in ("nproc", "seq", "expert", "vocab", "ulysses_head_chunks", "moe_chunk_tokens", "moe_max_chunks"):
             if getattr(self, name) < 1:
                 raise _bad(f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.dispatcher not in ("alltoall", "llep", "llep_pipelined"):
-            raise _bad("parallel.dispatcher", f"{self.dispatcher!r} is not one of 'alltoall', 'llep', 'llep_pipelined'")
+        from mop.parallel.experts.registry import check_dispatcher
+
+        check_dispatcher(self.dispatcher)
         if self.vocab_schedule not in ("auto", "weights", "activations"):
             raise _bad("parallel.vocab_schedule", f"{self.vocab_schedule!r} is not one of 'auto', 'weights', 'activations'")
         if self.reduce_dtype not in ("fp32", "bf16"):

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     dispatchers = [d for d in args.dispatchers.split(",") if d]
     for d in dispatchers:
         if d not in DISPATCHERS:
-            raise SystemExit(f"--dispatchers: {d!r} is not one of {DISPATCHERS}")
+            raise SystemExit(f"--dispatchers: {d!r} is not one of {list(DISPATCHERS)}")
     rows = []
     for n_tokens in [int(t) for t in args.tokens.split(",")]:
         for skew in [float(s) for s in args.skew.split(",")]:

@@ -8,11 +8,12 @@ stages; `mop.parallel.experts.pipeline` runs them in a fixed order inside one au
 
 * `AllToAllDispatcher` ("alltoall"): plain EP, every token copy to its expert's home rank.
 * `LlepDispatcher` ("llep"): least-loaded EP, spilled slices of hot experts go to helper ranks.
-* `LlepDispatcher(max_chunks>1, recompute=True)` ("llep_pipelined"): tokens in K chunks, one LLEP
-  plan per chunk, all made from ONE all-gather of per-chunk counts (so one host sync per layer);
-  each chunk is balanced on its own, which is what the per-chunk overlap needs. Weights of every
-  expert spilled in any chunk are sent once per layer.
-A DeepEP-style dispatcher would subclass `TokenDispatcher` and override `dispatch` / `combine`.
+* `PipelinedLlepDispatcher` ("llep_pipelined"): tokens in K chunks, one LLEP plan per chunk, all
+  made from ONE all-gather of per-chunk counts (so one host sync per layer); each chunk is balanced
+  on its own, which is what the per-chunk overlap needs. Weights of every expert spilled in any
+  chunk are sent once per layer.
+A DeepEP-style dispatcher would subclass `TokenDispatcher` and override `dispatch` / `combine`;
+`mop.parallel.experts.registry.DISPATCHERS` is where every dispatcher is found by name.
 """
 
 from __future__ import annotations
@@ -170,7 +171,6 @@ class TokenDispatcher(ABC):
     (recompute dispatch and GEMMs in backward) instead of keeping the expert graph.
     """
 
-    name = "base"
     recompute = False
 
     def __init__(self, n_experts: int, group):
@@ -180,6 +180,11 @@ class TokenDispatcher(ABC):
         self.experts_per_rank = n_experts // self.n_ranks
         self.n_llep_plans = 0   # chunk plans that spilled (LLEP path taken)
         self.n_plain_plans = 0  # chunk plans that kept every expert home (lambda / plain EP path)
+
+    @classmethod
+    def from_config(cls, cfg, n_experts: int, group) -> "TokenDispatcher":
+        """The dispatcher for an `ExpertParallelConfig` over the expert group `group`."""
+        return cls(n_experts, group)
 
     @abstractmethod
     def plan(self, topk_idx_TK: torch.Tensor) -> LayerPlan:
@@ -228,8 +233,6 @@ def _sorted_counts(idx_TK: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, 
 class AllToAllDispatcher(TokenDispatcher):
     """Plain EP: sort by expert, exchange counts (one all_to_all), variable all-to-all of tokens."""
 
-    name = "alltoall"
-
     def plan(self, topk_idx_TK: torch.Tensor) -> LayerPlan:
         sort_idx, counts_E = _sorted_counts(topk_idx_TK, self.n_experts)
         recv_counts = torch.empty_like(counts_E)  # [src, local expert] counts for our experts
@@ -246,7 +249,7 @@ class AllToAllDispatcher(TokenDispatcher):
 
 
 class LlepDispatcher(TokenDispatcher):
-    """Least-loaded EP; with `max_chunks > 1` the pipelined, recomputing variant ("llep_pipelined")."""
+    """Least-loaded EP; with `max_chunks > 1` and `recompute` the pipelined variant (`PipelinedLlepDispatcher`)."""
 
     def __init__(self, n_experts: int, group, alpha: float = 1.1, min_chunk: int = 1024,
                  imbalance_threshold: float = 1.3, chunk_tokens: int = 16384, max_chunks: int = 1,
@@ -254,7 +257,12 @@ class LlepDispatcher(TokenDispatcher):
         super().__init__(n_experts, group)
         self.alpha, self.min_chunk, self.imbalance_threshold = alpha, min_chunk, imbalance_threshold
         self.chunk_tokens, self.max_chunks, self.recompute = chunk_tokens, max_chunks, recompute
-        self.name = "llep_pipelined" if max_chunks > 1 or recompute else "llep"
+
+    @classmethod
+    def from_config(cls, cfg, n_experts: int, group) -> "LlepDispatcher":
+        """One LLEP plan per layer call (`max_chunks=1`), the expert graph kept for backward."""
+        return cls(n_experts, group, alpha=cfg.llep_alpha, min_chunk=cfg.llep_min_chunk,
+                   imbalance_threshold=cfg.llep_imbalance_threshold, chunk_tokens=cfg.chunk_tokens, max_chunks=1)
 
     def plan(self, topk_idx_TK: torch.Tensor) -> LayerPlan:
         T, E, Kmax = topk_idx_TK.shape[0], self.n_experts, self.max_chunks
@@ -295,5 +303,17 @@ class LlepDispatcher(TokenDispatcher):
         return LayerPlan(bounds, routes, transfers, foreign, plans)
 
 
-__all__ = ["AllToAllDispatcher", "LayerPlan", "LlepDispatcher", "Route", "TokenDispatcher", "build_route",
-           "expert_mlp", "permute_rows"]
+class PipelinedLlepDispatcher(LlepDispatcher):
+    """LLEP in up to `max_chunks` chunks of `chunk_tokens`, each recomputed in backward (about one
+    chunk of routed activations live at a time)."""
+
+    @classmethod
+    def from_config(cls, cfg, n_experts: int, group) -> "PipelinedLlepDispatcher":
+        """Chunks of `cfg.chunk_tokens`, at most `cfg.max_chunks`, recomputed in backward."""
+        return cls(n_experts, group, alpha=cfg.llep_alpha, min_chunk=cfg.llep_min_chunk,
+                   imbalance_threshold=cfg.llep_imbalance_threshold, chunk_tokens=cfg.chunk_tokens,
+                   max_chunks=cfg.max_chunks, recompute=True)
+
+
+__all__ = ["AllToAllDispatcher", "LayerPlan", "LlepDispatcher", "PipelinedLlepDispatcher", "Route", "TokenDispatcher",
+           "build_route", "expert_mlp", "permute_rows"]

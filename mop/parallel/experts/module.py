@@ -1,4 +1,4 @@
-"""`ExpertParallelExperts`: the contract's experts module for hybrid expert parallelism x sharding.
+"""`ExpertParallelExperts`: the experts module for hybrid expert parallelism x sharding.
 
 Weights `w1` [E, H, I], `w3` [E, H, I], `w2` [E, I, H] are DTensors of the full shapes on
 `layout.expert_mesh` [W/Ep, Ep] ("expert_shard", "expert"): Shard(0) over "expert" (expert-group
@@ -17,17 +17,16 @@ from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from mop.models.checkpointing import checkpoint_phase
-from mop.parallel.experts.dispatch import AllToAllDispatcher, LlepDispatcher, TokenDispatcher
+from mop.parallel.experts.dispatch import TokenDispatcher
 from mop.parallel.experts.pipeline import MoELayerFunction, ShardSpec
-
-DISPATCHERS = ("alltoall", "llep", "llep_pipelined")
+from mop.parallel.experts.registry import check_dispatcher, dispatcher_class
 
 
 @dataclass
 class ExpertParallelConfig:
     """Options of the expert layer; validated on creation."""
 
-    dispatcher: str = "alltoall"          # "alltoall" | "llep" | "llep_pipelined"
+    dispatcher: str = "alltoall"          # a name in DISPATCHERS (mop.parallel.experts.registry)
     llep_alpha: float = 1.1               # per-rank capacity = alpha * total / Ep
     llep_min_chunk: int = 1024            # smallest spilled slice of an expert (tokens)
     llep_imbalance_threshold: float = 1.3  # lambda: below this max/mean load, plain EP
@@ -38,8 +37,7 @@ class ExpertParallelConfig:
     max_chunks: int = 10                  # llep_pipelined: at most this many chunks (K_max)
 
     def __post_init__(self) -> None:
-        if self.dispatcher not in DISPATCHERS:
-            raise ValueError(f"experts.dispatcher={self.dispatcher!r} is not one of {DISPATCHERS}")
+        check_dispatcher(self.dispatcher, "experts.dispatcher")
         if not self.llep_alpha >= 1.0:
             raise ValueError(f"experts.llep_alpha={self.llep_alpha} must be >= 1.0")
         if self.llep_min_chunk < 1:
@@ -63,13 +61,8 @@ class ExpertParallelConfig:
 
 
 def make_dispatcher(cfg: ExpertParallelConfig, n_experts: int, group) -> TokenDispatcher:
-    """The dispatcher named by `cfg.dispatcher` for the expert group `group`."""
-    if cfg.dispatcher == "alltoall":
-        return AllToAllDispatcher(n_experts, group)
-    pipelined = cfg.dispatcher == "llep_pipelined"
-    return LlepDispatcher(n_experts, group, alpha=cfg.llep_alpha, min_chunk=cfg.llep_min_chunk,
-                          imbalance_threshold=cfg.llep_imbalance_threshold, chunk_tokens=cfg.chunk_tokens,
-                          max_chunks=cfg.max_chunks if pipelined else 1, recompute=pipelined)
+    """The dispatcher registered as `cfg.dispatcher`, built from `cfg`, for the expert group `group`."""
+    return dispatcher_class(cfg.dispatcher).from_config(cfg, n_experts, group)
 
 
 class ExpertParallelExperts(nn.Module):
@@ -107,8 +100,6 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"experts weights must be w1/w3 [E,H,I] and w2 [E,I,H]; got w1 {tuple(orig.w1.shape)}, "
                              f"w3 {tuple(orig.w3.shape)}, w2 {tuple(orig.w2.shape)}")
         return cls(E, H, I, layout, ExpertParallelConfig.from_any(cfg), dtype=orig.w1.dtype, device="meta")
-
-    from_local_module = from_module  # the name the contract uses as an example
 
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         if x_TH.shape[-1] != self.dim:
