@@ -164,7 +164,7 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
     `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
     sequences). Raises `NoPlan` with the numbers when nothing fits, and (`suggest`) the smallest
-    larger cluster, in whole nodes up to 8x, that would.
+    larger cluster that would (whole nodes: 2x, 4x, 8x, and 1x and 2x what the state alone needs).
     """
     cal = calibration or for_device(None)
     device_bytes = device_bytes or cal.device_bytes
@@ -275,7 +275,8 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, s
                      f"host): at least {min_state} GPUs for the state alone")
     if suggest:
         G = cluster.gpus_per_node
-        for more in sorted({w for w in (2 * W, 4 * W, 8 * W, -(-min_state // G) * G) if w > W and w % G == 0}):
+        m = -(-min_state // G) * G  # the state alone, in whole nodes
+        for more in sorted({w for w in (2 * W, 4 * W, 8 * W, m, 2 * m) if w > W and w % G == 0}):
             try:  # the smallest larger cluster that fits (whole nodes), with its plan
                 plan = choose(model, gpus=more, context=context, gpus_per_node=G, host_bytes=cluster.host_bytes,
                               intra_bw=cluster.intra_bw, inter_bw=cluster.inter_bw, calibration=cal,
@@ -285,7 +286,7 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, s
             lines.append(f"{more} GPUs would fit: {plan.best.summary()}")
             break
         else:
-            lines.append("up to 8x the GPUs do not fit either: a shorter context or fewer layers")
+            lines.append(f"up to {max(8 * W, 2 * m)} GPUs do not fit either: a shorter context or fewer layers")
     return "\n".join(lines)
 
 
