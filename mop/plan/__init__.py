@@ -18,6 +18,9 @@ Python API (what `parallel.plan = "auto"` in `mop train` / `mop bench` uses):
     plan.best.step.overrides()      # the mop train options; plan.best.memory / .time: the terms
     plan_for_job(job, world)        # the same from a JobConfig (its model, context, tokens per step)
     check_step_fits(job, world, device_bytes)   # pre-flight of a whole step, activations included
+
+Constants: `for_device(torch.cuda.get_device_name())` picks the shipped calibration of that GPU
+type (H200 by default); `Calibration.load(path)` one written by `mop plan calibrate`.
 """
 
 from mop.plan.calibration import Calibration, for_device
