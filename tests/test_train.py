@@ -1,6 +1,7 @@
 """End-to-end training on CPU: the loss falls, resume is exact, checkpoints are atomic, the CLI runs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,3 +118,27 @@ def test_memory_peak_breakdown_from_an_allocator_trace():
     lines = report.splitlines()[2:]
     assert lines[0].split()[:2] == ["5.000", "2"] and "parallel/experts/dispatch.py:7 compute" in lines[0]
     assert lines[1].split()[:2] == ["1.000", "1"] and "ops/attention.py:42 causal_attention" in lines[1]
+
+
+def test_worker_exits_without_interpreter_teardown(tmp_path):
+    """`python -m mop.train` leaves with os._exit once everything is written: a host-optimizer run's
+    teardown (freeing ~100 GB of pinned memory) kept workers alive over a minute after the last step.
+    A slow teardown is injected with an atexit handler (sitecustomize); the run must not wait for it,
+    and its metrics and checkpoint must be complete."""
+    import time
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import atexit, time\natexit.register(lambda: time.sleep(120))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "mop.train", "--model.shape=debug", "--model.vocab_size=258", "--training.steps=2",
+           "--training.seq_len=32", "--training.batch_size=2", "--training.device=cpu", "--logging.progress=none",
+           "--logging.log_every=1", "--checkpoint.enabled=true", "--data.dataset=synthetic",
+           f"--logging.run_dir={tmp_path / 'run'}"]
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert time.monotonic() - t0 < 100, "the worker waited for interpreter teardown"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2
+    assert (tmp_path / "run" / "checkpoints").is_dir() and any((tmp_path / "run" / "checkpoints").iterdir())
