@@ -3,8 +3,8 @@
 The search visits every layout (D, Ep, P dividing W; Ep dividing the experts; P at most a node),
 every dispatcher (the pipelined one with 16K- and 4K-token chunks) and optimizer placement, and
 per layout the activation policies from the fastest (no checkpoint) down to the leanest (offloaded
-block inputs), plus the mix "selective on the first n blocks, full on the rest" with the largest n
-that fits. Each candidate gets the memory and
+block inputs), plus the mix of the first that fits and the next faster one ("selective*17,full":
+the faster policy on the most first blocks that fit). Each candidate gets the memory and
 time model (`estimate_memory`, `estimate_time`); it fits when the predicted reserved device memory
 is under `headroom` x the device and the predicted host memory under the node's. Candidates are
 ranked by predicted tokens/s/GPU, ties broken by the configuration itself, so the result is the
@@ -235,7 +235,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
 
 
 def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policies):
-    """Uniform policies from the fastest down to the first that fits, then the best selective/full mix."""
+    """Uniform policies from the fastest down to the first that fits, then the mix of that one and
+    the next faster: the faster policy on as many of the first blocks as fit (e.g. "selective*17,full")."""
     out = []
     L = base.model.n_layers
     for p in policies:
@@ -243,12 +244,12 @@ def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policie
         out.append(cand)
         if cand.fits:
             break
-    uniform = {c.step.policies[0]: c for c in out}
-    if "selective" in uniform and not uniform["selective"].fits and "full" in policies:
-        lo, hi, best = 1, L - 1, None  # largest n with selective on the first n blocks that fits
+    if len(out) >= 2 and out[-1].fits:
+        faster, leaner = out[-2].step.policies[0], out[-1].step.policies[0]
+        lo, hi, best = 1, L - 1, None  # binary search: memory grows with n
         while lo <= hi:
             n = (lo + hi) // 2
-            cand = evaluate(replace(base, policies=("selective",) * n + ("full",) * (L - n)), cal, cluster,
+            cand = evaluate(replace(base, policies=(faster,) * n + (leaner,) * (L - n)), cal, cluster,
                             device_bytes, headroom)
             if cand.fits:
                 best, lo = cand, n + 1
