@@ -61,7 +61,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    offload: str = "none"  # "none" (torch AdamW on the device) | "cpu" | "gpu_stream" (host-resident state)
+    offload: str = "none"  # "none" (torch AdamW on the device) | a host engine of mop.optim.registry.ENGINES
     device_fraction: float = -1.0  # share of offloaded state kept on the device; -1 = from free memory
     bucket_numel: int = 2**25
     overlap_update: bool = True  # host optimizer: update while the next forward runs (False: finish in the step)
@@ -79,8 +79,11 @@ class OptimizerConfig:
             raise _bad("optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise _bad("optimizer.betas", f"must be two numbers in [0, 1), got {self.betas}")
-        if self.offload not in ("none", "cpu", "gpu_stream"):
-            raise _bad("optimizer.offload", f"{self.offload!r} is not one of 'none', 'cpu', 'gpu_stream'")
+        from mop.optim.registry import offload_choices
+
+        if self.offload not in offload_choices():
+            raise _bad("optimizer.offload", f"{self.offload!r} is not one of "
+                       + ", ".join(repr(c) for c in offload_choices()))
         if not (self.device_fraction == -1.0 or 0.0 <= self.device_fraction <= 1.0):
             raise _bad("optimizer.device_fraction", f"must be -1 (auto) or in [0, 1], got {self.device_fraction}")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from mop.optim import HostAdamW
-from mop.optim.engines import AdamWHyper, HostThreadPool, adamw_flat_, plan_buckets
+from mop.optim.buckets import AdamWHyper, HostThreadPool, adamw_flat_, plan_buckets
 from tests.dist_utils import run_distributed
 
 LR, WD, BETAS = 1e-2, 0.1, (0.9, 0.95)
@@ -265,7 +265,7 @@ def test_thread_pool_slices_and_intra_op_pinning():
     xs = batches(4)
     model = make_model()
     opt = host_adamw(model, engine="cpu", cpu_threads=2, bucket_numel=100)
-    opt._pool.min_slice_numel = 8  # tiny buckets still split across both threads
+    opt._engine.pool.min_slice_numel = 8  # tiny buckets still split across both threads
     train(model, opt, xs)
     assert_same_params(model, reference(xs))
 

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from mop.optim import HostAdamW
+from mop.optim import ENGINES, HostAdamW
+from mop.optim.registry import engine_class
 
 MASTER_ATOL = 1e-5
 BF16_RTOL = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
@@ -93,8 +94,9 @@ def run_engine(engine: str, args, device: torch.device) -> dict:
     seconds = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated(device) - before
 
-    offloaded = args.numel - round((1.0 if engine == "device" else args.device_fraction) * args.numel)
-    per_direction = {"cpu": 2, "gpu_stream": 12, "device": 0}[engine] * offloaded  # bytes each way per step
+    cls = engine_class(engine)
+    offloaded = args.numel - round((1.0 if cls.device_resident else args.device_fraction) * args.numel)
+    per_direction = cls.link_bytes_per_bf16_param * offloaded  # bytes each way per step
     state = opt.state_dict()["state"]
     master_err, bf16_ok, bf16_excess = 0.0, True, 0.0
     for i, (p, r) in enumerate(zip(params, ref_values)):
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments and print one JSON line per engine (plus one for the raw link bandwidth)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=float, default=1e9, help="total parameters (e.g. 1e9)")
-    parser.add_argument("--engine", default="cpu,gpu_stream", help="comma list of cpu, gpu_stream, device")
+    parser.add_argument("--engine", default="cpu,gpu_stream", help=f"comma list of {', '.join(ENGINES)}")
     parser.add_argument("--tensors", type=int, default=16, help="how many parameter tensors to split numel into")
     parser.add_argument("--bucket-numel", type=int, default=2**25)
     parser.add_argument("--device-fraction", type=float, default=0.0)
@@ -185,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     args.numel = int(args.numel)
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
     for e in engines:
-        if e not in ("cpu", "gpu_stream", "device"):
-            raise ValueError(f"--engine: {e!r} is not one of cpu, gpu_stream, device")
+        if e not in ENGINES:
+            raise ValueError(f"--engine: {e!r} is not one of {', '.join(ENGINES)}")
     if not torch.cuda.is_available():
         raise SystemExit("mop.bench.host_adamw needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())

@@ -1,5 +1,6 @@
 """Optimizers: HostAdamW, AdamW with host-resident fp32 state updated in pipelined buckets (MOP.md §3.5)."""
 
 from mop.optim.host_adamw import HostAdamW
+from mop.optim.registry import ENGINES
 
-__all__ = ["HostAdamW"]
+__all__ = ["ENGINES", "HostAdamW"]

@@ -1,4 +1,4 @@
-"""Building blocks of HostAdamW: the flat-bucket layout, the AdamW kernel, and the host thread pool.
+"""Flat buckets of HostAdamW's state and what works on them: the layout, the AdamW kernel, the host thread pool.
 
 Everything here is device-agnostic and free of optimizer bookkeeping so it can be tested alone:
 `plan_buckets` decides where every element of every local shard lives, `adamw_flat_` performs one

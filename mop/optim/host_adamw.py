@@ -3,7 +3,8 @@
 MOP.md §3.5. The device keeps only the model's parameters (bf16 or fp32) and their gradients; for
 every parameter's local shard the optimizer keeps fp32 master weights, exp_avg and exp_avg_sq. The
 first `device_fraction` of that state (by numel, parameter order) stays on the device; the rest is
-offloaded and updated by one of two engines, bucket by bucket in parameter order:
+offloaded and updated, bucket by bucket in parameter order, by the engine named in
+`mop.optim.registry.ENGINES` (`mop.optim.update_engines`):
 
 - "cpu": gradients go device->host (param dtype, so 2 B/param for bf16), a thread pool runs the
   fused AdamW kernel on slices of the bucket, cast weights go host->device.
@@ -21,37 +22,25 @@ calls costs overlap, never correctness.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from mop.optim.engines import (
+from mop.optim.buckets import (
     Bucket,
-    HostThreadPool,
-    adamw_flat_,
     as_param_layout,
     check_clip,
     check_host_memory,
     check_hyper,
     group_hyper,
     local_shard,
-    shards_device,
     plan_buckets,
     record_event,
+    shards_device,
 )
-
-ENGINES = ("cpu", "gpu_stream", "device")
-STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-class _Slot:
-    """One device staging buffer set for the gpu_stream engine."""
-
-    def __init__(self, numel: int, device: torch.device):
-        self.tensors = [torch.empty(numel, dtype=torch.float32, device=device) for _ in STATE_KEYS]
-        self.free = None  # CUDA event: the last occupant's copy back to the host is done
+from mop.optim.registry import ENGINES, engine_class
+from mop.optim.update_engines import STATE_KEYS, BucketUpdate, DeviceEngine
 
 
 class HostAdamW(torch.optim.Optimizer):
@@ -77,7 +66,7 @@ class HostAdamW(torch.optim.Optimizer):
         update_order=None,
     ):
         if engine not in ENGINES:
-            raise ValueError(f"engine={engine!r}: expected one of {ENGINES}")
+            raise ValueError(f"engine={engine!r}: expected one of {tuple(ENGINES)}")
         if not 0.0 <= device_fraction <= 1.0:
             raise ValueError(f"device_fraction={device_fraction}: expected a number in [0, 1]")
         if int(bucket_numel) < 1:
@@ -89,6 +78,8 @@ class HostAdamW(torch.optim.Optimizer):
         check_hyper(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.engine = engine
+        self._engine = engine_class(engine)(self)
+        self._device_engine = DeviceEngine(self)  # updates the device-resident share of any engine
         self.bucket_numel = int(bucket_numel)
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._index_of = {p: i for i, p in enumerate(self._params)}
@@ -99,7 +90,7 @@ class HostAdamW(torch.optim.Optimizer):
         self._device = shards_device(locals_)
         self._cuda = self._device.type == "cuda"
         numels = [t.numel() for t in locals_]
-        fraction = 1.0 if engine == "device" else float(device_fraction)
+        fraction = 1.0 if self._engine.device_resident else float(device_fraction)
         self._device_numel = round(fraction * sum(numels))
         order = None
         if update_order is not None:  # e.g. forward order, so the next forward waits least (overlap.py)
@@ -119,16 +110,11 @@ class HostAdamW(torch.optim.Optimizer):
             self.state[p] = {"layout": "HostAdamW"}
         offloaded = [b for b in self._buckets if not b.on_device]
         self._pin = bool(pin_memory) and torch.cuda.is_available()
-        extra = self._host_staging_bytes(offloaded)
+        extra = self._engine.host_staging_bytes(offloaded)
         num_offloaded = sum(b.numel for b in offloaded)
         if num_offloaded:
             self.check_host_memory(num_offloaded, 1, bytes_per_param=12, staging_bytes=extra)
         self._allocate(locals_)
-        self._slots: list[_Slot] = []
-        self._slot_cursor = 0
-        if engine == "gpu_stream" and offloaded:
-            slot_numel = max(b.numel for b in offloaded)
-            self._slots = [_Slot(slot_numel, self._device) for _ in range(min(int(staging_slots), len(offloaded)))]
         self._streams = {}
         if self._cuda:
             self._streams = {k: torch.cuda.Stream(self._device) for k in ("h2d", "update", "d2h")}
@@ -136,7 +122,7 @@ class HostAdamW(torch.optim.Optimizer):
         if cpu_threads is None:
             cpu_threads = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         self.cpu_threads = int(cpu_threads)
-        self._pool = HostThreadPool(self.cpu_threads) if engine == "cpu" and offloaded else None
+        self._engine.start(offloaded, int(staging_slots), self.cpu_threads)
         # One ordered worker: host updates (CPU engine) and, on CPU-only runs, every bucket.
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="host-adamw-driver")
         self._frozen = True
@@ -147,16 +133,6 @@ class HostAdamW(torch.optim.Optimizer):
         if getattr(self, "_frozen", False):
             raise ValueError("add_param_group: HostAdamW's bucket layout is fixed; pass all groups to the constructor")
         super().add_param_group(param_group)
-
-    def _host_staging_bytes(self, offloaded: list[Bucket]) -> int:
-        """Bytes of cpu-engine gradient/weight staging over all offloaded buckets."""
-        if self.engine != "cpu":
-            return 0
-        total = 0
-        for b in offloaded:
-            itemsize = torch.empty((), dtype=b.dtype).element_size()
-            total += b.numel * itemsize * (2 if self._cuda and b.dtype != torch.float32 else 1)
-        return total
 
     def _allocate(self, locals_: list[torch.Tensor]) -> None:
         for b in self._buckets:
@@ -174,10 +150,8 @@ class HostAdamW(torch.optim.Optimizer):
                     .reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
                 )
                 b.master[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(src)
-            if self.engine == "cpu" and not b.on_device:
-                b.host_grad = torch.empty(b.numel, dtype=b.dtype, pin_memory=self._pin)
-                if self._cuda and b.dtype != torch.float32:
-                    b.host_weight = torch.empty(b.numel, dtype=b.dtype, pin_memory=self._pin)
+            if not b.on_device:
+                self._engine.allocate(b)
 
     # ---------------------------------------------------------------- public API
     @torch.no_grad()
@@ -226,13 +200,9 @@ class HostAdamW(torch.optim.Optimizer):
         for b in self._buckets:
             runs = self._runs(b, has_grad)
             if runs:
-                hyper = hypers[b.group_index]
-                if b.on_device:
-                    self._launch_device(b, runs, grads, locals_, has_grad, hyper, clip_coef)
-                elif self.engine == "gpu_stream":
-                    self._launch_streamed(b, runs, grads, locals_, has_grad, hyper, clip_coef)
-                else:
-                    self._launch_host(b, runs, grads, locals_, has_grad, hyper, clip_host, clip_event, ready)
+                update = BucketUpdate(runs, grads, locals_, has_grad, hypers[b.group_index], clip_coef, clip_host,
+                                      clip_event, ready)
+                (self._device_engine if b.on_device else self._engine).launch(b, update)
             b.offloaded.clear()
 
     def wait_params(self, params) -> None:
@@ -255,7 +225,7 @@ class HostAdamW(torch.optim.Optimizer):
         gradients' producer is ordered before that stream (with FSDP2: after the reduce-scatter's
         result was waited for). The other engines consume gradients on the device: a no-op for them.
         """
-        if self.engine != "cpu":
+        if not self._engine.grads_to_host:
             return
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -277,7 +247,7 @@ class HostAdamW(torch.optim.Optimizer):
         for bi, pieces in todo.items():
             b = self._buckets[bi]
             self._wait_future(b)  # the previous update may still be reading host_grad
-            self._offload_pieces(b, pieces, grads, ready)
+            self._engine.offload_pieces(b, pieces, grads, ready)
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -296,126 +266,6 @@ class HostAdamW(torch.optim.Optimizer):
                     if ev is not None:
                         stream.wait_event(ev)
         super().zero_grad(set_to_none=set_to_none)
-
-    # ---------------------------------------------------------------- bucket launches
-    def _launch_device(self, b, runs, grads, locals_, has_grad, hyper, clip_coef) -> None:
-        @torch.no_grad()
-        def work():
-            grad_flat = self._gather_grads(b, grads, has_grad)
-            for start, end, step in runs:
-                adamw_flat_(
-                    b.master[start:end],
-                    b.exp_avg[start:end],
-                    b.exp_avg_sq[start:end],
-                    grad_flat[start:end],
-                    hyper,
-                    step,
-                    clip_coef,
-                )
-            self._write_params(b, b.master, locals_, has_grad)
-
-        if self._cuda:
-            update = self._streams["update"]
-            with torch.cuda.stream(update):
-                work()
-                self._record_grads_use(b, grads, has_grad, update)
-                b.params_ready = record_event(update)
-        else:
-            b.future = self._driver.submit(work)
-
-    def _launch_streamed(self, b, runs, grads, locals_, has_grad, hyper, clip_coef) -> None:
-        slot = self._slots[self._slot_cursor % len(self._slots)]
-        self._slot_cursor += 1
-        staged = [t[: b.numel] for t in slot.tensors]
-        host = [b.master, b.exp_avg, b.exp_avg_sq]
-
-        def update_staged():
-            grad_flat = self._gather_grads(b, grads, has_grad)
-            for start, end, step in runs:
-                adamw_flat_(*(t[start:end] for t in staged), grad_flat[start:end], hyper, step, clip_coef)
-            self._write_params(b, staged[0], locals_, has_grad)
-
-        if not self._cuda:
-
-            @torch.no_grad()
-            def work():
-                for dst, src in zip(staged, host):
-                    dst.copy_(src)
-                update_staged()
-                for dst, src in zip(host, staged):
-                    dst.copy_(src)
-
-            b.future = self._driver.submit(work)
-            return
-        h2d, update, d2h = (self._streams[k] for k in ("h2d", "update", "d2h"))
-        with torch.cuda.stream(h2d):
-            for ev in (slot.free, b.host_ready):  # slot emptied; this bucket's last copy-back landed
-                if ev is not None:
-                    h2d.wait_event(ev)
-            for dst, src in zip(staged, host):
-                dst.copy_(src, non_blocking=True)
-            loaded = record_event(h2d)
-        with torch.cuda.stream(update):
-            update.wait_event(loaded)
-            update_staged()
-            self._record_grads_use(b, grads, has_grad, update)
-            b.params_ready = record_event(update)
-        with torch.cuda.stream(d2h):
-            d2h.wait_event(b.params_ready)
-            for dst, src in zip(host, staged):
-                dst.copy_(src, non_blocking=True)
-            b.host_ready = slot.free = record_event(d2h)
-
-    def _launch_host(self, b, runs, grads, locals_, has_grad, hyper, clip_host, clip_event, ready) -> None:
-        missing = [k for k, piece in enumerate(b.pieces) if has_grad[piece.param_index] and k not in b.offloaded]
-        if missing:
-            self._offload_pieces(b, missing, grads, ready)
-        targets = [
-            (piece, locals_[piece.param_index].view(-1)[piece.param_offset : piece.param_offset + piece.numel])
-            for piece in b.pieces
-            if has_grad[piece.param_index]
-        ]
-        b.future = self._driver.submit(self._host_update, b, runs, targets, hyper, clip_host, clip_event, ready)
-
-    @torch.no_grad()
-    def _host_update(self, b, runs, targets, hyper, clip_host, clip_event, ready) -> None:
-        """Worker-thread body of the cpu engine for one bucket: wait for grads, update, send weights."""
-        device_ctx = torch.cuda.device(self._device) if self._cuda else contextlib.nullcontext()
-        with device_ctx:  # CUDA's current device is per thread; this worker must use the params' one
-            for ev in (b.grads_ready, clip_event, b.host_ready):
-                if ev is not None:
-                    ev.synchronize()  # host wait, in this worker only
-            out = b.host_weight if b.host_weight is not None else b.master
-
-            def update_slice(start, end, step):
-                adamw_flat_(
-                    b.master[start:end],
-                    b.exp_avg[start:end],
-                    b.exp_avg_sq[start:end],
-                    b.host_grad[start:end],
-                    hyper,
-                    step,
-                    clip_host,
-                )
-                if out is not b.master:
-                    out[start:end].copy_(b.master[start:end])
-
-            tasks = [
-                (lambda s=s, e=e, st=step: update_slice(s, e, st))
-                for start, end, step in runs
-                for s, e in self._pool.slices(start, end)
-            ]
-            self._pool.run(tasks)
-            if not self._cuda:
-                for piece, dst in targets:
-                    dst.copy_(b.master[piece.bucket_offset : piece.bucket_offset + piece.numel])
-                return
-            h2d = self._streams["h2d"]
-            with torch.cuda.stream(h2d):
-                h2d.wait_event(ready)  # backward may still be reading the old weights
-                for piece, dst in targets:
-                    dst.copy_(out[piece.bucket_offset : piece.bucket_offset + piece.numel], non_blocking=True)
-                b.params_ready = b.host_ready = record_event(h2d)
 
     # ---------------------------------------------------------------- small helpers
     def _param_index(self, p) -> int:
@@ -451,27 +301,6 @@ class HostAdamW(torch.optim.Optimizer):
             if has_grad[piece.param_index]:
                 dst = locals_[piece.param_index].view(-1)[piece.param_offset : piece.param_offset + piece.numel]
                 dst.copy_(master_flat[piece.bucket_offset : piece.bucket_offset + piece.numel])
-
-    def _offload_pieces(self, b: Bucket, piece_ids: list[int], grads, ready) -> None:
-        def copy(non_blocking):
-            for k in piece_ids:
-                piece = b.pieces[k]
-                src = grads[piece.param_index].reshape(-1)[piece.param_offset : piece.param_offset + piece.numel]
-                b.host_grad[piece.bucket_offset : piece.bucket_offset + piece.numel].copy_(
-                    src, non_blocking=non_blocking
-                )
-
-        if self._cuda:
-            d2h = self._streams["d2h"]
-            with torch.cuda.stream(d2h):
-                d2h.wait_event(ready)
-                copy(True)
-                for k in piece_ids:
-                    grads[b.pieces[k].param_index].record_stream(d2h)
-                b.grads_ready = record_event(d2h)
-        else:
-            copy(False)
-        b.offloaded.update(piece_ids)
 
     def _record_grads_use(self, b: Bucket, grads, has_grad, stream) -> None:
         """Tell the caching allocator these grads are in use on `stream` (they may be freed meanwhile)."""
@@ -527,8 +356,8 @@ class HostAdamW(torch.optim.Optimizer):
 
         On a CPU-only run the "device" is host memory too; the split still reports the two roles.
         """
-        total = sum(t.nbytes for s in self._slots for t in s.tensors)
-        device_side = [b for b in self._buckets if b.on_device or self.engine == "gpu_stream"]
+        total = self._engine.device_bytes()
+        device_side = [b for b in self._buckets if b.on_device or self._engine.stages_on_device]
         total += sum(t.nbytes for b in self._buckets if b.on_device for t in (b.master, b.exp_avg, b.exp_avg_sq))
         if device_side:
             total += 4 * max(b.numel for b in device_side)
