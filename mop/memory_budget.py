@@ -19,6 +19,7 @@ the budget, so the choice is deterministic for a given memory budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 LADDER = ("offload", "full", "selective", "none")  # least to most device memory
 
@@ -131,3 +132,107 @@ def kept_from_marks(pattern: list[str], marks: list[float]) -> dict[str, float]:
     out = {p: kept.get(p, float("inf")) for p in PROBED}  # a policy the pattern left out is never chosen
     out["offload"] = 0.0
     return out
+
+
+class Probe(Protocol):
+    """What `plan_activation_policies` needs from a training run (the trainer's CUDA probe; a fake in tests).
+
+    Every method runs the same on all ranks (collectives inside); `agree_max` returns the element-wise
+    maximum over ranks so that every rank chooses the same policies. A method that runs out of device
+    memory raises `torch.OutOfMemoryError`; `recover` frees what it left behind.
+    """
+
+    def pattern_marks(self, policies: list[str]) -> list[float]:
+        """One forward (no backward) under `policies`: allocated bytes as each block starts."""
+        ...
+
+    def micro_batch_peak(self, policies: list[str]) -> float:
+        """Peak allocated bytes of one training micro-batch (forward and backward, no update)."""
+        ...
+
+    def agree_max(self, values: list[float]) -> list[float]: ...
+
+    def recover(self) -> None: ...
+
+
+@dataclass
+class ActivationPlan:
+    """The outcome of `plan_activation_policies`: the policies, what was measured, and the story."""
+
+    policies: list[str]
+    kept_bytes: dict[str, float]
+    base_bytes: float | None
+    peak_bytes: float | None  # verified peak of a micro-batch under `policies` (None: not verified)
+    notes: list[str]
+
+
+_FINITE_MAX = 2.0**62  # "never chosen" travels through a float64 all-reduce as this
+
+
+def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, float], cap: float,
+                             tries: int = 3, margin: float = 0.95) -> ActivationPlan:
+    """Measure, choose, verify: per-block activation policies whose micro-batch peaks below `cap`.
+
+    1. `probe_pattern` on one forward: the bytes each policy keeps per block (allocator between
+       blocks), then one micro-batch with that pattern: its peak minus what the pattern kept is the
+       state plus the transient working set ("base").
+    2. Choose for the budget `margin * (cap - base)` (`choose_policies`), run a micro-batch with the
+       choice; over `cap` or out of memory: the next budget is what that choice was predicted to keep
+       less the overshoot (or a quarter less after an OOM), `tries` times; then the least memory
+       ("offload") everywhere.
+    An OOM while probing the pattern drops "none" from the ladder (the pattern's one block kept
+    whole did not fit) and measures again. Probes that run out of memory are caught and freed:
+    they are measurements, not failures. (Under a symmetric layout every rank runs out at the same
+    point; an OOM on one rank alone would leave its peers in a collective until NCCL's timeout.)
+    """
+    notes: list[str] = []
+    pattern = probe_pattern(n_blocks)
+    if pattern is None:
+        return ActivationPlan(["full"] * n_blocks, {}, None, None,
+                              [f"{n_blocks} blocks are too few to probe; using full"])
+    allowed = LADDER
+    for _ in range(2):
+        try:
+            kept = kept_from_marks(pattern, probe.pattern_marks(pattern))
+            peak, oom = probe.micro_batch_peak(pattern), 0.0
+        except torch_oom():
+            probe.recover()
+            kept, peak, oom = {p: 0.0 for p in LADDER}, 0.0, 1.0
+        agreed = probe.agree_max([min(kept[p], _FINITE_MAX) for p in LADDER] + [peak, oom])
+        kept = {p: (b if b < _FINITE_MAX else float("inf")) for p, b in zip(LADDER, agreed[:4])}
+        peak, oom = agreed[4], agreed[5]
+        if not oom:
+            break
+        if "none" not in pattern:
+            return ActivationPlan(["offload"] * n_blocks, kept, None, None,
+                                  notes + ["even the probe ran out of memory; using offload everywhere"])
+        pattern = [p if p != "none" else "full" for p in pattern]
+        allowed = ("offload", "full", "selective")
+        notes.append("the probe with one block kept whole ran out of memory; choosing among offload/full/selective")
+    base = peak - policies_bytes(pattern, kept)
+    costs = BlockCosts(kept, recompute)
+    budget = margin * (cap - base)
+    for _ in range(tries):
+        policies = choose_policies(n_blocks, costs, budget, allowed=allowed)
+        try:
+            got = probe.micro_batch_peak(policies)
+        except torch_oom():
+            probe.recover()
+            got = float("inf")
+        got = probe.agree_max([min(got, _FINITE_MAX)])[0]
+        if got <= cap:
+            return ActivationPlan(policies, kept, base, got, notes)
+        notes.append(f"{describe(policies)} peaked above the cap" if got < _FINITE_MAX
+                     else f"{describe(policies)} ran out of memory")
+        # Next budget: below what this choice was predicted to keep (the budget itself may have had
+        # room to spare), by the overshoot, or by a quarter after an OOM.
+        used = policies_bytes(policies, kept)
+        budget = used - 1.1 * (got - cap) if got < _FINITE_MAX else 0.75 * used
+    return ActivationPlan(["offload"] * n_blocks, kept, base, None, notes + ["no choice verified; using offload"])
+
+
+def torch_oom():
+    """The out-of-memory exception type (imported lazily: this module's pure part needs no torch)."""
+    import torch
+
+    return torch.OutOfMemoryError

@@ -45,6 +45,37 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+class _TrainerProbe:
+    """`mop.memory_budget.Probe` on a trainer's model and first batch (CUDA allocator readings)."""
+
+    def __init__(self, trainer: "Trainer", blocks, accumulate: bool):
+        self.trainer, self.blocks, self.accumulate = trainer, blocks, accumulate
+
+    def pattern_marks(self, policies: list[str]) -> list[float]:
+        tr = self.trainer
+        tr.model.block_policies = policies
+        marks: list[float] = []
+        hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(tr.device)))
+                 for b in self.blocks]
+        try:
+            tr._probe_step(backward=False)
+        finally:
+            for h in hooks:
+                h.remove()
+            tr._drop_attention_slots()  # that forward had no backward
+        return marks
+
+    def micro_batch_peak(self, policies: list[str]) -> float:
+        self.trainer.model.block_policies = policies
+        return self.trainer._step_peak(self.accumulate)
+
+    def agree_max(self, values: list[float]) -> list[float]:
+        return self.trainer._agree(values, dist.ReduceOp.MAX)
+
+    def recover(self) -> None:
+        self.trainer._recover_from_oom()
+
+
 def build_loader(job: JobConfig, spec: LayoutSpec, rank: int, vocab_size: int):
     """This rank's loader: its sequence group's sequences, its chunk of each (see mop.data.loader)."""
     from mop.data import PackedLoader, SyntheticLoader, TokenDataset, ensure_default_dataset
@@ -231,12 +262,11 @@ class Trainer:
         return float(torch.cuda.max_memory_allocated(self.device))
 
     def _step_peak(self, accumulate: bool) -> float:
-        """Measured peak bytes of a training micro-batch, agreed over ranks (max). With accumulation
-        the gradients of the previous micro-batch are alive during the next one's forward: measure
-        the second of two."""
+        """Measured peak bytes of a training micro-batch on this rank. With accumulation the gradients
+        of the previous micro-batch are alive during the next one's forward: measure the second of two."""
         if accumulate:
             self._probe_step(keep_grads=True)
-        return self._agree([self._probe_step(keep_grads=accumulate)], dist.ReduceOp.MAX)[0]
+        return self._probe_step(keep_grads=accumulate)
 
     def _agree(self, values: list[float], op) -> list[float]:
         """The same numbers on every rank (one host sync): every rank must pick the same policies."""
@@ -272,93 +302,29 @@ class Trainer:
         if t.activation_checkpoint == "auto":
             self.step_peak_bytes = self._choose_activation_policies(blocks, cap, accumulate)
         if self.step_peak_bytes is None and o.offload != "none" and o.device_fraction < 0:
-            self.step_peak_bytes = self._step_peak(accumulate)
+            self.step_peak_bytes = self._agree([self._step_peak(accumulate)], dist.ReduceOp.MAX)[0]
         for p in self.model.parameters():
             p.grad = None
         self._room_bytes = cap - (self.step_peak_bytes or 0.0)
 
     def _choose_activation_policies(self, blocks, cap: float, accumulate: bool) -> float | None:
-        """`training.activation_checkpoint=auto`: measure, choose, verify (mop.memory_budget).
+        """`training.activation_checkpoint=auto`: measure, choose, verify (`plan_activation_policies`).
 
-        1. One forward with a pattern of policies (one interior block each of none, selective,
-           full) reads the allocator between blocks: bytes each policy keeps per block.
-        2. One micro-batch with that pattern: its peak minus what the pattern kept is the state plus
-           the transient working set ("base").
-        3. Choose for the budget `cap - base`, run a micro-batch with the choice; if it runs out of
-           memory or peaks above `cap`, shrink the budget and choose again (three tries, then the
-           least memory). An OOM in a probe is caught and freed: it is a measurement, not a failure.
-        Returns the verified peak bytes.
+        Returns the verified peak bytes of a micro-batch under the chosen policies (None: unverified).
         """
         from mop import memory_budget as mb
 
-        job, t = self.job, self.job.training
-        n = len(blocks)
-        pattern = mb.probe_pattern(n)
-        if pattern is None:
-            self.model.block_policies = ["full"] * n
-            self._say(f"activation policy auto: {n} blocks are too few to probe; using full")
-            return None
-        allowed = mb.LADDER
-        for attempt in range(2):
-            self.model.block_policies = pattern
-            marks: list[float] = []
-            hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(self.device)))
-                     for b in blocks]
-            try:
-                self._probe_step(backward=False)
-                self._drop_attention_slots()  # that forward had no backward
-                kept = mb.kept_from_marks(pattern, marks)
-                peak = self._probe_step(keep_grads=accumulate)
-                oom = 0.0
-            except torch.OutOfMemoryError:
-                self._recover_from_oom()
-                oom, kept, peak = 1.0, {p: 0.0 for p in mb.LADDER}, 0.0
-            finally:
-                for h in hooks:
-                    h.remove()
-            agreed = self._agree([min(kept[p], 2.0**62) for p in mb.LADDER] + [peak, oom], dist.ReduceOp.MAX)
-            kept, peak, oom = dict(zip(mb.LADDER, agreed[:4])), agreed[4], agreed[5]
-            if not oom:
-                break
-            # A block kept whole ("none") did not fit even once: measure and choose without it.
-            pattern = [p if p != "none" else "full" for p in pattern]
-            allowed = ("offload", "full", "selective")
-            self._say("activation policy auto: the probe with one block kept whole ran out of memory; "
-                      "choosing among offload/full/selective")
-        else:
-            self.model.block_policies = ["offload"] * n
-            self._say("activation policy auto: even the probe ran out of memory; using offload everywhere")
-            return None
-        kept = {p: (b if b < 2.0**62 else float("inf")) for p, b in kept.items()}
-        base = peak - mb.policies_bytes(pattern, kept)  # state + one block's backward working set
-        spec = self.spec
-        costs = mb.BlockCosts(kept, mb.recompute_seconds(
-            job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
-            pipelined_experts=job.parallel.dispatcher == "llep_pipelined"))
-        budget = 0.95 * (cap - base)  # the kept bytes are measured on one block: a 5% margin
-        policies, peak = ["offload"] * n, None
-        for attempt in range(3):
-            policies = mb.choose_policies(n, costs, budget, allowed=allowed)
-            self.model.block_policies = policies
-            try:
-                got = self._step_peak(accumulate)
-            except torch.OutOfMemoryError:
-                self._recover_from_oom()
-                got = float("inf")
-            got = self._agree([got], dist.ReduceOp.MAX)[0]
-            if got <= cap:
-                peak = got
-                break
-            # Over the cap: shrink by the overshoot (or by a quarter after an OOM) and choose again.
-            budget -= 1.1 * (got - cap) if got != float("inf") else 0.25 * max(budget, 0.0)
-        else:
-            policies = ["offload"] * n
-            self.model.block_policies = policies
-        self._say(f"activation policy auto: {mb.describe(policies)} (kept per block: "
-                  + ", ".join(f"{p} {kept[p] / 2**30:.2f} GiB" for p in mb.LADDER if kept[p] != float("inf"))
-                  + f"; base {base / 2**30:.1f} GiB; verified peak "
-                  + (f"{peak / 2**30:.1f}" if peak is not None else "-") + f" of {cap / 2**30:.1f} GiB)")
-        return peak
+        job, t, spec = self.job, self.job.training, self.spec
+        recompute = mb.recompute_seconds(job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
+                                         pipelined_experts=job.parallel.dispatcher == "llep_pipelined")
+        plan = mb.plan_activation_policies(_TrainerProbe(self, blocks, accumulate), len(blocks), recompute, cap)
+        self.model.block_policies = plan.policies
+        kept = ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in plan.kept_bytes.items() if b != float("inf"))
+        gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
+        self._say(f"activation policy auto: {mb.describe(plan.policies)} (kept per block: {kept or '-'}; "
+                  f"base {gib(plan.base_bytes)} GiB; verified peak {gib(plan.peak_bytes)} of {cap / 2**30:.1f} GiB)"
+                  + "".join(f"; {n}" for n in plan.notes))
+        return plan.peak_bytes
 
     def _recover_from_oom(self) -> None:
         """Free what a probe that ran out of memory left behind."""

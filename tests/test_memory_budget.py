@@ -85,3 +85,82 @@ def test_allowed_policies_are_respected(allowed):
     costs = _costs(65536, 65536)
     for gib in (0, 20, 80, 1000):
         assert set(mb.choose_policies(12, costs, gib * GIB, allowed=allowed)) <= set(allowed)
+
+
+class FakeProbe:
+    """A device of `total` bytes: state `state`, each block keeps `true_kept[policy]` (the allocator
+    readings show `seen_kept`, e.g. less than the truth), backward needs `transient` more, and "none"
+    needs `none_spike` extra while it runs (what made the real 256K probe run out of memory)."""
+
+    def __init__(self, total, state, true_kept, transient, seen_kept=None, none_spike=0.0):
+        self.total, self.state, self.true_kept, self.transient = total, state, true_kept, transient
+        self.seen_kept = seen_kept or true_kept
+        self.none_spike = none_spike
+        self.calls: list[tuple] = []
+
+    def _oom_if(self, need):
+        if need > self.total:
+            import torch
+
+            raise torch.OutOfMemoryError(f"fake: {need} > {self.total}")
+
+    def pattern_marks(self, policies):
+        self.calls.append(("marks", tuple(policies)))
+        marks, used = [], self.state
+        for p in policies:
+            marks.append(used)
+            self._oom_if(used + (self.none_spike if p == "none" else 0.0))
+            used += self.seen_kept[p]
+        return marks
+
+    def micro_batch_peak(self, policies):
+        self.calls.append(("peak", tuple(policies)))
+        spike = self.none_spike if "none" in policies else 0.0
+        need = self.state + sum(self.true_kept[p] for p in policies) + self.transient + spike
+        self._oom_if(need)
+        return need
+
+    def agree_max(self, values):
+        return list(values)
+
+    def recover(self):
+        self.calls.append(("recover",))
+
+
+KEPT = {"offload": 0.0, "full": 1.0 * GIB, "selective": 4.0 * GIB, "none": 16.0 * GIB}
+RECOMPUTE = {"none": 0.0, "selective": 0.05, "full": 0.5, "offload": 0.51}
+
+
+def test_plan_measures_chooses_and_verifies():
+    probe = FakeProbe(total=140 * GIB, state=60 * GIB, true_kept=KEPT, transient=10 * GIB)
+    plan = mb.plan_activation_policies(probe, 12, RECOMPUTE, cap=126 * GIB)
+    assert plan.peak_bytes is not None and plan.peak_bytes <= 126 * GIB
+    assert plan.kept_bytes == KEPT and plan.base_bytes == pytest.approx(70 * GIB)
+    assert plan.policies.count("selective") >= 10  # attention first: 12 x 4 GiB do not all fit beside "none"
+    assert plan == mb.plan_activation_policies(
+        FakeProbe(total=140 * GIB, state=60 * GIB, true_kept=KEPT, transient=10 * GIB), 12, RECOMPUTE, 126 * GIB)
+
+
+def test_plan_survives_a_probe_that_runs_out_of_memory():
+    """The pattern's block kept whole does not fit (call B at 256K): choose without "none", no crash."""
+    probe = FakeProbe(total=140 * GIB, state=60 * GIB, true_kept=KEPT, transient=10 * GIB, none_spike=100 * GIB)
+    plan = mb.plan_activation_policies(probe, 12, RECOMPUTE, cap=126 * GIB)
+    assert "none" not in plan.policies and plan.peak_bytes is not None
+    assert ("recover",) in probe.calls and any("kept whole" in n for n in plan.notes)
+
+
+def test_plan_shrinks_when_the_measurement_underestimates():
+    """The allocator readings miss half of what selective keeps: the first choice peaks above the
+    cap (or runs out of memory), the budget shrinks, and the verified choice fits."""
+    seen = dict(KEPT, selective=2.0 * GIB)
+    probe = FakeProbe(total=140 * GIB, state=60 * GIB, true_kept=KEPT, transient=10 * GIB, seen_kept=seen)
+    plan = mb.plan_activation_policies(probe, 12, RECOMPUTE, cap=126 * GIB)
+    assert plan.peak_bytes is not None and plan.peak_bytes <= 126 * GIB
+    assert len([c for c in probe.calls if c[0] == "peak"]) >= 3  # pattern, a rejected choice, the verified one
+    assert plan.notes
+
+
+def test_plan_falls_back_to_offload_when_nothing_verifies():
+    probe = FakeProbe(total=75 * GIB, state=70 * GIB, true_kept=KEPT, transient=10 * GIB)
+    plan = mb.plan_activation_policies(probe, 12, RECOMPUTE, cap=74 * GIB)
+    assert plan.policies == ["offload"] * 12 and plan.peak_bytes is None
