@@ -7,7 +7,8 @@ forward then waits, module by module, only for the parameters it is about to use
   by FSDP's root pre-forward, so they are waited for before it;
 * block i: FSDP all-gathers block i and prefetches block i+1 in block i's pre-forward, so block i's
   hook waits for both blocks' parameters (the block's expert shards included);
-* a vocabulary-parallel output head: used last, waited for last.
+* an output head that declares `late_parameters()` (the vocabulary-parallel one): used last,
+  waited for last.
 
 On CUDA a wait is an event wait of the compute stream (no host sync). FSDP2 issues forward
 all-gathers from its own copy-in stream, which it orders after the compute stream only once, at
@@ -22,14 +23,17 @@ from torch import nn
 
 
 def forward_groups(model: nn.Module) -> tuple[list, list[list], list]:
-    """(root parameters, each block's parameters, late parameters), in the order the forward uses them."""
-    from mop.parallel.vocab import VocabParallelOutputHead
+    """(root parameters, each block's parameters, late parameters), in the order the forward uses them.
 
+    Late parameters are those the output head declares with `late_parameters()` (e.g. a
+    vocabulary-parallel head, not an FSDP parameter: gathered where it is used, last), less a
+    weight tied to the embedding, which the forward needs first.
+    """
     late = []
-    output = getattr(model, "output", None)
-    if isinstance(output, VocabParallelOutputHead):  # not an FSDP parameter: gathered where it is used, last
+    late_parameters = getattr(getattr(model, "output", None), "late_parameters", None)
+    if late_parameters is not None:
         emb = getattr(getattr(model, "tok_embeddings", None), "weight", None)
-        late = [p for p in output.parameters() if p is not emb]
+        late = [p for p in late_parameters() if p is not emb]
     blocks = [list(b.parameters()) for b in model.layers.values()]
     taken = {id(p) for ps in blocks for p in ps} | {id(p) for p in late}
     first = [p for p in model.parameters() if id(p) not in taken]

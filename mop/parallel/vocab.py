@@ -217,6 +217,11 @@ class VocabParallelOutputHead(nn.Module):
                    max_strip_elements=getattr(orig, "max_strip_elements", 2**28), dtype=orig.weight.dtype,
                    device=layout.device, weight=weight)
 
+    def late_parameters(self) -> list[nn.Parameter]:
+        """Parameters the forward uses last and FSDP's root does not gather: an optimizer update
+        overlapped with the next forward (`mop.optim.overlap`) waits for them last."""
+        return list(self.parameters())
+
     def forward(self, hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer) -> torch.Tensor:
         check_loss_inputs(hidden_NH, labels_N, normalizer, self.weight.shape[1])
         plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=self.shards.vocab_group,
