@@ -1,7 +1,7 @@
 """Micro-benchmarks behind `mop plan calibrate`: kernel rates, memory and link bandwidths of this machine.
 
 Measured: bf16 GEMM by size (torch.matmul), expert grouped GEMM by rows per expert
-(torch._grouped_mm), causal SDPA by sequence length (forward, and backward/forward), device memory
+(`mop.ops.grouped_mm`: torch._grouped_mm on Hopper), causal SDPA by sequence length (forward, and backward/forward), device memory
 bandwidth (a copy), pinned host<->device copies, host AdamW (params/s), and, when launched under
 torchrun with more than one rank, all-gather and all-to-all bus bandwidth (torch.distributed).
 Each rate curve rate(w) = peak * w / (w + half) is fitted by least squares on 1/rate = 1/peak +
@@ -67,16 +67,14 @@ def gemm_points(device, dtype, sizes) -> list[tuple[float, float]]:
 
 def grouped_points(device, dtype, experts: int, H: int, I: int, rows_list) -> list[tuple[float, float]]:
     """Rate of an expert SwiGLU-sized grouped GEMM [E*r, H] x [E, H, I] by rows per expert r."""
+    from mop.ops.grouped_mm import grouped_mm  # the training kernel: _grouped_mm on sm90+ bf16, else a loop
+
     out = []
     w = torch.randn(experts, H, I, device=device, dtype=dtype)
     for r in rows_list:
         x = torch.randn(experts * r, H, device=device, dtype=dtype)
-        offs = torch.arange(r, experts * r + 1, r, device=device, dtype=torch.int32)
-        if device.type == "cuda" and hasattr(torch, "_grouped_mm"):
-            fn = lambda: torch._grouped_mm(x, w, offs=offs)  # noqa: E731
-        else:  # CPU fallback: one matmul per expert
-            fn = lambda: [x[i * r:(i + 1) * r] @ w[i] for i in range(experts)]  # noqa: E731
-        t = _timeit(fn, device)
+        counts = torch.full((experts,), r, device=device, dtype=torch.int64)
+        t = _timeit(lambda: grouped_mm(x, w, counts), device)
         out.append((r, 2.0 * experts * r * H * I / t))
     return out
 
