@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 0
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         from mop.train import main as train_main

@@ -55,8 +55,6 @@ def test_layout_validation_messages():
         LayoutSpec(4, expert=8)
     with pytest.raises(ValueError, match=r"parallel.expert \(Ep\)=4 must divide the number of experts 6"):
         LayoutSpec(4, expert=4).validate_model(n_heads=4, n_kv_heads=2, n_experts=6)
-    with pytest.raises(ValueError, match="must divide the 6 attention heads"):
-        LayoutSpec(4, seq=4).validate_model(n_heads=6, n_kv_heads=2, n_experts=8, ulysses_ring_fallback=False)
     with pytest.raises(ValueError, match="training.seq_len=10 must be divisible by parallel.seq"):
         LayoutSpec(4, seq=4).validate_model(n_heads=4, n_kv_heads=2, n_experts=8, seq_len=10)
 

@@ -28,7 +28,7 @@ ROUTINGS = ["balanced", "skewed", "empty_experts"]
 
 
 class SingleDeviceExperts(nn.Module):
-    """Local reference: sort by expert, one matmul per expert, weighted combine (contract semantics)."""
+    """Local reference: sort by expert, one matmul per expert, weighted combine."""
 
     def __init__(self, device="cpu"):
         super().__init__()

@@ -296,7 +296,7 @@ def chunked_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labe
 
 
 class OutputHead(nn.Module):
-    """Output projection + loss: `forward(hidden_NH, labels_N, normalizer) -> loss` (see the contract).
+    """Output projection + loss: `forward(hidden_NH, labels_N, normalizer) -> loss`.
 
     loss = sum over tokens with label != -100 of CE(hidden @ weight.T, label) [+ z_loss_coef * lse^2],
     divided by `normalizer`; computed by `chunked_cross_entropy`, never building N x V logits.

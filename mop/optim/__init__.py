@@ -1,4 +1,4 @@
-"""Optimizers: HostAdamW, AdamW with host-resident fp32 state updated in pipelined buckets (MOP.md §3.5)."""
+"""Optimizers: HostAdamW, AdamW with host-resident fp32 state updated in pipelined buckets (the MoP paper, §3.5)."""
 
 from mop.optim.host_adamw import HostAdamW
 from mop.optim.registry import ENGINES

@@ -1,6 +1,6 @@
 """HostAdamW: AdamW whose fp32 state lives in (pinned) host memory and updates in pipelined buckets.
 
-MOP.md §3.5. The device keeps only the model's parameters (bf16 or fp32) and their gradients; for
+The MoP paper, §3.5. The device keeps only the model's parameters (bf16 or fp32) and their gradients; for
 every parameter's local shard the optimizer keeps fp32 master weights, exp_avg and exp_avg_sq. The
 first `device_fraction` of that state (by numel, parameter order) stays on the device; the rest is
 offloaded and updated, bucket by bucket in parameter order, by the engine named in

@@ -1,4 +1,4 @@
-"""Overlap the host optimizer's update with the next step's forward (MOP.md §3.5).
+"""Overlap the host optimizer's update with the next step's forward (the MoP paper, §3.5).
 
 `HostAdamW.step_async()` starts the update bucket by bucket in forward order and returns. The next
 forward then waits, module by module, only for the parameters it is about to use:

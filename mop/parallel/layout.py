@@ -1,6 +1,6 @@
 """The MoP rank layout: W ranks and three independent, overlapping sub-group partitions.
 
-MoP gives each component its own sharding axis over the SAME W ranks (../shared/MOP.md §2):
+MoP gives each component its own sharding axis over the SAME W ranks (the MoP paper, §2):
 
 * sequence groups of D ranks (Ulysses attention): contiguous blocks ``[g*D, (g+1)*D)``; ranks of one
   group hold consecutive chunks of the same sequences, distinct groups hold distinct sequences;
@@ -91,17 +91,16 @@ class LayoutSpec:
         return rank // self.seq
 
     # -- model-dependent checks ------------------------------------------------------------------
-    def validate_model(self, *, n_heads: int, n_kv_heads: int, n_experts: int, seq_len: int | None = None,
-                       ulysses_ring_fallback: bool = True) -> None:
-        """Raise a ValueError naming the option when the model cannot be split by this layout."""
+    def validate_model(self, *, n_heads: int, n_kv_heads: int, n_experts: int, seq_len: int | None = None) -> None:
+        """Raise a ValueError naming the option when the model cannot be split by this layout.
+
+        D need not divide the heads: Ulysses then falls back to its all-gather-KV ring
+        (`mop.parallel.ulysses.ulysses_factorization`).
+        """
         if n_experts and n_experts % self.expert:
             ok = [d for d in _divisors(self.world) if n_experts % d == 0]
             raise ValueError(f"parallel.expert (Ep)={self.expert} must divide the number of experts {n_experts}; "
                              f"valid values for W={self.world}: {ok}")
-        if n_heads % self.seq and not ulysses_ring_fallback:
-            ok = [d for d in _divisors(self.world) if n_heads % d == 0]
-            raise ValueError(f"parallel.seq (D)={self.seq} must divide the {n_heads} attention heads for Ulysses; "
-                             f"valid values: {ok} (or enable the ring fallback)")
         if seq_len is not None and seq_len % self.seq:
             raise ValueError(f"training.seq_len={seq_len} must be divisible by parallel.seq (D)={self.seq}")
 

@@ -3,7 +3,7 @@
 Layout in (fixed by the data loader): group rank i holds tokens [i*N, (i+1)*N) of every row, S = D*N,
 at full width (all heads). Attention needs, for each query, every earlier key of its document.
 
-Design (MOP.md §3.2). D is factored as U x R. Group rank i = r*U + u is "head slot" u and
+Design (the MoP paper, §3.2). D is factored as U x R. Group rank i = r*U + u is "head slot" u and
 "token slot" r:
 
 * Heads (Ulysses over U): head slot u owns 1/U of the query heads and the KV heads those need. When
@@ -405,7 +405,7 @@ class UlyssesKernel:
 
 
 class UlyssesAttention(nn.Module):
-    """Attention core over a sequence group (contract: forward(q, k, v, positions) -> out, local tokens).
+    """Attention core over a sequence group: `forward(q, k, v, positions) -> out`, on local tokens.
 
     Args:
         seq_group: process group of the D ranks holding consecutive N-token chunks of the same rows.

@@ -1,4 +1,4 @@
-"""Data-tensor-parallel vocabulary: output head + loss and token embedding (MOP.md §3.4).
+"""Data-tensor-parallel vocabulary: output head + loss and token embedding (the MoP paper, §3.4).
 
 Both modules keep the original parameter name and full shape: `weight` is a DTensor [V, H] on a
 [P, W/P] ("vocab", "vocab_shard") DeviceMesh with placements (Shard(0), Shard(0)). So the

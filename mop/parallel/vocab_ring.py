@@ -1,4 +1,4 @@
-"""Exact cross-entropy of a vocabulary split into P blocks over a P-rank ring (MOP.md §3.4).
+"""Exact cross-entropy of a vocabulary split into P blocks over a P-rank ring (the MoP paper, §3.4).
 
 Every rank of the vocabulary group keeps its own tokens and owns one contiguous block of the
 vocabulary (block sizes follow `torch.chunk`: ceil(V/P) rows each, the last ones shorter or empty).

@@ -5,7 +5,7 @@ computes the same plan. A plan assigns each expert's tokens, viewed in one globa
 rank 0's tokens of that expert first, then source rank 1's, ...), to ranks as contiguous slices.
 `split_by_source` then tells every source rank how many of ITS tokens of each expert go where.
 
-Algorithm (MOP.md §3.3): capacity = ceil(alpha * total / n_ranks). When the home-assignment
+Algorithm (the MoP paper, §3.3): capacity = ceil(alpha * total / n_ranks). When the home-assignment
 imbalance max/mean is below `imbalance_threshold`, plain EP is used (every expert on its home
 rank). Otherwise experts are visited from most to least loaded (ties: lower expert id first); an
 expert keeps as many tokens on its home rank as fits (a rank is judged by what it was already
