@@ -1,12 +1,21 @@
-"""bf16 lossless check on GPUs (not in CI): the same global batch on 1 GPU and on N GPUs under a MoP
-layout; per-step losses and grad norms must agree within bf16 tolerance.
+"""bf16 lossless check on GPUs (not in CI): the same global batch on N GPUs under a MoP layout and on
+one GPU, against the one-GPU run's own run-to-run noise.
 
-    python scripts/gpu_lossless.py --gpus 4 --layout seq=2,expert=2,vocab=4,dispatcher=llep
+    python scripts/gpu_lossless.py                      # W=2: D=2, Ep=2, LLEP, P=2, host AdamW, 50 steps
+    python scripts/gpu_lossless.py --gpus 4 --layout seq=2,expert=2,vocab=4,dispatcher=llep --steps 50
 
-Tolerances (stated): loss |diff| <= 2e-2 relative and grad-norm <= 5e-2 relative per step, over 10
-steps. bf16 rounds each GEMM's inputs to 8 bits of mantissa, and a different reduction order (sharded
-grads, ring loss, all-to-all) changes the rounding, so exact equality is not expected; a layout bug
-shows up as O(1) differences within the first steps.
+Three runs of the same model, data and seed: the parallel run, and the one-GPU reference twice.
+bf16 rounds every GEMM's inputs to 8 bits of mantissa, and kernels that reduce with atomics (or in
+another order under another layout) change the rounding, so bit equality is not expected even
+between two identical one-GPU runs. The question is whether the parallel run differs from the
+reference by more than the reference differs from itself. Per step t, with
+noise(t) = max over s <= t of |ref2(s) - ref1(s)| (the reference's own band so far):
+
+    |par(t) - ref1(t)| <= 2 * max(noise(t), floor)
+
+for the loss and the gradient norm, where `floor` (1e-3 relative) keeps a deterministic reference
+(noise 0) from demanding bit equality. A layout bug shows up as O(1) differences within a few steps.
+The JSON output holds every step of the three runs and the verdict.
 """
 
 from __future__ import annotations
@@ -18,47 +27,71 @@ import sys
 import tempfile
 from pathlib import Path
 
-COMMON = ["--parallel.nproc=1", "--model.shape=qwen3-30b-a3b", "--model.n_layers=2", "--model.n_experts=32", "--model.vocab_size=32768",
-          "--data.dataset=synthetic", "--training.seq_len=4096", "--training.steps=10", "--training.warmup_steps=2",
-          "--optimizer.lr=1e-3", "--logging.log_every=1", "--logging.progress=plain", "--training.device=cuda", "--training.activation_checkpoint=true"]
+COMMON = ["--parallel.nproc=1", "--model.shape=qwen3-30b-a3b", "--model.n_layers=2", "--model.n_experts=32",
+          "--model.vocab_size=32768", "--data.dataset=synthetic", "--data.synthetic_doc_len=1024",
+          "--training.seq_len=4096", "--training.warmup_steps=5", "--optimizer.lr=1e-3", "--logging.log_every=1",
+          "--logging.progress=plain", "--training.device=cuda", "--training.activation_checkpoint=selective"]
+FLOOR = 1e-3  # relative
 
 
-def run(gpus: int, overrides: list[str], run_dir: Path) -> list[dict]:
+def run(gpus: int, overrides: list[str], run_dir: Path, steps: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m",
-           "mop.train", *COMMON, f"--logging.run_dir={run_dir}", *overrides]
+           "mop.train", *COMMON, f"--training.steps={steps}", f"--logging.run_dir={run_dir}", *overrides]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def compare(par: list[dict], ref1: list[dict], ref2: list[dict]) -> tuple[list[dict], bool]:
+    """Per-step rows and the verdict (see the module docstring)."""
+    rows, ok = [], True
+    band = {"loss": 0.0, "grad_norm": 0.0}
+    for p, r1, r2 in zip(par, ref1, ref2):
+        row = {"step": p["step"]}
+        for key in ("loss", "grad_norm"):
+            band[key] = max(band[key], abs(r2[key] - r1[key]))
+            diff = abs(p[key] - r1[key])
+            limit = 2 * max(band[key], FLOOR * abs(r1[key]))
+            good = diff <= limit
+            ok &= good
+            row.update({key: p[key], f"ref_{key}": r1[key], f"ref2_{key}": r2[key], f"{key}_diff": diff,
+                        f"{key}_noise": band[key], f"{key}_ok": good})
+        rows.append(row)
+    return rows, ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", type=int, default=4)
-    ap.add_argument("--layout", default="seq=2,expert=2,vocab=4,dispatcher=llep")
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--layout", default="seq=2,expert=2,vocab=2,dispatcher=llep",
+                    help="parallel.* options of the parallel run, comma-separated key=value")
+    ap.add_argument("--optimizer", default="cpu", help="optimizer.offload of both runs: none | cpu | gpu_stream")
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per sequence group")
-    ap.add_argument("--out", default=None, help="write the comparison as JSON here")
+    ap.add_argument("--out", default=None, help="write every step and the verdict as JSON here")
     args = ap.parse_args()
     layout = dict(kv.split("=") for kv in args.layout.split(","))
     seq = int(layout.get("seq", 1))
-    par = [f"--parallel.{k}={v}" for k, v in layout.items()] + [f"--training.batch_size={args.batch_size}"]
+    both = [f"--optimizer.offload={args.optimizer}", "--optimizer.device_fraction=0"] if args.optimizer != "none" else []
+    par = [f"--parallel.{k}={v}" for k, v in layout.items()] + [f"--training.batch_size={args.batch_size}"] + both
     ref = [f"--training.batch_size={args.batch_size * args.gpus // seq}", "--parallel.seq=1", "--parallel.expert=1",
-           "--parallel.vocab=1"]
+           "--parallel.vocab=1"] + both
     with tempfile.TemporaryDirectory() as tmp:
-        got = run(args.gpus, par, Path(tmp) / "par")
-        want = run(1, ref, Path(tmp) / "ref")
-    rows, ok = [], True
-    for g, w in zip(got, want):
-        dl = abs(g["loss"] - w["loss"]) / abs(w["loss"])
-        dg = abs(g["grad_norm"] - w["grad_norm"]) / max(abs(w["grad_norm"]), 1e-6)
-        good = dl <= 2e-2 and dg <= 5e-2
-        ok &= good
-        rows.append({"step": g["step"], "loss": g["loss"], "ref_loss": w["loss"], "loss_rel": dl,
-                     "grad_norm": g["grad_norm"], "ref_grad_norm": w["grad_norm"], "grad_norm_rel": dg, "ok": good})
-        print(f"step {g['step']:>3} loss {g['loss']:.5f} ref {w['loss']:.5f} (rel {dl:.1e}) | "
-              f"gnorm {g['grad_norm']:.4f} ref {w['grad_norm']:.4f} (rel {dg:.1e}) {'ok' if good else 'MISMATCH'}")
+        got = run(args.gpus, par, Path(tmp) / "par", args.steps)
+        ref1 = run(1, ref, Path(tmp) / "ref1", args.steps)
+        ref2 = run(1, ref, Path(tmp) / "ref2", args.steps)
+    rows, ok = compare(got, ref1, ref2)
+    for r in rows:
+        print(f"step {r['step']:>3} loss {r['loss']:.5f} ref {r['ref_loss']:.5f} (diff {r['loss_diff']:.1e}, "
+              f"noise {r['loss_noise']:.1e}) | gnorm {r['grad_norm']:.4f} ref {r['ref_grad_norm']:.4f} "
+              f"(diff {r['grad_norm_diff']:.1e}, noise {r['grad_norm_noise']:.1e}) "
+              f"{'ok' if r['loss_ok'] and r['grad_norm_ok'] else 'OUTSIDE THE NOISE BAND'}")
+    summary = {k: max(r[k] for r in rows) for k in ("loss_diff", "loss_noise", "grad_norm_diff", "grad_norm_noise")}
+    print("max over steps:", ", ".join(f"{k} {v:.2e}" for k, v in summary.items()))
     if args.out:
-        Path(args.out).write_text(json.dumps({"layout": layout, "gpus": args.gpus, "rows": rows, "ok": ok}, indent=1))
-    print("bf16 lossless check:", "PASSED" if ok else "FAILED")
+        Path(args.out).write_text(json.dumps({"layout": layout, "gpus": args.gpus, "optimizer": args.optimizer,
+                                              "steps": args.steps, "rows": rows, "max": summary, "ok": ok}, indent=1))
+    print("bf16 lossless check:", "PASSED (within the reference's own noise)" if ok else "FAILED")
     return 0 if ok else 1
 
 

@@ -44,7 +44,7 @@ c)
   done
   if [ "$(left)" -gt 90 ]; then  # selective checkpoint offload (first GPU run of it): 1M, every block's input on the host
     timeout $(left) $TR -m mop.train --config configs/qwen3-30b-a3b.toml --model.n_layers=2 --training.seq_len=1048576 \
-      --training.steps=2 --training.warmup_steps=1 --parallel.ulysses_head_chunks=4 --training.offload_checkpoints=-1 \
+      --training.steps=2 --training.warmup_steps=1 --parallel.ulysses_head_chunks=4 --training.activation_checkpoint=offload \
       --logging.run_dir=/tmp/ctx1m_off > "$OUT/ctx_1048576_offload.log" 2>&1; echo "rc=$?" >> "$OUT/ctx_1048576_offload.log"
     grep -E "^step|rc=|OutOfMemory" "$OUT/ctx_1048576_offload.log" | tail -3
   fi
