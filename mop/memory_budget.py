@@ -142,12 +142,14 @@ class Probe(Protocol):
     memory raises `torch.OutOfMemoryError`; `recover` frees what it left behind.
     """
 
-    def pattern_marks(self, policies: list[str]) -> list[float]:
-        """One forward (no backward) under `policies`: allocated bytes as each block starts."""
+    def pattern_marks(self, policies: list[str], fraction: float = 1.0) -> list[float]:
+        """One forward (no backward) under `policies` on `fraction` of each rank's tokens: allocated
+        bytes as each block starts."""
         ...
 
-    def micro_batch_peak(self, policies: list[str]) -> float:
-        """Peak allocated bytes of one training micro-batch (forward and backward, no update)."""
+    def micro_batch_peak(self, policies: list[str], fraction: float = 1.0) -> float:
+        """Peak allocated bytes of one training micro-batch (forward and backward, no update) on
+        `fraction` of each rank's tokens."""
         ...
 
     def agree_max(self, values: list[float]) -> list[float]: ...
@@ -170,12 +172,18 @@ _FINITE_MAX = 2.0**62  # "never chosen" travels through a float64 all-reduce as 
 
 
 def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, float], cap: float,
-                             tries: int = 3, margin: float = 0.95) -> ActivationPlan:
+                             tries: int = 3, margin: float = 0.95, shrink: int = 1) -> ActivationPlan:
     """Measure, choose, verify: per-block activation policies whose micro-batch peaks below `cap`.
 
     1. `probe_pattern` on one forward: the bytes each policy keeps per block (allocator between
        blocks), then one micro-batch with that pattern: its peak minus what the pattern kept is the
-       state plus the transient working set ("base").
+       state plus the transient working set ("base"). With `shrink` > 1 (long sequences) these
+       measurements run on 1/shrink of the tokens (the forward) and on 1/shrink and 2/shrink (two
+       micro-batches): what a block keeps grows with its tokens, so kept bytes scale by `shrink`,
+       and the peak is extrapolated on the line through the two micro-batches (the gradients and
+       weights are its constant part). Attention's cost grows with the square of the tokens, so at
+       1/4 and 1/8 the probe costs a fraction of one full micro-batch; the verification (step 2)
+       runs at full length and corrects what the extrapolation misses.
     2. Choose for the budget `margin * (cap - base)` (`choose_policies`), run a micro-batch with the
        choice; over `cap` or out of memory: the next budget is what that choice was predicted to keep
        less the overshoot (or a quarter less after an OOM), `tries` times; then the least memory
@@ -193,8 +201,15 @@ def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, f
     allowed = LADDER
     for _ in range(2):
         try:
-            kept = kept_from_marks(pattern, probe.pattern_marks(pattern))
-            peak, oom = probe.micro_batch_peak(pattern), 0.0
+            if shrink > 1:
+                f = 1.0 / shrink
+                kept = {p: b * shrink for p, b in kept_from_marks(pattern, probe.pattern_marks(pattern, f)).items()}
+                low, high = probe.micro_batch_peak(pattern, f), probe.micro_batch_peak(pattern, 2 * f)
+                peak = high + (shrink - 2) * (high - low)  # the line through (1/shrink, low), (2/shrink, high) at 1
+            else:
+                kept = kept_from_marks(pattern, probe.pattern_marks(pattern))
+                peak = probe.micro_batch_peak(pattern)
+            oom = 0.0
         except torch_oom():
             probe.recover()
             kept, peak, oom = {p: 0.0 for p in LADDER}, 0.0, 1.0
@@ -229,6 +244,15 @@ def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, f
         used = policies_bytes(policies, kept)
         budget = used - 1.1 * (got - cap) if got < _FINITE_MAX else 0.75 * used
     return ActivationPlan(["offload"] * n_blocks, kept, base, None, notes + ["no choice verified; using offload"])
+
+
+def probe_shrink(tokens_per_rank: int, min_tokens: int = 4096) -> int:
+    """How much shorter the probe's measuring passes may run: 8 when 1/8 of a rank's tokens is still
+    `min_tokens` or more (so the line is fitted on realistic kernels), 4, else 1 (full length)."""
+    for k in (8, 4):
+        if tokens_per_rank // k >= min_tokens:
+            return k
+    return 1
 
 
 def torch_oom():

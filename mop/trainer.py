@@ -51,23 +51,23 @@ class _TrainerProbe:
     def __init__(self, trainer: "Trainer", blocks, accumulate: bool):
         self.trainer, self.blocks, self.accumulate = trainer, blocks, accumulate
 
-    def pattern_marks(self, policies: list[str]) -> list[float]:
+    def pattern_marks(self, policies: list[str], fraction: float = 1.0) -> list[float]:
         tr = self.trainer
         tr.model.block_policies = policies
         marks: list[float] = []
         hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(tr.device)))
                  for b in self.blocks]
         try:
-            tr._probe_step(backward=False)
+            tr._probe_step(backward=False, fraction=fraction)
         finally:
             for h in hooks:
                 h.remove()
             tr._drop_attention_slots()  # that forward had no backward
         return marks
 
-    def micro_batch_peak(self, policies: list[str]) -> float:
+    def micro_batch_peak(self, policies: list[str], fraction: float = 1.0) -> float:
         self.trainer.model.block_policies = policies
-        return self.trainer._step_peak(self.accumulate)
+        return self.trainer._step_peak(self.accumulate, fraction)
 
     def agree_max(self, values: list[float]) -> list[float]:
         return self.trainer._agree(values, dist.ReduceOp.MAX)
@@ -144,7 +144,7 @@ class Trainer:
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.step = 0
         self.clip_coef = None  # set per step when the host optimizer folds clipping into its update
-        self.guard = NonFiniteGuard(t.nonfinite, self.proc.rank, self.proc.world, self._all_reduce,
+        self.guard = NonFiniteGuard(t.nonfinite, self.proc.rank, self.proc.world, self.device, self._all_reduce,
                                     lambda text: self._tell(text))
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -244,13 +244,17 @@ class Trainer:
             model.output.weight = model.tok_embeddings.weight
 
     # -- memory buys time (mop.memory_budget) -----------------------------------------------------
-    def _probe_step(self, backward: bool = True, keep_grads: bool = False) -> float:
-        """One forward (and backward) on the first batch, no update, loader rewound: peak bytes."""
+    def _probe_step(self, backward: bool = True, keep_grads: bool = False, fraction: float = 1.0) -> float:
+        """One forward (and backward) on the first batch, no update, loader rewound: peak bytes.
+
+        `fraction` < 1 runs on the first part of each rank's tokens (a shorter sequence with the same
+        layout; positions as they are: the memory, not the values, is measured)."""
         state = self.loader.state_dict()
         batch = next(self.loader)
         self.loader.load_state_dict(state)
         torch.cuda.reset_peak_memory_stats(self.device)
-        tokens, positions, labels = (batch[k].to(self.device) for k in ("tokens", "positions", "labels"))
+        n = max(1, int(batch["tokens"].shape[1] * fraction))
+        tokens, positions, labels = (batch[k][:, :n].to(self.device) for k in ("tokens", "positions", "labels"))
         normalizer = self._all_reduce((labels != -100).sum().float()).clamp(min=1.0)
         ce, aux = self.model(tokens, positions, labels, normalizer)
         if backward:
@@ -261,12 +265,12 @@ class Trainer:
                 p.grad = None
         return float(torch.cuda.max_memory_allocated(self.device))
 
-    def _step_peak(self, accumulate: bool) -> float:
+    def _step_peak(self, accumulate: bool, fraction: float = 1.0) -> float:
         """Measured peak bytes of a training micro-batch on this rank. With accumulation the gradients
         of the previous micro-batch are alive during the next one's forward: measure the second of two."""
         if accumulate:
-            self._probe_step(keep_grads=True)
-        return self._probe_step(keep_grads=accumulate)
+            self._probe_step(keep_grads=True, fraction=fraction)
+        return self._probe_step(keep_grads=accumulate, fraction=fraction)
 
     def _agree(self, values: list[float], op) -> list[float]:
         """The same numbers on every rank (one host sync): every rank must pick the same policies."""
@@ -317,7 +321,9 @@ class Trainer:
         job, t, spec = self.job, self.job.training, self.spec
         recompute = mb.recompute_seconds(job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
                                          pipelined_experts=job.parallel.dispatcher == "llep_pipelined")
-        plan = mb.plan_activation_policies(_TrainerProbe(self, blocks, accumulate), len(blocks), recompute, cap)
+        shrink = mb.probe_shrink(t.batch_size * t.seq_len // spec.seq)
+        plan = mb.plan_activation_policies(_TrainerProbe(self, blocks, accumulate), len(blocks), recompute, cap,
+                                           shrink=shrink)
         self.model.block_policies = plan.policies
         kept = ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in plan.kept_bytes.items() if b != float("inf"))
         gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
@@ -570,7 +576,7 @@ class Trainer:
     def save_checkpoint(self):
         self.finish_update()
         self.guard.check()  # never a checkpoint of a NaN run: keep-K rotation would discard the good ones
-        self.guard.check_weights(self.model, self.step, self.device)
+        self.guard.check_weights(self.model, self.step)
         t0 = time.perf_counter()
         model_json = json.dumps(dataclasses.asdict(self.job.model), indent=1)
         path = self.ckpt.save(self.step, self._state(), files={"model.json": model_json})

@@ -104,19 +104,20 @@ class FakeProbe:
 
             raise torch.OutOfMemoryError(f"fake: {need} > {self.total}")
 
-    def pattern_marks(self, policies):
-        self.calls.append(("marks", tuple(policies)))
+    def pattern_marks(self, policies, fraction=1.0):
+        self.calls.append(("marks", tuple(policies), fraction))
         marks, used = [], self.state
         for p in policies:
             marks.append(used)
-            self._oom_if(used + (self.none_spike if p == "none" else 0.0))
-            used += self.seen_kept[p]
+            self._oom_if(used + fraction * (self.none_spike if p == "none" else 0.0))
+            used += fraction * self.seen_kept[p]
         return marks
 
-    def micro_batch_peak(self, policies):
-        self.calls.append(("peak", tuple(policies)))
+    def micro_batch_peak(self, policies, fraction=1.0):
+        self.calls.append(("peak", tuple(policies), fraction))
         spike = self.none_spike if "none" in policies else 0.0
-        need = self.state + sum(self.true_kept[p] for p in policies) + self.transient + spike
+        # Activations and the transient grow with the tokens; the state (weights, gradients) does not.
+        need = self.state + fraction * (sum(self.true_kept[p] for p in policies) + self.transient + spike)
         self._oom_if(need)
         return need
 
@@ -164,3 +165,16 @@ def test_plan_falls_back_to_offload_when_nothing_verifies():
     probe = FakeProbe(total=75 * GIB, state=70 * GIB, true_kept=KEPT, transient=10 * GIB)
     plan = mb.plan_activation_policies(probe, 12, RECOMPUTE, cap=74 * GIB)
     assert plan.policies == ["offload"] * 12 and plan.peak_bytes is None
+
+
+def test_shrunk_probe_extrapolates_and_costs_one_full_micro_batch():
+    """At long context the measuring passes run on 1/8 and 1/4 of the tokens: the same choice as a
+    full-length probe, and only the verification runs at full length."""
+    full = FakeProbe(total=140 * GIB, state=60 * GIB, true_kept=KEPT, transient=10 * GIB)
+    short = FakeProbe(total=140 * GIB, state=60 * GIB, true_kept=KEPT, transient=10 * GIB)
+    a = mb.plan_activation_policies(full, 12, RECOMPUTE, cap=126 * GIB)
+    b = mb.plan_activation_policies(short, 12, RECOMPUTE, cap=126 * GIB, shrink=8)
+    assert a.policies == b.policies and b.kept_bytes == pytest.approx(a.kept_bytes)
+    assert b.base_bytes == pytest.approx(a.base_bytes)
+    assert [c[2] for c in short.calls if c[0] in ("peak", "marks")] == [1 / 8, 1 / 8, 2 / 8, 1.0]
+    assert mb.probe_shrink(65536) == 8 and mb.probe_shrink(16384) == 4 and mb.probe_shrink(8192) == 1
