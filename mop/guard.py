@@ -24,9 +24,9 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Decides, per step, whether the update may be applied; raises NonFiniteError under `stop`."""
 
-    def __init__(self, policy: str, rank: int, world: int, all_reduce, say):
+    def __init__(self, policy: str, rank: int, world: int, device: torch.device, all_reduce, say):
         self.policy = policy
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.device = rank, world, device
         self._all_reduce = all_reduce  # sums a tensor over the ranks (identity on one process)
         self._say = say
         self.skipped = 0
@@ -34,8 +34,8 @@ class NonFiniteGuard:
 
     def _bad_loss_ranks(self, loss_bad: torch.Tensor) -> list[int]:
         """Ranks whose local loss was non-finite (collective; only on the failure path)."""
-        flags = torch.zeros(self.world, device=loss_bad.device)
-        flags[self.rank] = loss_bad.float()
+        flags = torch.zeros(self.world, device=self.device)  # on the device: NCCL reduces only device tensors
+        flags[self.rank] = loss_bad.to(self.device).float()
         return [r for r, f in enumerate(self._all_reduce(flags).tolist()) if f]
 
     def describe(self, step: int, loss_bad: torch.Tensor) -> str:
@@ -82,9 +82,9 @@ class NonFiniteGuard:
                 raise NonFiniteError(f"step {step}: non-finite loss ({loss}) with a finite gradient norm; "
                                      "stopped (training.nonfinite=stop)")
 
-    def check_weights(self, model: torch.nn.Module, step: int, device: torch.device) -> None:
+    def check_weights(self, model: torch.nn.Module, step: int) -> None:
         """Refuse to save non-finite parameters, whatever their origin (one pass over the weights; a host sync)."""
         local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
-        bad = torch.stack([(~torch.isfinite(p)).any() for p in local]).any().float().to(device)
+        bad = torch.stack([(~torch.isfinite(p)).any().to(self.device) for p in local]).any().float()
         if self._all_reduce(bad.reshape(1)).item():
             raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; not saving a checkpoint of them")
