@@ -17,14 +17,10 @@ from tests.dist_utils import run_distributed
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def reference_loss(hidden_NH, weight_VH, labels_N, normalizer, z_loss_coef=0.0):
+def reference_loss(hidden_NH, weight_VH, labels_N, normalizer):
     """Plain PyTorch on materialised logits: the ground truth."""
     logits = hidden_NH @ weight_VH.t()
-    loss = F.cross_entropy(logits, labels_N, reduction="sum", ignore_index=-100)
-    if z_loss_coef:
-        lse = logits.logsumexp(dim=1)
-        loss = loss + z_loss_coef * lse[labels_N != -100].square().sum()
-    return loss / normalizer
+    return F.cross_entropy(logits, labels_N, reduction="sum", ignore_index=-100) / normalizer
 
 
 def make_labels(n, V, gen, mask_every=4):
@@ -51,18 +47,17 @@ class LargestTensor(TorchDispatchMode):
 
 # -- single device ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("z_loss_coef", [0.0, 1e-2])
 @pytest.mark.parametrize("max_strip_elements", [2**28, 40])
-def test_chunked_cross_entropy_matches_reference(z_loss_coef, max_strip_elements):
+def test_chunked_cross_entropy_matches_reference(max_strip_elements):
     gen = torch.Generator().manual_seed(0)
     N, H, V = 29, 8, 37
     h = torch.randn(N, H, generator=gen, requires_grad=True)
     w = torch.randn(V, H, generator=gen, requires_grad=True)
     labels = make_labels(N, V, gen)
     norm = torch.tensor(float((labels != -100).sum() + 3))
-    loss = chunked_cross_entropy(h, w, labels, norm, z_loss_coef=z_loss_coef, max_strip_elements=max_strip_elements)
+    loss = chunked_cross_entropy(h, w, labels, norm, max_strip_elements=max_strip_elements)
     gh, gw = torch.autograd.grad(loss, (h, w))
-    ref = reference_loss(h, w, labels, norm, z_loss_coef)
+    ref = reference_loss(h, w, labels, norm)
     rh, rw = torch.autograd.grad(ref, (h, w))
     torch.testing.assert_close(loss, ref, **TOL)
     torch.testing.assert_close(gh, rh, **TOL)
@@ -125,10 +120,9 @@ def test_strip_kernels_functional_form_equals_in_place(dtype):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     lse = ce.stats_lse((m, s, t))
     coef = torch.rand(40, generator=gen)
-    g = ce.block_logit_grad(h, w, labels, 20, lse, coef, 0.01, -100)
-    scale = coef * (1.0 + 2.0 * 0.01 * lse)
+    g = ce.block_logit_grad(h, w, labels, 20, lse, coef, -100)
     minus_c = torch.where(in_block, -coef, torch.zeros_like(coef))
-    fg = ce.strip_grad_math(h @ w.t(), lse, scale, minus_c, idx, dtype)
+    fg = ce.strip_grad_math(h @ w.t(), lse, coef, minus_c, idx, dtype)
     assert fg.dtype == dtype
     torch.testing.assert_close(g.float(), fg.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
 
@@ -147,12 +141,12 @@ def test_compiled_strip_kernels_match_reference():
     labels = make_labels(33, 45, gen)
     ce.set_loss_kernels("fused")
     try:
-        loss = chunked_cross_entropy(h, w, labels, 29.0, z_loss_coef=1e-2, chunk_tokens=10)
+        loss = chunked_cross_entropy(h, w, labels, 29.0, chunk_tokens=10)
         loss.backward()
     finally:
         ce.set_loss_kernels("auto")
     hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = reference_loss(hr, wr, labels, 29.0, z_loss_coef=1e-2)
+    ref = reference_loss(hr, wr, labels, 29.0)
     ref.backward()
     torch.testing.assert_close(loss, ref, **TOL)
     torch.testing.assert_close(h.grad, hr.grad, **TOL)
@@ -163,8 +157,9 @@ def test_compiled_strip_kernels_match_reference():
 
 def test_output_head_module():
     with torch.device("meta"):
-        meta = OutputHead(8, 37, z_loss_coef=1e-3, max_strip_elements=50)
+        meta = OutputHead(8, 37)
     head = meta.to_empty(device="cpu")
+    head.max_strip_elements = 50  # several strips
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         head.weight.copy_(torch.randn(37, 8, generator=gen))
@@ -174,7 +169,7 @@ def test_output_head_module():
     loss.backward()
     w = head.weight.detach().clone().requires_grad_()
     hr = h.detach().clone().requires_grad_()
-    ref = reference_loss(hr, w, labels, 15.0, 1e-3)
+    ref = reference_loss(hr, w, labels, 15.0)
     ref.backward()
     torch.testing.assert_close(loss, ref, **TOL)
     torch.testing.assert_close(h.grad, hr.grad, **TOL)
@@ -202,9 +197,9 @@ def test_vocab_parallel_cross_entropy_p1_and_schedule_choice():
     labels = make_labels(12, 37, gen)
     for schedule in ("weights", "activations", "auto"):
         loss = vocab_parallel_cross_entropy(h, w, labels, 9.0, vocab_group=None, vocab_size=37, block_sizes=[37],
-                                            schedule=schedule, z_loss_coef=1e-2, max_strip_elements=40)
+                                            schedule=schedule, max_strip_elements=40)
         gh, gw = torch.autograd.grad(loss, (h, w))
-        ref = reference_loss(h, w, labels, 9.0, 1e-2)
+        ref = reference_loss(h, w, labels, 9.0)
         rh, rw = torch.autograd.grad(ref, (h, w))
         torch.testing.assert_close(loss, ref, **TOL)
         torch.testing.assert_close(gh, rh, **TOL)
@@ -230,7 +225,7 @@ def _global_problem(world, V, H, token_counts, seed=0):
 
 
 def _ring_worker(rank, world, V, H, token_counts, cases):
-    """For each (P, schedule, z): every P-group computes its ranks' losses; compare with a local reference."""
+    """For each (P, schedule): every P-group computes its ranks' losses; compare with a local reference."""
     out = []
     groups = {}
     for P in sorted({c[0] for c in cases}):
@@ -239,7 +234,7 @@ def _ring_worker(rank, world, V, H, token_counts, cases):
             if rank // P == g:
                 groups[P] = grp
     w, hs, labels = _global_problem(world, V, H, token_counts)
-    for P, schedule, z in cases:
+    for P, schedule in cases:
         p, g0 = rank % P, (rank // P) * P
         sizes = chunk_sizes(V, P)
         off = offsets_of(sizes)[p]
@@ -247,17 +242,16 @@ def _ring_worker(rank, world, V, H, token_counts, cases):
         h = hs[rank].clone().requires_grad_()
         w_block = w[off:off + sizes[p]].clone().requires_grad_()
         loss = vocab_parallel_cross_entropy(h, w_block, labels[rank], norm, vocab_group=groups[P], vocab_size=V,
-                                            block_sizes=sizes, schedule=schedule, z_loss_coef=z,
-                                            max_strip_elements=3 * max(sizes))
+                                            block_sizes=sizes, schedule=schedule, max_strip_elements=3 * max(sizes))
         loss.backward()
         # Reference: the whole group's tokens on one device against the full weight.
         hr = torch.cat(hs[g0:g0 + P]).requires_grad_()
         wr = w.clone().requires_grad_()
-        ref_mine = reference_loss(hr[sum(token_counts[g0:rank]):][: token_counts[rank]], wr, labels[rank], norm, z)
-        ref_all = reference_loss(hr, wr, torch.cat(labels[g0:g0 + P]), norm, z)
+        ref_mine = reference_loss(hr[sum(token_counts[g0:rank]):][: token_counts[rank]], wr, labels[rank], norm)
+        ref_all = reference_loss(hr, wr, torch.cat(labels[g0:g0 + P]), norm)
         ref_all.backward()
         start = sum(token_counts[g0:rank])
-        out.append(dict(case=(P, schedule, z), loss=(loss.detach(), ref_mine.detach()),
+        out.append(dict(case=(P, schedule), loss=(loss.detach(), ref_mine.detach()),
                         grad_h=(h.grad, hr.grad[start:start + token_counts[rank]]),
                         grad_w=(w_block.grad, wr.grad[off:off + sizes[p]])))
     return out
@@ -275,13 +269,13 @@ def _check_ring_results(results):
 # check different parts of its results.
 
 def _two_rank_worker(rank, world):
-    cases = [(2, "weights", 0.0), (2, "activations", 1e-2), (2, "auto", 0.0), (1, "weights", 0.0)]
+    cases = [(2, "weights"), (2, "activations"), (2, "auto"), (1, "weights")]
     return dict(ring=_ring_worker(rank, world, 37, 6, [9, 14], cases), memory=_memory_worker(rank, world, *MEMORY_CASE))
 
 
 def _four_rank_worker(rank, world):
     # V = 37 over 4 blocks (10, 10, 10, 7); one rank has no tokens at all.
-    cases = [(4, "weights", 1e-2), (4, "activations", 0.0), (4, "auto", 1e-2), (2, "activations", 0.0)]
+    cases = [(4, "weights"), (4, "activations"), (4, "auto"), (2, "activations")]
     return dict(ring=_ring_worker(rank, world, 37, 6, [7, 0, 11, 4], cases),
                 modules={case: _modules_worker(rank, world, 37, 6, *case) for case in MODULE_CASES})
 
@@ -332,7 +326,7 @@ def test_ring_cross_entropy_never_builds_full_logits(two_rank_results):
 
 # -- the modules: W = 4 ranks, P = 4, 2 (vocab-shard groups of 2) and 1 ---------------------------------
 
-def _init_like_contract(param, full):
+def _init_from_full(param, full):
     from torch.distributed.tensor import distribute_tensor
 
     with torch.no_grad():
@@ -351,10 +345,11 @@ def _modules_worker(rank, world, V, H, P, tied):
     labels = [make_labels(2 * s, V, gen, mask_every=3) for s in seq]
     mix = [torch.randn(2, s, H, generator=gen) for s in seq]  # stands in for the model between the two
     norm = float(sum(int((lab != -100).sum()) for lab in labels))
-    z, lr = 1e-3, 0.5
+    lr = 0.5
 
     # Single-process reference: all ranks' tokens, full weights.
-    ref_emb, ref_head = nn.Embedding(V, H), OutputHead(H, V, z_loss_coef=z, max_strip_elements=64)
+    ref_emb, ref_head = nn.Embedding(V, H), OutputHead(H, V)
+    ref_head.max_strip_elements = 64
     with torch.no_grad():
         ref_emb.weight.copy_(w_emb)
         ref_head.weight.copy_(w_out)
@@ -368,17 +363,18 @@ def _modules_worker(rank, world, V, H, P, tied):
 
     # The vocab-parallel modules, built from meta-device originals.
     with torch.device("meta"):
-        meta_emb, meta_head = nn.Embedding(V, H), OutputHead(H, V, z_loss_coef=z, max_strip_elements=64)
+        meta_emb, meta_head = nn.Embedding(V, H), OutputHead(H, V)
     mesh = build_vocab_block_mesh(layout)
     emb = VocabParallelEmbedding.from_module(meta_emb, layout, mesh=mesh).to_empty(device="cpu")
     head = VocabParallelOutputHead.from_module(meta_head, layout, schedule="auto", mesh=mesh,
                                                weight=emb.weight if tied else None)
     head.to_empty(device="cpu")
+    head.max_strip_elements = 64  # several strips per block
     if tied:
         head.weight = emb.weight  # to_empty re-creates parameters; tie again before init (as a model would)
-    _init_like_contract(emb.weight, w_emb)
+    _init_from_full(emb.weight, w_emb)
     if not tied:
-        _init_like_contract(head.weight, w_out)
+        _init_from_full(head.weight, w_out)
     x = emb(tokens[rank]) * mix[rank]
     loss = head(x.view(-1, H), labels[rank], norm)
     loss.backward()

@@ -157,12 +157,9 @@ def stats_lse(stats: Stats) -> torch.Tensor:
     return stats[0] + torch.log(stats[1])
 
 
-def token_losses(lse_N: torch.Tensor, tgt_N: torch.Tensor, labels_N: torch.Tensor, ignore_index: int,
-                 z_loss_coef: float) -> torch.Tensor:
-    """Per-token CE (+ z-loss) in fp32; zero for ignored tokens."""
+def token_losses(lse_N: torch.Tensor, tgt_N: torch.Tensor, labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-token CE in fp32; zero for ignored tokens."""
     loss_N = lse_N - tgt_N
-    if z_loss_coef:
-        loss_N = loss_N + z_loss_coef * lse_N.square()
     return torch.where(labels_N != ignore_index, loss_N, torch.zeros_like(loss_N))
 
 
@@ -173,26 +170,25 @@ def grad_coef(grad_loss: torch.Tensor, normalizer, labels_N: torch.Tensor, ignor
 
 
 def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Tensor, offset: int,
-                     lse_n: torch.Tensor, coef_n: torch.Tensor, z_loss_coef: float, ignore_index: int) -> torch.Tensor:
+                     lse_n: torch.Tensor, coef_n: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Recomputed strip of d(loss)/d(logits) for a token chunk and a vocabulary block, in the input dtype.
 
-    For a token with coefficient c: c * (softmax * (1 + 2 z lse) - onehot(label)).
+    For a token with coefficient c: c * (softmax - onehot(label)).
     """
     v = w_vH.shape[0]
-    scale_n = coef_n * (1.0 + 2.0 * z_loss_coef * lse_n) if z_loss_coef else coef_n
     idx_n, in_block_n = _local_targets(labels_n, offset, v, ignore_index)
     minus_c = torch.where(in_block_n, -coef_n, torch.zeros_like(coef_n))
     if _use_fused(h_nH):
-        return _compiled("grad")(h_nH @ w_vH.t(), lse_n, scale_n, minus_c, idx_n, h_nH.dtype)
+        return _compiled("grad")(h_nH @ w_vH.t(), lse_n, coef_n, minus_c, idx_n, h_nH.dtype)
     p_nv = _strip_logits(h_nH, w_vH).sub_(lse_n.unsqueeze(1)).exp_()
-    p_nv.mul_(scale_n.unsqueeze(1))
+    p_nv.mul_(coef_n.unsqueeze(1))
     # scatter_add, not boolean indexing: no host sync for the number of in-block targets.
     p_nv.scatter_add_(1, idx_n.unsqueeze(1), minus_c.unsqueeze(1))
     return p_nv.to(h_nH.dtype)
 
 
 def block_backward(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, offset: int,
-                   lse_N: torch.Tensor, coef_N: torch.Tensor, chunk: int, z_loss_coef: float, ignore_index: int,
+                   lse_N: torch.Tensor, coef_N: torch.Tensor, chunk: int, ignore_index: int,
                    grad_h_NH: torch.Tensor, grad_w_vH: torch.Tensor) -> None:
     """Add one vocabulary block's contribution to `grad_h_NH` and `grad_w_vH` (in place), strip by strip."""
     n, v = h_NH.shape[0], w_vH.shape[0]
@@ -200,8 +196,7 @@ def block_backward(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tenso
         return
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        g_nv = block_logit_grad(h_NH[s:e], w_vH, labels_N[s:e], offset, lse_N[s:e], coef_N[s:e], z_loss_coef,
-                                ignore_index)
+        g_nv = block_logit_grad(h_NH[s:e], w_vH, labels_N[s:e], offset, lse_N[s:e], coef_N[s:e], ignore_index)
         grad_h_NH[s:e].addmm_(g_nv, w_vH)
         grad_w_vH.addmm_(g_nv.t(), h_NH[s:e])
 
@@ -214,7 +209,7 @@ def _check_inputs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: to
         raise ValueError(f"labels must be [N] = [{hidden_NH.shape[0]}], got {tuple(labels_N.shape)}")
 
 
-def _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, z_loss_coef, chunk, need_h, need_w):
+def _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk, need_h, need_w):
     """Loss and, in the same pass, its gradients for an upstream gradient of 1 (strips span all of V).
 
     Each strip holds every vocabulary column of its tokens, so its log-sum-exp is final as soon as
@@ -238,29 +233,28 @@ def _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, z_
         m, sumexp, tgt_N[s:e] = stats_fn(logits_nv, idx_n, in_block_n, dtype)
         lse_n = lse_N[s:e] = m + torch.log(sumexp)
         c_n = coef_N[s:e]
-        scale_n = c_n * (1.0 + 2.0 * z_loss_coef * lse_n) if z_loss_coef else c_n
-        g_nv = grad_fn(logits_nv, lse_n, scale_n, torch.where(in_block_n, -c_n, torch.zeros_like(c_n)), idx_n,
+        g_nv = grad_fn(logits_nv, lse_n, c_n, torch.where(in_block_n, -c_n, torch.zeros_like(c_n)), idx_n,
                        hidden_NH.dtype)
         del logits_nv
         if need_h:
             torch.mm(g_nv, weight_VH, out=grad_h[s:e])
         if need_w:
             grad_w.addmm_(g_nv.t(), h_nH)
-    loss = token_losses(lse_N, tgt_N, labels_N, ignore_index, z_loss_coef).sum() / normalizer
+    loss = token_losses(lse_N, tgt_N, labels_N, ignore_index).sum() / normalizer
     return loss, grad_h, grad_w
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum of per-token CE (+ z-loss) / normalizer, with the gradients computed during forward."""
+    """Sum of per-token CE / normalizer, with the gradients computed during forward."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, labels_N, normalizer, ignore_index, z_loss_coef, chunk):
+    def forward(ctx, hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):  # inference: statistics only
             stats = block_stats(hidden_NH, weight_VH, labels_N, 0, chunk, ignore_index)
-            return token_losses(stats_lse(stats), stats[2], labels_N, ignore_index, z_loss_coef).sum() / normalizer
-        loss, grad_h, grad_w = _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index,
-                                               z_loss_coef, chunk, need_h, need_w)
+            return token_losses(stats_lse(stats), stats[2], labels_N, ignore_index).sum() / normalizer
+        loss, grad_h, grad_w = _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk,
+                                               need_h, need_w)
         ctx.grads = (grad_h, grad_w)  # not saved tensors: they are outputs of this computation, not inputs
         return loss
 
@@ -274,13 +268,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for t in (grad_h, grad_w):
             if t is not None:
                 t.mul_(g)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def chunked_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor, normalizer,
-                          *, ignore_index: int = -100, z_loss_coef: float = 0.0, chunk_tokens: int | None = None,
+                          *, ignore_index: int = -100, chunk_tokens: int | None = None,
                           max_strip_elements: int = 2**28) -> torch.Tensor:
-    """Sum over non-ignored tokens of CE(hidden @ weight.T, label) [+ z * lse^2], divided by `normalizer`.
+    """Sum over non-ignored tokens of CE(hidden @ weight.T, label), divided by `normalizer`.
 
     Exact, with autograd to `hidden_NH` and `weight_VH`, without materialising the N x V logits in
     forward or backward: strips of `chunk_tokens` tokens (default: as many as fit in
@@ -291,31 +285,27 @@ def chunked_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labe
     if isinstance(normalizer, torch.Tensor) and normalizer.dim() != 0:
         raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
     chunk = token_chunk(weight_VH.shape[0], max_strip_elements, chunk_tokens)
-    return _ChunkedCrossEntropy.apply(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, float(z_loss_coef),
-                                      chunk)
+    return _ChunkedCrossEntropy.apply(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk)
 
 
 class OutputHead(nn.Module):
     """Output projection + loss: `forward(hidden_NH, labels_N, normalizer) -> loss`.
 
-    loss = sum over tokens with label != -100 of CE(hidden @ weight.T, label) [+ z_loss_coef * lse^2],
-    divided by `normalizer`; computed by `chunked_cross_entropy`, never building N x V logits.
+    loss = sum over tokens with label != -100 of CE(hidden @ weight.T, label), divided by
+    `normalizer`; computed by `chunked_cross_entropy`, never building N x V logits.
     """
 
-    def __init__(self, dim: int, vocab_size: int, z_loss_coef: float = 0.0, max_strip_elements: int = 2**28):
+    max_strip_elements: int = 2**28  # fp32 logits per strip (tests set fewer to exercise many strips)
+
+    def __init__(self, dim: int, vocab_size: int):
         super().__init__()
         if dim < 1 or vocab_size < 1:
             raise ValueError(f"OutputHead needs dim >= 1 and vocab_size >= 1, got dim={dim}, vocab_size={vocab_size}")
-        if max_strip_elements < 1:
-            raise ValueError(f"max_strip_elements must be positive, got {max_strip_elements}")
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))
-        self.z_loss_coef = z_loss_coef
-        self.max_strip_elements = max_strip_elements
 
     def forward(self, hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer) -> torch.Tensor:
-        return chunked_cross_entropy(hidden_NH, self.weight, labels_N, normalizer, z_loss_coef=self.z_loss_coef,
+        return chunked_cross_entropy(hidden_NH, self.weight, labels_N, normalizer,
                                      max_strip_elements=self.max_strip_elements)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}, z_loss_coef={self.z_loss_coef}, "
-                f"max_strip_elements={self.max_strip_elements}")
+        return f"dim={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}"

@@ -182,39 +182,34 @@ class _ShardedRingCrossEntropy(torch.autograd.Function):
 class VocabParallelOutputHead(nn.Module):
     """Output projection + loss with the vocabulary split over the P-group (same forward as `OutputHead`).
 
-    `forward(hidden_NH, labels_N, normalizer) -> loss`: this rank's tokens' CE (+ z-loss) summed and
-    divided by the global `normalizer`. `weight`: DTensor [V, H], placements (Shard(0), Shard(0)) on
+    `forward(hidden_NH, labels_N, normalizer) -> loss`: this rank's tokens' CE summed and divided by
+    the global `normalizer`. `weight`: DTensor [V, H], placements (Shard(0), Shard(0)) on
     the ("vocab", "vocab_shard") mesh. Build with `from_module`.
     """
 
     param_dtype: torch.dtype | None = None  # compute dtype (set by parallelize)
+    max_strip_elements: int = 2**28  # fp32 logits per strip (tests set fewer to exercise many strips)
 
     def __init__(self, vocab_size: int, dim: int, mesh: DeviceMesh, *, schedule: str = "auto",
-                 z_loss_coef: float = 0.0, max_strip_elements: int = 2**28, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None, weight: nn.Parameter | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 weight: nn.Parameter | None = None):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if max_strip_elements < 1:
-            raise ValueError(f"max_strip_elements must be positive, got {max_strip_elements}")
         self.shards = VocabBlockShards(mesh, vocab_size)
         self.weight = _vocab_weight(self.shards, dim, dtype, device, weight)
         self.schedule = schedule
-        self.z_loss_coef = z_loss_coef
-        self.max_strip_elements = max_strip_elements
 
     @classmethod
     def from_module(cls, orig: nn.Module, layout, schedule: str = "auto", *, mesh: DeviceMesh | None = None,
                     weight: nn.Parameter | None = None) -> "VocabParallelOutputHead":
-        """Replace a (meta-device) `OutputHead`: same V, H, dtype, z_loss_coef and max_strip_elements.
+        """Replace a (meta-device) `OutputHead`: same V, H and dtype.
 
         `mesh`: a shared `build_vocab_block_mesh(layout)` (built here if omitted); `weight`: share an
         existing vocab-parallel DTensor parameter (tied embeddings).
         """
         V, H = orig.weight.shape
-        return cls(V, H, _resolve_mesh(layout, mesh, weight), schedule=schedule,
-                   z_loss_coef=getattr(orig, "z_loss_coef", 0.0),
-                   max_strip_elements=getattr(orig, "max_strip_elements", 2**28), dtype=orig.weight.dtype,
+        return cls(V, H, _resolve_mesh(layout, mesh, weight), schedule=schedule, dtype=orig.weight.dtype,
                    device=layout.device, weight=weight)
 
     def late_parameters(self) -> list[nn.Parameter]:
@@ -226,8 +221,7 @@ class VocabParallelOutputHead(nn.Module):
         check_loss_inputs(hidden_NH, labels_N, normalizer, self.weight.shape[1])
         plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=self.shards.vocab_group,
                               vocab_size=self.shards.vocab_size, block_sizes=self.shards.block_sizes,
-                              schedule=self.schedule, z_loss_coef=self.z_loss_coef,
-                              max_strip_elements=self.max_strip_elements)
+                              schedule=self.schedule, max_strip_elements=self.max_strip_elements)
         w_local = self.weight.to_local()
         if self.param_dtype is not None:  # mixed precision (set by parallelize): gather in compute dtype
             w_local = w_local.to(self.param_dtype)
@@ -235,7 +229,7 @@ class VocabParallelOutputHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.shards.vocab_size}, dim={self.weight.shape[1]}, P={self.shards.P}, "
-                f"schedule={self.schedule!r}, z_loss_coef={self.z_loss_coef}")
+                f"schedule={self.schedule!r}")
 
 
 class _VocabParallelLookup(torch.autograd.Function):

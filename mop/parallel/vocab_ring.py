@@ -103,7 +103,6 @@ class RingPlan:
     schedule: str  # "weights" or "activations" (resolved)
     chunk: int
     ignore_index: int
-    z_loss_coef: float
 
 
 def resolve_schedule(schedule: str, max_tokens: int, block_sizes: list[int]) -> str:
@@ -116,8 +115,8 @@ def resolve_schedule(schedule: str, max_tokens: int, block_sizes: list[int]) -> 
 
 
 def make_ring_plan(n_tokens: int, device: torch.device, *, vocab_group, vocab_size: int, block_sizes,
-                   schedule: str = "auto", ignore_index: int = -100, z_loss_coef: float = 0.0,
-                   max_strip_elements: int = 2**28, local_block_rows: int | None = None) -> RingPlan:
+                   schedule: str = "auto", ignore_index: int = -100, max_strip_elements: int = 2**28,
+                   local_block_rows: int | None = None) -> RingPlan:
     """Validate the options and resolve the schedule (one tiny all-gather of N unless schedule="weights")."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -144,7 +143,7 @@ def make_ring_plan(n_tokens: int, device: torch.device, *, vocab_group, vocab_si
     resolved = resolve_schedule(schedule, max(token_counts) if token_counts else n_tokens, block_sizes)
     return RingPlan(ring=Ring(vocab_group) if size > 1 else None, rank=rank, size=size,
                     block_offsets=offsets_of(block_sizes), block_sizes=block_sizes, token_counts=token_counts,
-                    schedule=resolved, chunk=chunk, ignore_index=ignore_index, z_loss_coef=float(z_loss_coef))
+                    schedule=resolved, chunk=chunk, ignore_index=ignore_index)
 
 
 # -- forward ------------------------------------------------------------------------------------------
@@ -224,8 +223,8 @@ def _backward_move_weights(h_NH, w_vH, labels_N, lse_N, coef_N, plan: RingPlan):
             recvs.append((_TAG_GRAD, gw_in))
         works = plan.ring.start(sends, recvs) if plan.ring else []
         gw = torch.zeros_like(w_cur)
-        block_backward(h_NH, w_cur, labels_N, plan.block_offsets[b], lse_N, coef_N, plan.chunk, plan.z_loss_coef,
-                       plan.ignore_index, grad_h, gw)
+        block_backward(h_NH, w_cur, labels_N, plan.block_offsets[b], lse_N, coef_N, plan.chunk, plan.ignore_index,
+                       grad_h, gw)
         Ring.wait(works)
         if gw_in is not None:
             gw += gw_in
@@ -260,7 +259,7 @@ def _backward_move_activations(h_NH, w_vH, labels_N, lse_N, coef_N, plan: RingPl
         works = plan.ring.start(sends, recvs) if plan.ring else []
         gh = torch.zeros_like(h_cur)
         block_backward(h_cur, w_vH, lab_cur, plan.block_offsets[p], aux_cur[0], aux_cur[1], plan.chunk,
-                       plan.z_loss_coef, plan.ignore_index, gh, grad_w)
+                       plan.ignore_index, gh, grad_w)
         Ring.wait(works)
         if gh_in is not None:
             gh += gh_in
@@ -281,8 +280,8 @@ def ring_backward(h_NH, w_vH, labels_N, lse_N, coef_N, plan: RingPlan):
 
 
 def ring_loss(lse_N, tgt_N, labels_N, normalizer, plan: RingPlan) -> torch.Tensor:
-    """This rank's loss: sum of its tokens' CE (+ z-loss) / normalizer."""
-    return token_losses(lse_N, tgt_N, labels_N, plan.ignore_index, plan.z_loss_coef).sum() / normalizer
+    """This rank's loss: sum of its tokens' CE / normalizer."""
+    return token_losses(lse_N, tgt_N, labels_N, plan.ignore_index).sum() / normalizer
 
 
 class _RingCrossEntropy(torch.autograd.Function):
@@ -315,13 +314,12 @@ def check_loss_inputs(hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalize
 
 def vocab_parallel_cross_entropy(hidden_NH: torch.Tensor, weight_block_local: torch.Tensor, labels_N: torch.Tensor,
                                  normalizer, *, vocab_group, vocab_size: int, block_sizes, schedule: str = "auto",
-                                 ignore_index: int = -100, z_loss_coef: float = 0.0,
-                                 max_strip_elements: int = 2**28) -> torch.Tensor:
+                                 ignore_index: int = -100, max_strip_elements: int = 2**28) -> torch.Tensor:
     """This rank's share of the exact CE loss with the vocabulary split over `vocab_group` (P ranks).
 
     hidden_NH / labels_N: this rank's own tokens (N may differ between ranks). weight_block_local:
     rows [offset_p, offset_p + block_sizes[p]) of the [V, H] weight, p = rank in `vocab_group`
-    (None means P = 1). Returns sum over own target tokens of CE [+ z * lse^2] / normalizer, so
+    (None means P = 1). Returns sum over own target tokens of CE / normalizer, so
     the sum over ranks is the global loss; gradients flow to `hidden_NH` and `weight_block_local`
     (the block's gradient from ALL ranks' tokens). Collective: every rank of the group must call it.
     """
@@ -330,6 +328,5 @@ def vocab_parallel_cross_entropy(hidden_NH: torch.Tensor, weight_block_local: to
         raise ValueError(f"weight_block_local must be [V/P, H], got {tuple(weight_block_local.shape)}")
     plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=vocab_group, vocab_size=vocab_size,
                           block_sizes=block_sizes, schedule=schedule, ignore_index=ignore_index,
-                          z_loss_coef=z_loss_coef, max_strip_elements=max_strip_elements,
-                          local_block_rows=weight_block_local.shape[0])
+                          max_strip_elements=max_strip_elements, local_block_rows=weight_block_local.shape[0])
     return _RingCrossEntropy.apply(hidden_NH, weight_block_local, labels_N, normalizer, plan)
