@@ -101,6 +101,7 @@ def file_digest(path: Path) -> dict:
 
 
 def _data_files(path: Path) -> list[str]:
+    """Every file under a checkpoint directory but the COMPLETE marker, relative, sorted."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
 
 
@@ -175,6 +176,7 @@ class CheckpointManager:
 
     @staticmethod
     def step_of(path: Path) -> int:
+        """The step of a checkpoint directory (`step_00000100[.suffix]` -> 100)."""
         return int(path.name.split("_", 1)[1].split(".", 1)[0])
 
     def complete_checkpoints(self) -> list[Path]:
@@ -339,6 +341,7 @@ class RunDir:
         self._lock_file = f
 
     def unlock(self) -> None:
+        """Release the run lock (if held)."""
         if self._lock_file is not None:
             self._lock_file.close()  # closing the descriptor releases the flock
             self._lock_file = None

@@ -171,11 +171,15 @@ class Trainer:
         """The newest checkpoint that verifies and holds this model, or None (said aloud) when there is none."""
         if not self.job.checkpoint.resume:
             return None
-        path = self.ckpt.latest_verified(log=self._tell)
+        try:
+            path = self.ckpt.latest_verified(log=self._tell)
+            if path is not None:
+                check_same_model(path, dataclasses.asdict(self.job.model))
+        except BaseException:
+            self.run_dir.unlock()  # refused: the directory is free again at once, not when this object is collected
+            raise
         if path is None:
             self._tell(f"mop: checkpoint.resume=true, but {self.ckpt.root} holds no checkpoint yet: starting from step 0")
-            return None
-        check_same_model(path, dataclasses.asdict(self.job.model))
         return path
 
     # -- construction ------------------------------------------------------------------------------

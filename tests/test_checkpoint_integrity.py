@@ -164,6 +164,8 @@ def test_resume_with_a_different_model_is_refused_naming_fields(tmp_path):
                      "--model.expert_dim=8"), CPU)
     assert "model.n_layers=2 in the checkpoint, 1 now" in str(e.value)
     assert "model.expert_dim=16 in the checkpoint, 8 now" in str(e.value)
+    # The refused run let go of the directory's lock at once: the right model resumes straight away.
+    assert Trainer(_job(tmp_path, "--training.steps=4", "--checkpoint.resume=true"), CPU).step == 2
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
