@@ -85,7 +85,8 @@ def short_reason(exc: BaseException) -> str:
                 return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
             e, depth = e.__cause__ or e.__context__, depth + 1
     inner = tops[-1]
-    return f"{type(inner).__name__}: {inner}".strip().splitlines()[0]
+    text = str(inner).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
 
 
 # -- manifest --------------------------------------------------------------------------------------

@@ -87,11 +87,18 @@ def export(argv: list[str]) -> int:
 
     args = list(argv)
     args[args.index(known.src)] = str(ckpt)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mop.checkpoint import short_reason
+
     try:
         return export_main(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"mop export: {e}", file=sys.stderr)
         return 2
+    except CheckpointException as e:  # a checkpoint without a manifest (older mop) that turns out damaged
+        print(f"mop export: reading {ckpt} failed: {short_reason(e)}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -117,3 +117,19 @@ def test_export_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert "step_00000004 is damaged" in err and "falling back to" in err and "step_00000002" in err
     assert (tmp_path / "out" / "config.json").is_file()
     assert newest.is_dir()  # export only reads: the damaged checkpoint is not moved
+
+
+def test_export_of_an_unverifiable_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    """A checkpoint from before manifests (COMPLETE holds only the step) can only fail while loading."""
+    from mop.cli import main as cli_main
+
+    job = build_config(overrides=[*SMALL, "--training.steps=1", "--checkpoint.enabled=true",
+                                  f"--logging.run_dir={tmp_path / 'run'}"])
+    Trainer(job, ProcessInfo(0, 1, 0, 1, torch.device("cpu"))).train()
+    path = tmp_path / "run" / "checkpoints" / "step_00000001"
+    (path / "COMPLETE").write_text("1\n")
+    distcp = next(path.glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[:100])
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 4
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "Traceback" in ln or ln.startswith("mop export")]
+    assert len(lines) == 1 and lines[0].startswith("mop export: reading") and str(path) in lines[0], lines
