@@ -39,6 +39,9 @@ class ParallelConfig:
     vocab_schedule: str = "auto"  # "auto" | "weights" | "activations"
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU: "fp32" | "bf16"
     reshard_after_forward: bool = True
+    # "auto": `mop plan` chooses D, Ep, P, the dispatcher, the activation policies and the optimizer's
+    # placement for this model, context, tokens per step and machine (replacing those options).
+    plan: str = "none"
 
     def __post_init__(self):
         for name in ("nproc", "seq", "expert", "vocab", "ulysses_head_chunks", "moe_chunk_tokens", "moe_max_chunks"):
@@ -51,6 +54,8 @@ class ParallelConfig:
             raise _bad("parallel.vocab_schedule", f"{self.vocab_schedule!r} is not one of 'auto', 'weights', 'activations'")
         if self.reduce_dtype not in ("fp32", "bf16"):
             raise _bad("parallel.reduce_dtype", f"{self.reduce_dtype!r} is not one of 'fp32', 'bf16'")
+        if self.plan not in ("none", "auto"):
+            raise _bad("parallel.plan", f"{self.plan!r} is not one of 'none', 'auto'")
 
 
 @dataclass
@@ -299,6 +304,21 @@ def build_config(file: str | Path | None = None, overrides: list[str] | None = N
         else:
             built[section] = section_cls(**values)
     return JobConfig(**built)
+
+
+def apply_overrides(job: JobConfig, overrides: list[str]) -> JobConfig:
+    """`job` with `--section.key=value` options applied, coerced and validated as on the command line
+    (e.g. a plan's choice; the model section is not changed here)."""
+    changes: dict[str, dict] = {}
+    for item in overrides:
+        body = item[2:] if item.startswith("--") else item
+        key, value = body.split("=", 1)
+        section, name = key.split(".", 1)
+        types = _section_types(type(getattr(job, section)))
+        if section == "model" or name not in types:
+            raise _bad(key, "cannot be applied to a built job")
+        changes.setdefault(section, {})[name] = _coerce(key, value, types[name])
+    return dataclasses.replace(job, **{s: dataclasses.replace(getattr(job, s), **kw) for s, kw in changes.items()})
 
 
 def option_names() -> list[str]:

@@ -108,10 +108,12 @@ class Trainer:
     """Builds everything from a `JobConfig` and trains. Works in-process under an existing group."""
 
     def __init__(self, job: JobConfig, proc: ProcessInfo | None = None):
+        self.proc = proc or init_process(job.training.device)
+        self.device = self.proc.device
+        if job.parallel.plan == "auto":
+            job = self._apply_plan(job)
         self.job = job
         t = job.training
-        self.proc = proc or init_process(t.device)
-        self.device = self.proc.device
         self.spec = LayoutSpec(self.proc.world, job.parallel.seq, job.parallel.expert, job.parallel.vocab)
         self.spec.validate_model(n_heads=job.model.n_heads, n_kv_heads=job.model.n_kv_heads,
                                  n_experts=job.model.n_experts, seq_len=t.seq_len)
@@ -183,15 +185,54 @@ class Trainer:
         return path
 
     # -- construction ------------------------------------------------------------------------------
+    def _apply_plan(self, job: JobConfig) -> JobConfig:
+        """`parallel.plan = "auto"`: `mop plan`'s fastest configuration that fits this machine.
+
+        Every rank runs the same deterministic search on the same inputs, so all apply the same
+        choice without communicating. The tokens per step are kept (the plan derives the batch and
+        accumulation for its D). CPU runs plan with the CPU calibration and host-only optimizers.
+        Options left "auto" in the job (activation policy, optimizer device share) are measured at
+        start-up instead of taken from the prediction.
+        """
+        from mop.config import apply_overrides
+        from mop.plan import Calibration, for_device, plan_for_job
+
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            cal, offloads, device_bytes = for_device(props.name), ("none", "cpu", "gpu_stream"), props.total_memory
+        else:
+            cal, offloads, device_bytes = Calibration.load("cpu"), ("none", "cpu"), None
+        plan = plan_for_job(job, self.proc.world, gpus_per_node=self.proc.local_world, calibration=cal,
+                            offloads=offloads, device_bytes=device_bytes)
+        overrides = plan.best.step.overrides() + ["--parallel.plan=none"]
+        # Measured beats predicted: an "auto" activation policy or optimizer device share stays for
+        # the start-up probe to decide (mop.memory_budget) within the planned layout.
+        keep = {"training.activation_checkpoint": job.training.activation_checkpoint == "auto",
+                "optimizer.device_fraction": job.optimizer.device_fraction < 0}
+        overrides = [o for o in overrides if not keep.get(o[2:].split("=", 1)[0], False)]
+        if self.proc.is_main:
+            print(f"mop: parallel.plan=auto chose {' '.join(overrides[:-1])} (predicted "
+                  f"{plan.best.time.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
+                  f"{plan.best.memory.reserved / 2**30:.1f} GiB per GPU)", flush=True)
+        return apply_overrides(job, overrides)
+
     def _check_state_memory(self) -> None:
-        """Refuse a layout whose weights, gradients and optimizer state alone cannot fit, before allocating."""
+        """Refuse, before allocating, a layout whose weights, gradients and optimizer state alone cannot
+        fit (exact), or whose whole step cannot (the planner's model, for a fixed activation policy)."""
         if self.device.type != "cuda":
             return
         from mop.plan import check_state_fits
 
         o = self.job.optimizer
-        check_state_fits(self.job.model, self.proc.world, torch.cuda.get_device_properties(self.device).total_memory,
-                         o.offload, max(o.device_fraction, 0.0))
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        check_state_fits(self.job.model, self.proc.world, total, o.offload, max(o.device_fraction, 0.0))
+        if self.job.training.activation_checkpoint != "auto":
+            # A fixed activation policy cannot adapt: refuse a step the planner's memory model says
+            # cannot fit (beyond its measured error), before anything large is allocated. "auto"
+            # adapts down to offloading every block's input, so it is not refused here.
+            from mop.plan import check_step_fits
+
+            check_step_fits(self.job, self.proc.world, total)
 
     def apply_parallelism(self, model: Transformer) -> None:
         """Shard the meta-device model: the MoP layout. (The FSDP-best baseline overrides this.)"""

@@ -92,7 +92,7 @@ def test_option_set_is_frozen():
         "parallel.nproc", "parallel.seq", "parallel.expert", "parallel.vocab", "parallel.ulysses_head_chunks",
         "parallel.dispatcher", "parallel.llep_alpha", "parallel.llep_min_chunk", "parallel.llep_lambda",
         "parallel.moe_chunk_tokens", "parallel.moe_max_chunks", "parallel.vocab_schedule", "parallel.reduce_dtype",
-        "parallel.reshard_after_forward",
+        "parallel.reshard_after_forward", "parallel.plan",
         "optimizer.lr", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.offload",
         "optimizer.device_fraction", "optimizer.bucket_numel", "optimizer.overlap_update",
         "data.dataset", "data.cache_dir", "data.synthetic_doc_len",

@@ -69,3 +69,9 @@ def test_activation_policy_mix_equals_single_process(tmp_path, dispatcher):
     compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": dispatcher, "llep_min_chunk": 8},
                            tmp_path, extra=["--model.n_layers=4",
                                              "--training.activation_checkpoint=selective*1,offload*1,none*1,full"])
+
+
+def test_planned_configuration_equals_single_process(tmp_path):
+    """parallel.plan=auto: the layout, policies and optimizer placement `mop plan` picks (CPU
+    calibration; the tokens per step kept) train exactly like one process."""
+    compare_with_reference(2, {"plan": "auto"}, tmp_path)

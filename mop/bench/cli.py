@@ -61,6 +61,10 @@ def parse_args(argv: list[str]):
                    help="try FSDP2 CPUOffloadPolicy configs: only when nothing fits on the device (auto)")
     p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
     p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
+    p.add_argument("--mop-layout", choices=("rule", "plan"), default="rule",
+                   help="mop's layout: rule = D=1 up to 64K tokens, D=G above (see default_mop_overrides); "
+                        "plan = parallel.plan=auto (mop plan chooses D, Ep, P, dispatcher, optimizer placement; "
+                        "the tokens per step stay those of the rule's layout)")
     p.add_argument("--mop-ac", choices=("auto", "on", "off"), default="auto",
                    help="mop's activation policy: auto = chosen per block before step 1 by a measured probe "
                         "(training.activation_checkpoint=auto), on = full, off = none")
@@ -187,7 +191,8 @@ def main(argv: list[str]) -> int:
             if "mop" in args.system_list and ("mop", context, setting) not in done:
                 # User overrides come last, so an explicit --training.activation_checkpoint wins.
                 extra = (default_mop_overrides(model_cfg, args.gpus, context)
-                         + [f"--training.activation_checkpoint={MOP_AC[args.mop_ac]}"] + mop_user)
+                         + [f"--training.activation_checkpoint={MOP_AC[args.mop_ac]}"]
+                         + (["--parallel.plan=auto"] if args.mop_layout == "plan" else []) + mop_user)
                 job = build_config(None, common_overrides(args, device, context, 1, run_dir) + extra)
                 accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq)
                 print(f"mop bench: mop, context {context}, batch {setting}: {' '.join(extra)} ...", flush=True)
