@@ -75,12 +75,17 @@ def preflight(job, world: int, lock: bool = True) -> str | None:
         spec = LayoutSpec(world, job.parallel.seq, job.parallel.expert, job.parallel.vocab)
         spec.validate_model(n_heads=job.model.n_heads, n_kv_heads=job.model.n_kv_heads,
                             n_experts=job.model.n_experts, seq_len=job.training.seq_len)
-        if job.data.dataset not in ("default", "synthetic"):
-            from mop.data import TokenDataset
+        if job.data.dataset != "synthetic":
+            import os
 
-            dataset = TokenDataset(job.data.dataset)
+            from mop.data import TokenDataset, ensure_default_dataset
+
+            path = job.data.dataset
+            if path == "default":  # built once here, not raced by every worker
+                path = ensure_default_dataset(os.path.expanduser(job.data.cache_dir))
+            dataset = TokenDataset(path)
             if dataset.vocab_size > job.model.vocab_size:
-                return (f"data.dataset {job.data.dataset} has vocabulary {dataset.vocab_size} > model.vocab_size="
+                return (f"data.dataset {path} has vocabulary {dataset.vocab_size} > model.vocab_size="
                         f"{job.model.vocab_size}; set --model.vocab_size={dataset.vocab_size} or use a matching tokenizer")
         if lock:
             run_dir = RunDir(job.logging.run_dir)

@@ -133,3 +133,9 @@ def test_export_of_an_unverifiable_damaged_checkpoint_is_one_line(tmp_path, caps
     assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 4
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "Traceback" in ln or ln.startswith("mop export")]
     assert len(lines) == 1 and lines[0].startswith("mop export: reading") and str(path) in lines[0], lines
+
+
+def test_default_dataset_vocabulary_is_checked_before_the_run(capsys, monkeypatch):
+    monkeypatch.setattr("mop.launch.launch_local", lambda *a, **k: pytest.fail("spawned workers for a bad vocabulary"))
+    line = _one_line_error(capsys, ["--nproc", "2", "--model.shape=debug", "--training.device=cpu"])
+    assert "has vocabulary 258 > model.vocab_size=97" in line
