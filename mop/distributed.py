@@ -51,3 +51,15 @@ def init_process(device_option: str = "auto") -> ProcessInfo:
     elif dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return ProcessInfo(rank, world, local_rank, local_world, device)
+
+
+# The *_tensor collectives are being renamed *_single (torch 2.13 has both; 2.11 only the old names).
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: the local tensor of a DTensor, `t` itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t

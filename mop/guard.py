@@ -14,7 +14,8 @@ non-finite on every rank, and all ranks take the same decision without another c
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from mop.distributed import local_shard
 
 
 class NonFiniteError(RuntimeError):
@@ -84,7 +85,7 @@ class NonFiniteGuard:
 
     def check_weights(self, model: torch.nn.Module, step: int) -> None:
         """Refuse to save non-finite parameters, whatever their origin (one pass over the weights; a host sync)."""
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        local = [local_shard(p) for p in model.parameters()]
         bad = torch.stack([(~torch.isfinite(p)).any().to(self.device) for p in local]).any().float()
         if self._all_reduce(bad.reshape(1)).item():
             raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; not saving a checkpoint of them")

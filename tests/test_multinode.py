@@ -4,21 +4,16 @@ stand-ins for `srun` and `scontrol`, starts two node agents again and resumes th
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from mop.launch import _free_port  # the launcher's own: one copy of the free-port code
 
 ARGS = ["--model.shape=debug", "--data.dataset=synthetic", "--training.seq_len=32", "--training.batch_size=2",
         "--training.device=cpu", "--training.warmup_steps=1", "--logging.progress=plain", "--logging.log_every=1",
         "--parallel.seq=1", "--parallel.expert=2", "--parallel.vocab=2", "--checkpoint.enabled=true",
         "--checkpoint.every=2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_nodes(run_dir, *extra) -> list[subprocess.CompletedProcess]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from mop.ops.grouped_mm import grouped_mm
+from mop.distributed import local_shard
+from mop.parallel.experts.dispatch import expert_mlp
 
 
 def _all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -36,10 +36,6 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         return _all_to_all_rows(grad, in_splits, out_splits, ctx.group), None, None, None
-
-
-def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if isinstance(w, DTensor) else w
 
 
 class AllToAllExperts(nn.Module):
@@ -92,9 +88,7 @@ class AllToAllExperts(nn.Module):
         by_expert = torch.argsort(expert_of_row, stable=True).to(x_TH.device)
         tokens_per_expert_E = recv_counts_SE.sum(0).to(x_TH.device)
         x_e = x_recv[by_expert]
-        w1, w3, w2 = _local(self.w1), _local(self.w3), _local(self.w2)
-        h = F.silu(grouped_mm(x_e, w1, tokens_per_expert_E)) * grouped_mm(x_e, w3, tokens_per_expert_E)
-        y_e = grouped_mm(h, w2, tokens_per_expert_E)
+        y_e = expert_mlp(x_e, tokens_per_expert_E, local_shard(self.w1), local_shard(self.w3), local_shard(self.w2))
         y_recv = y_e[torch.argsort(by_expert)]  # back to (source, expert) order
         y_slots = _AllToAll.apply(y_recv, send_splits, recv_splits, group)
         y_slots = y_slots * topk_weight_TK.flatten()[order, None]

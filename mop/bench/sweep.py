@@ -13,10 +13,7 @@ import dataclasses
 from typing import Callable
 
 from mop.baselines.config import BaselineConfig
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+from mop.parallel.layout import divisors
 
 
 def candidate_configs(model_cfg, seq_len: int, gpus: int, *, mode: str = "quick", cuda: bool = True,
@@ -25,11 +22,11 @@ def candidate_configs(model_cfg, seq_len: int, gpus: int, *, mode: str = "quick"
     if mode not in ("quick", "full"):
         raise ValueError(f"sweep mode {mode!r} is not one of 'quick', 'full'")
     out = []
-    for tp in _divisors(gpus):
-        for cp in _divisors(gpus // tp):
+    for tp in divisors(gpus):
+        for cp in divisors(gpus // tp):
             if cp > 1 and not cuda:
                 continue  # context_parallel needs CUDA SDPA kernels
-            eps = [ep for ep in _divisors(gpus // tp) if model_cfg.n_experts % ep == 0]
+            eps = [ep for ep in divisors(gpus // tp) if model_cfg.n_experts % ep == 0]
             for ep in eps:
                 for ac in (True, False):
                     cfg = BaselineConfig(tp=tp, cp=cp, ep=ep, activation_checkpoint=ac, compile_loss=compile_loss)

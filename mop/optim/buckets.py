@@ -19,11 +19,6 @@ from torch.distributed.tensor import DTensor
 GiB = 1024**3
 
 
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `t`: the local tensor of a DTensor, `t` itself otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def shards_device(locals_: list[torch.Tensor]) -> torch.device:
     """The one device all local shards live on; ValueError if they are unusable or spread out."""
     for i, t in enumerate(locals_):

@@ -34,11 +34,11 @@ from mop.optim.buckets import (
     check_host_memory,
     check_hyper,
     group_hyper,
-    local_shard,
     plan_buckets,
     record_event,
     shards_device,
 )
+from mop.distributed import local_shard
 from mop.optim.registry import ENGINES, engine_class
 from mop.optim.update_engines import STATE_KEYS, BucketUpdate, DeviceEngine
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The positive divisors of `n`, ascending: the valid degrees of an axis over n ranks."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -41,7 +42,7 @@ class LayoutSpec:
     def __post_init__(self) -> None:
         if self.world < 1:
             raise ValueError(f"world size must be >= 1, got {self.world}")
-        valid = _divisors(self.world)
+        valid = divisors(self.world)
         for name, deg in (("parallel.seq (D)", self.seq), ("parallel.expert (Ep)", self.expert),
                           ("parallel.vocab (P)", self.vocab)):
             if deg < 1 or self.world % deg:
@@ -98,7 +99,7 @@ class LayoutSpec:
         (`mop.parallel.ulysses.ulysses_factorization`).
         """
         if n_experts and n_experts % self.expert:
-            ok = [d for d in _divisors(self.world) if n_experts % d == 0]
+            ok = [d for d in divisors(self.world) if n_experts % d == 0]
             raise ValueError(f"parallel.expert (Ep)={self.expert} must divide the number of experts {n_experts}; "
                              f"valid values for W={self.world}: {ok}")
         if seq_len is not None and seq_len % self.seq:

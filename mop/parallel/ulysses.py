@@ -49,6 +49,7 @@ from torch.nn.attention.bias import causal_lower_right
 from mop.models.attention_core import AttentionFunction, AttentionSlots, attention_graph, state_backward
 from mop.ops.attention import SpansMemo, causal_attention, document_spans
 from mop.ops.attention_variants import variant_attention
+from mop.parallel.layout import divisors
 
 # Layers share one positions tensor per micro-batch: gather it and cut documents once, not per layer.
 _GLOBAL_SPANS = SpansMemo()
@@ -59,10 +60,6 @@ Ranges = list[tuple[int, int]]
 # ---------------------------------------------------------------------------------------------
 # Factorisation D = U x R and validation (pure functions, testable without process groups)
 # ---------------------------------------------------------------------------------------------
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _ulysses_splits_heads(u: int, n_heads: int, n_kv_heads: int) -> bool:
     """Whether U ranks can split the heads: U | Hq, and U | Hkv or Hkv | U (KV heads replicated)."""
     return n_heads % u == 0 and (n_kv_heads % u == 0 or u % n_kv_heads == 0)
@@ -95,14 +92,14 @@ def ulysses_factorization(
     if head_chunks < 1:
         raise ValueError(f"head_chunks={head_chunks} must be >= 1")
     if ring_degree is None:
-        ring_degree = next(r for r in _divisors(D) if _ulysses_splits_heads(D // r, n_heads, n_kv_heads))
+        ring_degree = next(r for r in divisors(D) if _ulysses_splits_heads(D // r, n_heads, n_kv_heads))
     else:
         if ring_degree < 1 or D % ring_degree:
-            raise ValueError(f"ring_degree={ring_degree} must divide the seq group size D={D}; valid: {_divisors(D)}")
+            raise ValueError(f"ring_degree={ring_degree} must divide the seq group size D={D}; valid: {divisors(D)}")
         U = D // ring_degree
         if not _ulysses_splits_heads(U, n_heads, n_kv_heads):
-            good_r = [r for r in _divisors(D) if _ulysses_splits_heads(D // r, n_heads, n_kv_heads)]
-            good_u = [u for u in _divisors(n_heads) if _ulysses_splits_heads(u, n_heads, n_kv_heads)]
+            good_r = [r for r in divisors(D) if _ulysses_splits_heads(D // r, n_heads, n_kv_heads)]
+            good_u = [u for u in divisors(n_heads) if _ulysses_splits_heads(u, n_heads, n_kv_heads)]
             raise ValueError(
                 f"Ulysses cannot split n_heads={n_heads}, n_kv_heads={n_kv_heads} over U=D/ring_degree="
                 f"{D}/{ring_degree}={U} ranks: U must divide n_heads and divide or be a multiple of "
@@ -111,7 +108,7 @@ def ulysses_factorization(
             )
     U = D // ring_degree
     if not _chunk_valid(U, n_heads, n_kv_heads, head_chunks):
-        good = [c for c in _divisors(n_heads // U) if _chunk_valid(U, n_heads, n_kv_heads, c)]
+        good = [c for c in divisors(n_heads // U) if _chunk_valid(U, n_heads, n_kv_heads, c)]
         raise ValueError(
             f"head_chunks={head_chunks} must divide the per-rank query heads n_heads/U={n_heads}/{U}="
             f"{n_heads // U} into chunks of whole GQA groups (or of parts of one group); valid: {good}"

@@ -29,18 +29,16 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from mop.distributed import all_gather_into, reduce_scatter_into
 from mop.parallel.vocab_ring import (
     SCHEDULES,
     check_loss_inputs,
     chunk_sizes,
     make_ring_plan,
     offsets_of,
-    ring_backward,
-    ring_forward,
-    ring_loss,
+    ring_cross_entropy,
     vocab_parallel_cross_entropy,
 )
-from mop.ops.cross_entropy import grad_coef
 
 __all__ = [
     "VocabParallelEmbedding",
@@ -50,10 +48,6 @@ __all__ = [
 ]
 
 _PLACEMENTS = (Shard(0), Shard(0))
-
-# The *_tensor collectives are being renamed *_single; torch 2.11 only has the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def build_vocab_block_mesh(layout) -> DeviceMesh:
@@ -99,7 +93,7 @@ class VocabBlockShards:
         if self.part_rows != self.part_stride:  # uneven tail: pad to the common piece size
             piece = local_sH.new_zeros(self.part_stride, H)
             piece[: self.part_rows] = local_sH
-        _all_gather(out, piece.contiguous(), group=self.shard_group)
+        all_gather_into(out, piece.contiguous(), group=self.shard_group)
         # torch.chunk pieces are full except a shorter one followed by empty ones, so the
         # concatenation of the unpadded pieces is exactly the padded buffer's prefix.
         return out[: self.block_rows]
@@ -116,7 +110,7 @@ class VocabBlockShards:
             full = grad_block_vH.new_zeros(self.S * self.part_stride, H)
             full[: self.block_rows] = grad_block_vH
         out = grad_block_vH.new_empty(self.part_stride, H)
-        _reduce_scatter(out, full.contiguous(), op=dist.ReduceOp.SUM, group=self.shard_group)
+        reduce_scatter_into(out, full.contiguous(), op=dist.ReduceOp.SUM, group=self.shard_group)
         return out[: self.part_rows]
 
     def local_shape(self, hidden_dim: int) -> tuple[int, int]:
@@ -155,28 +149,6 @@ def _resolve_mesh(layout, mesh: DeviceMesh | None, weight) -> DeviceMesh:
     if weight is not None and mesh is None:
         mesh = weight.device_mesh
     return build_vocab_block_mesh(layout) if mesh is None else mesh
-
-
-class _ShardedRingCrossEntropy(torch.autograd.Function):
-    """Ring loss over a block gathered on the fly: the gathered block is freed after each pass."""
-
-    @staticmethod
-    def forward(ctx, hidden_NH, weight_local_sH, labels_N, normalizer, plan, shards: VocabBlockShards):
-        block_vH = shards.gather(weight_local_sH)
-        lse_N, tgt_N = ring_forward(hidden_NH, block_vH, labels_N, plan)
-        del block_vH  # only the H x V/W piece stays saved; backward gathers again
-        ctx.save_for_backward(hidden_NH, weight_local_sH, labels_N, lse_N)
-        ctx.plan, ctx.normalizer, ctx.shards = plan, normalizer, shards
-        return ring_loss(lse_N, tgt_N, labels_N, normalizer, plan)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden_NH, weight_local_sH, labels_N, lse_N = ctx.saved_tensors
-        block_vH = ctx.shards.gather(weight_local_sH)
-        coef_N = grad_coef(grad_loss, ctx.normalizer, labels_N, ctx.plan.ignore_index)
-        grad_h, grad_block = ring_backward(hidden_NH, block_vH, labels_N, lse_N, coef_N, ctx.plan)
-        del block_vH
-        return grad_h, ctx.shards.reduce_scatter(grad_block), None, None, None, None
 
 
 class VocabParallelOutputHead(nn.Module):
@@ -225,7 +197,7 @@ class VocabParallelOutputHead(nn.Module):
         w_local = self.weight.to_local()
         if self.param_dtype is not None:  # mixed precision (set by parallelize): gather in compute dtype
             w_local = w_local.to(self.param_dtype)
-        return _ShardedRingCrossEntropy.apply(hidden_NH, w_local, labels_N, normalizer, plan, self.shards)
+        return ring_cross_entropy(hidden_NH, w_local, labels_N, normalizer, plan, self.shards)
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.shards.vocab_size}, dim={self.weight.shape[1]}, P={self.shards.P}, "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mop.distributed import all_gather_into
 from mop.ops.cross_entropy import (
     block_backward,
     block_stats,
@@ -135,8 +136,7 @@ def make_ring_plan(n_tokens: int, device: torch.device, *, vocab_group, vocab_si
         # Tiny all-gather of every rank's N; .tolist() is a host sync (buffer sizes must be known).
         mine = torch.tensor([n_tokens], dtype=torch.int64, device=device)
         everyone = torch.empty(size, dtype=torch.int64, device=device)
-        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
-        all_gather(everyone, mine, group=vocab_group)
+        all_gather_into(everyone, mine, group=vocab_group)
         token_counts = everyone.tolist()
     elif size == 1:
         token_counts = [n_tokens]
@@ -285,21 +285,41 @@ def ring_loss(lse_N, tgt_N, labels_N, normalizer, plan: RingPlan) -> torch.Tenso
 
 
 class _RingCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper of the ring: saves hidden, the local block, labels and the N-float lse."""
+    """Autograd wrapper of the ring: saves hidden, the local weight, labels and the N-float lse.
+
+    With `shards` (a `VocabBlockShards`), the local weight is this rank's piece of its block: the
+    block is gathered before each pass and freed after it, and its gradient reduce-scattered back
+    into the piece; without, the local weight is the whole block.
+    """
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_vH, labels_N, normalizer, plan):
-        lse_N, tgt_N = ring_forward(hidden_NH, weight_vH, labels_N, plan)
-        ctx.save_for_backward(hidden_NH, weight_vH, labels_N, lse_N)
-        ctx.plan, ctx.normalizer = plan, normalizer
+    def forward(ctx, hidden_NH, weight_local, labels_N, normalizer, plan, shards):
+        block_vH = weight_local if shards is None else shards.gather(weight_local)
+        lse_N, tgt_N = ring_forward(hidden_NH, block_vH, labels_N, plan)
+        del block_vH  # only the local weight stays saved; backward gathers again
+        ctx.save_for_backward(hidden_NH, weight_local, labels_N, lse_N)
+        ctx.plan, ctx.normalizer, ctx.shards = plan, normalizer, shards
         return ring_loss(lse_N, tgt_N, labels_N, normalizer, plan)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden_NH, weight_vH, labels_N, lse_N = ctx.saved_tensors
+        hidden_NH, weight_local, labels_N, lse_N = ctx.saved_tensors
+        shards = ctx.shards
+        block_vH = weight_local if shards is None else shards.gather(weight_local)
         coef_N = grad_coef(grad_loss, ctx.normalizer, labels_N, ctx.plan.ignore_index)
-        grad_h, grad_w = ring_backward(hidden_NH, weight_vH, labels_N, lse_N, coef_N, ctx.plan)
-        return grad_h, grad_w, None, None, None
+        grad_h, grad_block = ring_backward(hidden_NH, block_vH, labels_N, lse_N, coef_N, ctx.plan)
+        del block_vH
+        grad_w = grad_block if shards is None else shards.reduce_scatter(grad_block)
+        return grad_h, grad_w, None, None, None, None
+
+
+def ring_cross_entropy(hidden_NH, weight_local, labels_N, normalizer, plan: RingPlan, shards=None) -> torch.Tensor:
+    """This rank's loss over the ring of `plan`, with autograd to `hidden_NH` and `weight_local`.
+
+    `shards`: how `weight_local` (a piece of this rank's block) is gathered into the block and its
+    gradient scattered back (`mop.parallel.vocab.VocabBlockShards`); None when it is the block.
+    """
+    return _RingCrossEntropy.apply(hidden_NH, weight_local, labels_N, normalizer, plan, shards)
 
 
 def check_loss_inputs(hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer, hidden_dim: int) -> None:
@@ -329,4 +349,4 @@ def vocab_parallel_cross_entropy(hidden_NH: torch.Tensor, weight_block_local: to
     plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=vocab_group, vocab_size=vocab_size,
                           block_sizes=block_sizes, schedule=schedule, ignore_index=ignore_index,
                           max_strip_elements=max_strip_elements, local_block_rows=weight_block_local.shape[0])
-    return _RingCrossEntropy.apply(hidden_NH, weight_block_local, labels_N, normalizer, plan)
+    return ring_cross_entropy(hidden_NH, weight_block_local, labels_N, normalizer, plan)

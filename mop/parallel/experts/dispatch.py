@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from mop.models.moe import expert_activation
 from mop.ops.grouped_mm import grouped_mm
 from mop.parallel.experts.comm import all_to_all
 from mop.parallel.experts.planner import LlepPlan, plan_llep, split_by_source
@@ -160,7 +160,7 @@ def build_route(sort_idx: torch.Tensor, local_counts: list[int], send_pieces: li
 
 def expert_mlp(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHI, w3_EHI, w2_EIH) -> torch.Tensor:
     """SwiGLU of rows grouped by expert: (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]."""
-    h_NI = F.silu(grouped_mm(x_NH, w1_EHI, counts_E)) * grouped_mm(x_NH, w3_EHI, counts_E)
+    h_NI = expert_activation(grouped_mm(x_NH, w1_EHI, counts_E), grouped_mm(x_NH, w3_EHI, counts_E))
     return grouped_mm(h_NI, w2_EIH, counts_E)
 
 
