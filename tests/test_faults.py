@@ -1,6 +1,6 @@
 """Fault injection (CPU, gloo, 2 ranks): kill -9 during a step, during a save and during rotation, then
-resume and check the losses equal an uninterrupted run; kill -9 of the `mop train` launcher leaves no
-worker behind."""
+resume and check the losses equal an uninterrupted run; a live run locks its directory; kill -9 of the
+`mop train` launcher leaves no worker behind."""
 
 import os
 import signal
@@ -93,6 +93,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -103,6 +110,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_the_launcher_takes_the_workers_with_it(tmp_path):
+    """The workers ask the kernel to kill them with their parent: no orphan keeps training and writing."""
     cmd = [sys.executable, "-m", "mop.cli", "train", "--nproc", "2", *BASE[:-1], "--training.steps=100000",
            "--checkpoint.enabled=false", f"--logging.run_dir={tmp_path}"]
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,8 +121,11 @@ def test_kill_9_of_the_launcher_takes_the_workers_with_it(tmp_path):
         while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # workers are training
             assert launcher.poll() is None and time.time() < deadline, "the run did not start"
             time.sleep(0.5)
-        workers = _children(launcher.pid)
-        assert len(workers) == 2
+        workers = [pid for pid in _children(launcher.pid) if b"mop.train" in _cmdline(pid)]
+        assert len(workers) == 2, [(pid, _cmdline(pid)) for pid in _children(launcher.pid)]
+        # A second run in the same directory is refused while this one lives (rank 0 holds the lock).
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "in use by a live run" in second.stderr, second.stderr[-2000:]
         launcher.kill()  # SIGKILL: no handler runs, torchrun cannot stop its workers itself
         launcher.wait()
         deadline = time.time() + 10
