@@ -153,6 +153,11 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
     H, Hq, Dh, k, I = m.dim, m.n_heads, m.head_dim, m.top_k, m.expert_dim
     moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
     kept = N * sum(n * kept_bytes(step, p, e) for (p, e), n in Counter(zip(step.policies, moe)).items())
+    if not step.expert_recompute and (ly.expert_shard > 1 or a < 4):
+        # An expert layer that keeps its activations (no checkpoint, no pipelining) also keeps the
+        # expert weights it gathered (or cast to bf16) until its backward (measured on 2 gloo ranks).
+        n_keep = sum(p == "none" and e for p, e in zip(step.policies, moe))
+        kept += n_keep * (m.n_experts // ly.expert) * 3 * H * I * a
     n_off = sum(p == "offload" for p in step.policies)
     kept += min(n_off, 2) * N * H * a  # an offloaded input is back on the device one block ahead
     kept += N * outside_blocks_bytes(step) + loss_grad_weight_bytes(step)
