@@ -144,6 +144,10 @@ class TrainingConfig:
     # "none*4,selective*12,full". true/false mean "full"/"none".
     activation_checkpoint: str = "none"
     loss_kernels: str = "auto"  # "auto": fused (torch.compile) strip kernels on CUDA, eager on CPU | "fused" | "eager"
+    # dtype of the weights the model holds, and so of their gradients: "fp32", or "bf16" with a host
+    # optimizer (optimizer.offload=cpu|gpu_stream), which keeps the fp32 master weights: the device
+    # then holds 2 + 2 bytes per parameter instead of 4 + 4 (MOP.md §1), the rest goes to activations.
+    param_dtype: str = "fp32"
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "grad_accum"):
@@ -158,6 +162,8 @@ class TrainingConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise _bad("training.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         self.activation_checkpoint = _activation_spec(self.activation_checkpoint)
+        if self.param_dtype not in ("fp32", "bf16"):
+            raise _bad("training.param_dtype", f"{self.param_dtype!r} is not one of 'fp32', 'bf16'")
         if self.loss_kernels not in ("auto", "fused", "eager"):
             raise _bad("training.loss_kernels", f"{self.loss_kernels!r} is not one of 'auto', 'fused', 'eager'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -219,6 +225,11 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.training.param_dtype == "bf16" and self.optimizer.offload == "none":
+            raise _bad("training.param_dtype", "bf16 weights need a host optimizer to keep the fp32 master "
+                       "weights: add --optimizer.offload=cpu (or gpu_stream)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,7 +24,6 @@ from mop.distributed import ProcessInfo, init_process
 from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
-from mop.ops.cross_entropy import set_loss_kernels
 from mop.parallel.layout import Layout, LayoutSpec
 from mop.parallel.parallelize import apply_activation_policy
 
@@ -43,6 +42,19 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store every parameter (not the buffers: routing counts and biases stay fp32) in `dtype`, on
+    the meta device before sharding; a parameter shared by two modules (tied embeddings) stays one."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.dtype == dtype:
+                continue
+            if id(p) not in done:
+                done[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
 
 
 class _TrainerProbe:
@@ -114,6 +126,9 @@ class Trainer:
             job = self._apply_plan(job)
         self.job = job
         t = job.training
+        if t.param_dtype == "bf16" and t.grad_accum > 1 and self.proc.is_main:
+            print(f"mop: warning: training.param_dtype=bf16 with grad_accum={t.grad_accum}: gradients accumulate "
+                  "over the micro-batches in bf16 (the fp32 master weights are updated from that sum)", flush=True)
         self.spec = LayoutSpec(self.proc.world, job.parallel.seq, job.parallel.expert, job.parallel.vocab)
         self.spec.validate_model(n_heads=job.model.n_heads, n_kv_heads=job.model.n_kv_heads,
                                  n_experts=job.model.n_experts, seq_len=t.seq_len)
@@ -130,7 +145,6 @@ class Trainer:
         dtype = t.dtype if t.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         torch.manual_seed(t.seed)
-        set_loss_kernels(t.loss_kernels)
         self._check_state_memory()
 
         self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
@@ -250,6 +264,9 @@ class Trainer:
         job = self.job
         with torch.device("meta"):
             model = Transformer(job.model)
+        model.output.loss_kernels = job.training.loss_kernels  # per head, not process-wide
+        if job.training.param_dtype == "bf16":
+            _cast_parameters(model, torch.bfloat16)
         if self.sharded:
             self.apply_parallelism(model)
             model.to_empty(device=self.device)

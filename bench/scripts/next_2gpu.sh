@@ -6,12 +6,13 @@
 #           expert layer at Ep=2 (qwen3 and kimi widths, 16K/64K tokens/rank, skews, 3 dispatchers,
 #           plain and checkpointed); vocabulary ring at P=2 against the compiled plain loss
 #   PART=b  #12: 24 layers, 8K / 32K / 64K, mop vs the baseline (both batch settings at 8K)
-#   PART=c  #12/#17: 24 layers, 128K: the baseline offloaded (its only config that fits), mop with the
-#           optimizer ablation; then 256K mop with the memory breakdown and a profile
+#   PART=c  #12/#17: 24 layers, 128K: the baseline offloaded (its only config that fits); then 256K mop
+#           with bf16 weights on the device (training.param_dtype=bf16: fp32 masters in the host
+#           optimizer, 29 GiB per GPU freed for kept activations)
 # Usage: OUT=some/dir PART=a bash bench/scripts/next_2gpu.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }  # seconds left of this call's budget
-MOP="--parallel.dispatcher=llep --optimizer.offload=gpu_stream"
+MOP="--parallel.dispatcher=llep --optimizer.offload=gpu_stream --training.param_dtype=bf16"
 B="python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --gpus 2"
 
 case ${PART:-a} in
