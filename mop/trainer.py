@@ -271,22 +271,25 @@ class Trainer:
             self.apply_parallelism(model)
             model.to_empty(device=self.device)
             self._retie(model)
-            init_weights_sharded(model, job.training.seed, self.device, values=self._initial_values())
+            ckpt = self._init_checkpoint()
+            init_weights_sharded(model, job.training.seed, self.device, values=ckpt and ckpt.tensor,
+                                 buffers=ckpt and ckpt.buffer)
         else:
             self.layout = None
             apply_activation_policy(model, job.training.activation_checkpoint)
             model.to_empty(device=self.device)
             self._retie(model)
-            values = self._initial_values()
-            if values is None:
+            ckpt = self._init_checkpoint()
+            if ckpt is None:
                 model.init_weights(job.training.seed)
             else:
-                init_weights_sharded(model, job.training.seed, self.device, values=values)
+                init_weights_sharded(model, job.training.seed, self.device, values=ckpt.tensor, buffers=ckpt.buffer)
         model.train()
         return model
 
-    def _initial_values(self):
-        """`fqn -> full tensor` from `checkpoint.init_from` (a Hugging Face directory), else None (seeded init).
+    def _init_checkpoint(self):
+        """The Hugging Face checkpoint of `checkpoint.init_from` (`.tensor(fqn)`, `.buffer(fqn)`), else
+        None (seeded init).
 
         Read lazily, one parameter at a time, on every rank (the OS page cache shares the files).
         Skipped when resuming: the run's own checkpoint then overwrites every weight anyway.
@@ -297,7 +300,7 @@ class Trainer:
             return None
         from mop.hf import HFCheckpoint
 
-        return HFCheckpoint(path).tensor
+        return HFCheckpoint(path)
 
     @staticmethod
     def _retie(model: Transformer) -> None:

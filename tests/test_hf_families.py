@@ -178,3 +178,26 @@ def test_checkpoint_serves_the_router_bias_buffer(family):
         assert bias is not None and bias.shape == (8,) and bias.abs().sum() > 0
     else:
         assert bias is None
+
+
+def test_init_from_keeps_the_routing_correction_bias(tmp_path):
+    """`checkpoint.init_from` of a DeepSeek-V3 checkpoint starts from its `e_score_correction_bias`
+    (zeroing it, as fresh buffers are, would change which experts the pretrained model routes to)."""
+    from mop.config import build_config
+    from mop.distributed import ProcessInfo
+    from mop.trainer import Trainer
+
+    config_cls, model_cls, kwargs = FAMILIES["deepseek_v3"]
+    model = model_cls(config_cls(**kwargs))
+    _randomise(model)
+    path = tmp_path / "ds"
+    model.save_pretrained(path)
+    job = build_config(None, [f"--model.shape=hf:{path}", f"--checkpoint.init_from={path}", "--training.device=cpu",
+                              "--data.dataset=synthetic", "--training.seq_len=16", f"--logging.run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(job, ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
+    ckpt = HFCheckpoint(path)
+    for i, block in trainer.model.layers.items():
+        if block.is_moe:
+            want = ckpt.buffer(f"layers.{i}.moe.router.expert_bias")
+            torch.testing.assert_close(block.moe.router.expert_bias, want.float())
+            assert want.abs().sum() > 0

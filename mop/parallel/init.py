@@ -7,7 +7,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @torch.no_grad()
-def init_weights_sharded(model, seed: int, device: torch.device, values=None) -> None:
+def init_weights_sharded(model, seed: int, device: torch.device, values=None, buffers=None) -> None:
     """Give every parameter the value it would have on one device.
 
     That value is `values(fqn)` (e.g. a Hugging Face checkpoint's tensor) when given, else
@@ -31,3 +31,10 @@ def init_weights_sharded(model, seed: int, device: torch.device, values=None) ->
             p.copy_(full.to(p.dtype))
         del full
     model.reset_buffers()
+    if buffers is not None:
+        # A checkpoint's stored buffers (DeepSeek-V3's routing correction bias) replace the fresh
+        # ones: zeroing it would change which experts the pretrained model routes to.
+        for fqn, b in model.named_buffers():
+            value = buffers(fqn)
+            if value is not None:
+                b.copy_(value.to(device=b.device, dtype=b.dtype))
