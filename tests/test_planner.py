@@ -3,6 +3,7 @@ refusals, calibration files that round-trip, and overrides that `mop train` acce
 
 import gc
 import json
+import shutil
 import tempfile
 
 import pytest
@@ -171,12 +172,13 @@ def _kept_on_rank(rank: int, world: int, layout: tuple[int, int, int], seq_len: 
 
     out = {}
     for policy in ("none", "selective", "full"):
+        run_dir = tempfile.mkdtemp()  # one per trainer: a run directory is locked by its trainer
         job = build_config(overrides=[
             "--model.shape=debug", "--data.dataset=synthetic", f"--training.seq_len={seq_len}",
             "--training.batch_size=1", "--training.device=cpu", "--training.dtype=fp32",
             f"--parallel.seq={layout[0]}", f"--parallel.expert={layout[1]}", f"--parallel.vocab={layout[2]}",
             "--parallel.dispatcher=alltoall", f"--training.activation_checkpoint={policy}",
-            "--logging.progress=none", f"--logging.run_dir={tempfile.mkdtemp()}"])  # one run dir per trainer
+            "--logging.progress=none", f"--logging.run_dir={run_dir}"])
         trainer = Trainer(job, ProcessInfo(rank=rank, world=world, local_rank=rank, local_world=world,
                                            device=torch.device("cpu")))
         batch = next(trainer.loader)
@@ -188,10 +190,12 @@ def _kept_on_rank(rank: int, world: int, layout: tuple[int, int, int], seq_len: 
                                    torch.tensor(float(seq_len)))
         gc.collect()
         out[policy] = sum(n for ptr, (ref, n) in mode.refs.items() if not ref.expired() and ptr not in owned)
-        del losses
+        del losses, trainer
+        shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
 
+@pytest.mark.slow  # two spawned ranks: ~10 s of CPU
 def test_ulysses_activation_bytes_match_two_ranks():
     """D = 2 on 2 gloo ranks: what none and selective keep beyond full (gathered parameters cancel out)."""
     from mop.plan.calibration import Calibration
