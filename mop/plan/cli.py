@@ -31,7 +31,9 @@ def parse_tokens(text: str) -> int:
 
 
 def _plan_args(argv):
-    p = argparse.ArgumentParser(prog="mop plan", description="The fastest configuration that fits (mop.plan).")
+    p = argparse.ArgumentParser(prog="mop plan", description="The fastest configuration that fits (mop.plan).",
+                                epilog="also: mop plan explain (one configuration, term by term), mop plan calibrate "
+                                       "(measure this machine), mop plan accuracy (predicted vs measured)")
     p.add_argument("--shape", required=True, help="a registered shape (mop.models.shapes) or hf:PATH")
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs (W)")
