@@ -21,6 +21,7 @@ EXTRA = ["--training.batch_size=2"]
 CONFIGS = {
     "fsdp2": BaselineConfig(compile_loss=False),
     "fsdp2_ep2": BaselineConfig(ep=2, compile_loss=False),
+    "fsdp2_ep2_sac": BaselineConfig(ep=2, compile_loss=False, selective=True),  # attention kept, rest recomputed
     "fsdp1_tp2": BaselineConfig(tp=2, compile_loss=False, activation_checkpoint=False),
     "hsdp2x1_ep1": BaselineConfig(dp_replicate=2, compile_loss=False),
 }

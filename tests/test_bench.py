@@ -142,3 +142,14 @@ def test_sigterm_to_bench_kills_the_point_in_flight(tmp_path):
         bench.kill()
         for pid in workers():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_sweep_orders_selective_between_full_and_no_checkpointing():
+    from mop.bench.sweep import _at_least_as_frugal, candidate_configs
+    from mop.models.shapes import get_shape
+
+    cfgs = [c for c in candidate_configs(get_shape("qwen3-30b-a3b"), 8192, 2, mode="full", cuda=True)
+            if (c.tp, c.cp, c.ep) == (1, 1, 2)]
+    assert [c.label.split()[-1] for c in cfgs] == ["ac", "sac", "tp1"]  # full AC, selective, none
+    full, sel, none = cfgs
+    assert _at_least_as_frugal(full, sel) and _at_least_as_frugal(sel, none) and not _at_least_as_frugal(none, sel)

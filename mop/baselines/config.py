@@ -25,8 +25,26 @@ class BaselineConfig:
     compile_loss: bool = True  # torch.compile of cross_entropy(hidden @ W.T): the fp32 logits copy fuses away
     compile_blocks: bool = False  # torch.compile of each transformer block (nn.Module.compile, FQNs kept)
     activation_checkpoint: bool = True
+    # With activation_checkpoint: recompute every block except attention, which keeps its kernel's
+    # state (the model's "selective" policy; torchtitan's op-level selective AC saves SDPA's outputs
+    # for the same reason). Same model code as mop, so the comparison is of layouts, not kernels.
+    selective: bool = False
+
+    @property
+    def block_policy(self) -> str:
+        """The per-block activation policy of the shared model code (mop.models.checkpointing)."""
+        if not self.activation_checkpoint:
+            return "none"
+        return "selective" if self.selective else "full"
+
+    @property
+    def recompute_level(self) -> int:
+        """2 = full recomputation, 1 = selective, 0 = none: more recomputation, less memory."""
+        return {"full": 2, "selective": 1, "none": 0}[self.block_policy]
 
     def __post_init__(self) -> None:
+        if self.selective and not self.activation_checkpoint:
+            raise ValueError("baseline.selective needs baseline.activation_checkpoint=true")
         for name in ("dp_replicate", "tp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"baseline.{name} must be >= 1, got {getattr(self, name)}")
@@ -72,7 +90,7 @@ class BaselineConfig:
         parts = [f"hsdp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"fsdp{self.dp_shard}",
                  f"ep{self.ep}", f"cp{self.cp}", f"tp{self.tp}"]
         if self.activation_checkpoint:
-            parts.append("ac")
+            parts.append("sac" if self.selective else "ac")
         if self.cpu_offload:
             parts.append("offload")
         if self.compile_blocks:

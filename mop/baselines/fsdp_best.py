@@ -178,7 +178,7 @@ def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job
     reducer = _AllReduceSum(meshes.batch_group)
     for router in model.routers():
         router.reduce_stats = reducer
-    model.activation_checkpoint = cfg.activation_checkpoint
+    model.block_policies = [cfg.block_policy] * len(model.layers)
     if cfg.compile_blocks:
         for block in model.layers.values():
             block.compile()  # in place: parameter names unchanged
@@ -233,7 +233,7 @@ class BaselineTrainer(Trainer):
         if not (self.sharded and self.baseline.cpu_offload):
             model = super()._build_model()
             if not self.sharded:
-                model.activation_checkpoint = self.baseline.activation_checkpoint
+                model.block_policies = [self.baseline.block_policy] * len(model.layers)
                 apply_loss_head(model, self.baseline.compile_loss)
             return model
         # CPUOffloadPolicy: sharded parameters live on the host; buffers (router state) on the device.

@@ -28,8 +28,9 @@ def candidate_configs(model_cfg, seq_len: int, gpus: int, *, mode: str = "quick"
                 continue  # context_parallel needs CUDA SDPA kernels
             eps = [ep for ep in divisors(gpus // tp) if model_cfg.n_experts % ep == 0]
             for ep in eps:
-                for ac in (True, False):
-                    cfg = BaselineConfig(tp=tp, cp=cp, ep=ep, activation_checkpoint=ac, compile_loss=compile_loss)
+                for ac, selective in ((True, False), (True, True), (False, False)):
+                    cfg = BaselineConfig(tp=tp, cp=cp, ep=ep, activation_checkpoint=ac, selective=selective,
+                                         compile_loss=compile_loss)
                     try:
                         cfg = cfg.resolved(gpus)
                         cfg.validate_model(model_cfg, seq_len)
@@ -51,12 +52,12 @@ def _in_quick(cfg: BaselineConfig, gpus: int, eps: list[int]) -> bool:
 
 
 def _frugality(cfg: BaselineConfig) -> tuple:
-    return (cfg.cpu_offload, cfg.activation_checkpoint, cfg.cp * cfg.tp, cfg.ep, cfg.cp)
+    return (cfg.cpu_offload, cfg.recompute_level, cfg.cp * cfg.tp, cfg.ep, cfg.cp)
 
 
 def _at_least_as_frugal(a: BaselineConfig, b: BaselineConfig) -> bool:
     """a saves at least as much memory as b on every axis (so b cannot fit where a did not)."""
-    return (a.tp >= b.tp and a.cp >= b.cp and a.ep >= b.ep and a.activation_checkpoint >= b.activation_checkpoint
+    return (a.tp >= b.tp and a.cp >= b.cp and a.ep >= b.ep and a.recompute_level >= b.recompute_level
             and a.cpu_offload >= b.cpu_offload)
 
 
@@ -101,7 +102,7 @@ def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dic
     if offload == "always" or (offload == "auto" and not fits):
         seen = set()
         for cfg in plain:
-            off = dataclasses.replace(cfg, cpu_offload=True, activation_checkpoint=True)
+            off = dataclasses.replace(cfg, cpu_offload=True, activation_checkpoint=True, selective=False)
             if off not in seen:
                 seen.add(off)
                 attempt(off)
