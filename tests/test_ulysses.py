@@ -162,3 +162,40 @@ def test_lower_right_pieces_match_reference():
         end = slot[-1][1]
         got = slot_attention(q[:, :, idx], k[:, :, :end], v[:, :, :end], slot, document_spans(pos))
         torch.testing.assert_close(got, ref[:, :, idx], **TOL)
+
+
+def _spans_memo_worker(rank: int, world: int):
+    from types import SimpleNamespace
+
+    from mop.models.shapes import get_shape
+    from mop.models.transformer import Transformer
+    from mop.parallel.layout import Layout, LayoutSpec
+    from mop.parallel.parallelize import apply_sequence_parallel
+
+    with torch.device("meta"):
+        model = Transformer(get_shape("debug", n_layers=3))
+    apply_sequence_parallel(model, Layout.build(LayoutSpec(world, seq=world), torch.device("cpu")),
+                            SimpleNamespace(ulysses_head_chunks=1))
+    cores = [block.attention.core for block in model.layers.values()]
+    calls = []
+    for core in cores:  # count the gathers of positions (each one a host sync)
+        real = core._global_spans
+        core._global_spans = lambda p, d, real=real: calls.append(1) or real(p, d)
+    cfg = model.cfg
+    q = torch.randn(1, cfg.n_heads, 4, DH)
+    k = v = torch.randn(1, cfg.n_kv_heads, 4, DH)
+    positions = torch.arange(4)[None] + 4 * rank
+    for core in cores:  # one micro-batch: every layer gets the same positions tensor
+        core(q, k, v, positions)
+    once = len(calls)
+    positions = positions.clone()  # the next micro-batch
+    for core in cores:
+        core(q, k, v, positions)
+    return dict(shared=len({id(c.spans_memo) for c in cores}), once=once, twice=len(calls))
+
+
+def test_ulysses_layers_share_one_spans_memo():
+    """parallelize gives every Ulysses core of a model one spans memo: the positions are gathered
+    (a host sync) once per micro-batch, not once per layer; new positions are gathered again."""
+    for r in run_distributed(_spans_memo_worker, 2):
+        assert r == dict(shared=1, once=1, twice=2)

@@ -131,28 +131,22 @@ def test_compiled_strip_kernels_match_reference():
     """`loss_kernels="fused"` (torch.compile; the CUDA default) is exact to fp32 rounding."""
     import shutil
 
-    from mop.ops import cross_entropy as ce
-
-    if not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")):
-        pytest.skip("torch.compile on CPU needs a C compiler")
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(33, 8, generator=gen, requires_grad=True)
     w = torch.randn(45, 8, generator=gen, requires_grad=True)
     labels = make_labels(33, 45, gen)
-    ce.set_loss_kernels("fused")
-    try:
-        loss = chunked_cross_entropy(h, w, labels, 29.0, chunk_tokens=10)
-        loss.backward()
-    finally:
-        ce.set_loss_kernels("auto")
+    with pytest.raises(ValueError, match="loss kernels"):
+        chunked_cross_entropy(h, w, labels, 29.0, kernels="triton")
+    if not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")):
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    loss = chunked_cross_entropy(h, w, labels, 29.0, chunk_tokens=10, kernels="fused")
+    loss.backward()
     hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = reference_loss(hr, wr, labels, 29.0)
     ref.backward()
     torch.testing.assert_close(loss, ref, **TOL)
     torch.testing.assert_close(h.grad, hr.grad, **TOL)
     torch.testing.assert_close(w.grad, wr.grad, **TOL)
-    with pytest.raises(ValueError, match="loss kernels"):
-        ce.set_loss_kernels("triton")
 
 
 def test_output_head_module():

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mop.ops.cross_entropy import chunked_cross_entropy, set_loss_kernels
+from mop.ops.cross_entropy import chunked_cross_entropy
 from mop.parallel.vocab_ring import chunk_sizes, vocab_parallel_cross_entropy
 
 GIB = 2**30
@@ -188,9 +188,8 @@ def run_point(V: int, H: int, N: int, P: int, method: str, group, args, device, 
         elif method == "plain-compiled":  # what a careful baseline does: the fp32 logits copy fuses away
             loss = _compiled_plain_loss(hidden, weight, labels) / norm
         elif method in ("chunked", "chunked-eager"):
-            set_loss_kernels("eager" if method == "chunked-eager" else "auto")
-            loss = chunked_cross_entropy(hidden, weight, labels, norm, max_strip_elements=args.max_strip_elements)
-            set_loss_kernels("auto")
+            loss = chunked_cross_entropy(hidden, weight, labels, norm, max_strip_elements=args.max_strip_elements,
+                                         kernels="eager" if method == "chunked-eager" else "auto")
         else:
             loss = vocab_parallel_cross_entropy(hidden, weight, labels, norm, vocab_group=group, vocab_size=V,
                                                 block_sizes=sizes, schedule=method.removeprefix("ring-"),

@@ -68,20 +68,19 @@ def empty_stats(n: int, device: torch.device, dtype: torch.dtype = torch.float32
 # torch.compile (inductor) into fused kernels that read the 16-bit logits once or twice and, in
 # backward, write the 16-bit gradient strip directly. Elsewhere (CPU, tests) they run op by op (the
 # one-block loss) or the in-place eager code is used (the ring); tests check all give the same numbers.
+# Which one runs is the `kernels` argument of every loss, set per head (`OutputHead.loss_kernels`).
 
-_KERNELS = {"mode": "auto", "stats": None, "grad": None}
-
-
-def set_loss_kernels(mode: str) -> None:
-    """"auto" (fused on CUDA, eager elsewhere), "fused" (torch.compile on any device) or "eager"."""
-    if mode not in ("auto", "fused", "eager"):
-        raise ValueError(f"loss kernels mode must be 'auto', 'fused' or 'eager', got {mode!r}")
-    _KERNELS["mode"] = mode
+LOSS_KERNELS = ("auto", "fused", "eager")  # "auto": fused on CUDA, eager elsewhere; "fused": on any device
 
 
-def _use_fused(t: torch.Tensor) -> bool:
-    mode = _KERNELS["mode"]
-    return mode == "fused" or (mode == "auto" and t.is_cuda)
+def check_loss_kernels(kernels: str) -> None:
+    """ValueError unless `kernels` is one of LOSS_KERNELS."""
+    if kernels not in LOSS_KERNELS:
+        raise ValueError(f"loss kernels mode must be 'auto', 'fused' or 'eager', got {kernels!r}")
+
+
+def _use_fused(t: torch.Tensor, kernels: str) -> bool:
+    return kernels == "fused" or (kernels == "auto" and t.is_cuda)
 
 
 def strip_stats_math(logits_nv: torch.Tensor, idx_n: torch.Tensor, in_block_n: torch.Tensor, dtype: torch.dtype):
@@ -105,21 +104,24 @@ def strip_grad_math(logits_nv: torch.Tensor, lse_n: torch.Tensor, scale_n: torch
 _MATH = {"stats": strip_stats_math, "grad": strip_grad_math}
 
 
-def _kernel(name: str, t: torch.Tensor):
+def _kernel(name: str, t: torch.Tensor, kernels: str):
     """The functional strip math `name` ("stats" or "grad"): compiled where fused kernels are on, else eager."""
-    return _compiled(name) if _use_fused(t) else _MATH[name]
+    return _compiled(name) if _use_fused(t, kernels) else _MATH[name]
+
+
+_COMPILED: dict = {}  # a cache, not a setting: each strip function is compiled once per process
 
 
 def _compiled(name: str):
-    fn = _KERNELS[name]
+    fn = _COMPILED.get(name)
     if fn is None:
         # dynamic: strips differ in rows (last chunk) and columns (vocabulary blocks) without recompiling.
-        fn = _KERNELS[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
+        fn = _COMPILED[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
     return fn
 
 
 def block_stats(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, offset: int, chunk: int,
-                ignore_index: int = -100) -> Stats:
+                ignore_index: int = -100, kernels: str = "auto") -> Stats:
     """Per-token (max, sum-exp relative to max, target logit) of `h_NH` against the block `w_vH`.
 
     `w_vH` holds vocabulary rows [offset, offset + v). Only one strip of `chunk` tokens is live.
@@ -132,7 +134,7 @@ def block_stats(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, 
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         idx_n, in_block_n = _local_targets(labels_N[s:e], offset, v, ignore_index)
-        if _use_fused(h_NH):
+        if _use_fused(h_NH, kernels):
             max_N[s:e], sum_N[s:e], tgt_N[s:e] = _compiled("stats")(h_NH[s:e] @ w_vH.t(), idx_n, in_block_n, dtype)
             continue
         logits_nv = _strip_logits(h_NH[s:e], w_vH)
@@ -170,7 +172,7 @@ def grad_coef(grad_loss: torch.Tensor, normalizer, labels_N: torch.Tensor, ignor
 
 
 def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Tensor, offset: int,
-                     lse_n: torch.Tensor, coef_n: torch.Tensor, ignore_index: int) -> torch.Tensor:
+                     lse_n: torch.Tensor, coef_n: torch.Tensor, ignore_index: int, kernels: str = "auto") -> torch.Tensor:
     """Recomputed strip of d(loss)/d(logits) for a token chunk and a vocabulary block, in the input dtype.
 
     For a token with coefficient c: c * (softmax - onehot(label)).
@@ -178,7 +180,7 @@ def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Ten
     v = w_vH.shape[0]
     idx_n, in_block_n = _local_targets(labels_n, offset, v, ignore_index)
     minus_c = torch.where(in_block_n, -coef_n, torch.zeros_like(coef_n))
-    if _use_fused(h_nH):
+    if _use_fused(h_nH, kernels):
         return _compiled("grad")(h_nH @ w_vH.t(), lse_n, coef_n, minus_c, idx_n, h_nH.dtype)
     p_nv = _strip_logits(h_nH, w_vH).sub_(lse_n.unsqueeze(1)).exp_()
     p_nv.mul_(coef_n.unsqueeze(1))
@@ -189,14 +191,15 @@ def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Ten
 
 def block_backward(h_NH: torch.Tensor, w_vH: torch.Tensor, labels_N: torch.Tensor, offset: int,
                    lse_N: torch.Tensor, coef_N: torch.Tensor, chunk: int, ignore_index: int,
-                   grad_h_NH: torch.Tensor, grad_w_vH: torch.Tensor) -> None:
+                   grad_h_NH: torch.Tensor, grad_w_vH: torch.Tensor, kernels: str = "auto") -> None:
     """Add one vocabulary block's contribution to `grad_h_NH` and `grad_w_vH` (in place), strip by strip."""
     n, v = h_NH.shape[0], w_vH.shape[0]
     if v == 0 or n == 0:
         return
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        g_nv = block_logit_grad(h_NH[s:e], w_vH, labels_N[s:e], offset, lse_N[s:e], coef_N[s:e], ignore_index)
+        g_nv = block_logit_grad(h_NH[s:e], w_vH, labels_N[s:e], offset, lse_N[s:e], coef_N[s:e], ignore_index,
+                                kernels)
         grad_h_NH[s:e].addmm_(g_nv, w_vH)
         grad_w_vH.addmm_(g_nv.t(), h_NH[s:e])
 
@@ -209,7 +212,7 @@ def _check_inputs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: to
         raise ValueError(f"labels must be [N] = [{hidden_NH.shape[0]}], got {tuple(labels_N.shape)}")
 
 
-def _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk, need_h, need_w):
+def _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk, need_h, need_w, kernels):
     """Loss and, in the same pass, its gradients for an upstream gradient of 1 (strips span all of V).
 
     Each strip holds every vocabulary column of its tokens, so its log-sum-exp is final as soon as
@@ -224,7 +227,7 @@ def _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, ch
     grad_h = torch.empty_like(hidden_NH) if need_h else None
     grad_w = torch.zeros_like(weight_VH) if need_w else None
     coef_N = grad_coef(torch.ones((), device=hidden_NH.device, dtype=dtype), normalizer, labels_N, ignore_index)
-    stats_fn, grad_fn = _kernel("stats", hidden_NH), _kernel("grad", hidden_NH)
+    stats_fn, grad_fn = _kernel("stats", hidden_NH, kernels), _kernel("grad", hidden_NH, kernels)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         h_nH = hidden_NH[s:e]
@@ -248,13 +251,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum of per-token CE / normalizer, with the gradients computed during forward."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk):
+    def forward(ctx, hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk, kernels):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):  # inference: statistics only
-            stats = block_stats(hidden_NH, weight_VH, labels_N, 0, chunk, ignore_index)
+            stats = block_stats(hidden_NH, weight_VH, labels_N, 0, chunk, ignore_index, kernels)
             return token_losses(stats_lse(stats), stats[2], labels_N, ignore_index).sum() / normalizer
         loss, grad_h, grad_w = _loss_and_grads(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk,
-                                               need_h, need_w)
+                                               need_h, need_w, kernels)
         ctx.grads = (grad_h, grad_w)  # not saved tensors: they are outputs of this computation, not inputs
         return loss
 
@@ -268,24 +271,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for t in (grad_h, grad_w):
             if t is not None:
                 t.mul_(g)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor, normalizer,
                           *, ignore_index: int = -100, chunk_tokens: int | None = None,
-                          max_strip_elements: int = 2**28) -> torch.Tensor:
+                          max_strip_elements: int = 2**28, kernels: str = "auto") -> torch.Tensor:
     """Sum over non-ignored tokens of CE(hidden @ weight.T, label), divided by `normalizer`.
 
     Exact, with autograd to `hidden_NH` and `weight_VH`, without materialising the N x V logits in
     forward or backward: strips of `chunk_tokens` tokens (default: as many as fit in
     `max_strip_elements` fp32 logits) are computed, folded and freed. `normalizer` is a float or a
-    0-dim tensor (the number of target tokens of the global batch).
+    0-dim tensor (the number of target tokens of the global batch). `kernels`: the strip math, one
+    of LOSS_KERNELS.
     """
     _check_inputs(hidden_NH, weight_VH, labels_N)
+    check_loss_kernels(kernels)
     if isinstance(normalizer, torch.Tensor) and normalizer.dim() != 0:
         raise ValueError(f"normalizer must be a float or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
     chunk = token_chunk(weight_VH.shape[0], max_strip_elements, chunk_tokens)
-    return _ChunkedCrossEntropy.apply(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk)
+    return _ChunkedCrossEntropy.apply(hidden_NH, weight_VH, labels_N, normalizer, ignore_index, chunk, kernels)
 
 
 class OutputHead(nn.Module):
@@ -296,6 +301,7 @@ class OutputHead(nn.Module):
     """
 
     max_strip_elements: int = 2**28  # fp32 logits per strip (tests set fewer to exercise many strips)
+    loss_kernels: str = "auto"  # one of LOSS_KERNELS; the trainer sets `training.loss_kernels`
 
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()
@@ -305,7 +311,7 @@ class OutputHead(nn.Module):
 
     def forward(self, hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalizer) -> torch.Tensor:
         return chunked_cross_entropy(hidden_NH, self.weight, labels_N, normalizer,
-                                     max_strip_elements=self.max_strip_elements)
+                                     max_strip_elements=self.max_strip_elements, kernels=self.loss_kernels)
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}"

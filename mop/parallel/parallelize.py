@@ -38,15 +38,21 @@ class _AllReduceSum:
 
 
 def apply_sequence_parallel(model, layout: Layout, pcfg) -> None:
-    """Swap each attention core for Ulysses attention over the sequence group."""
+    """Swap each attention core for Ulysses attention over the sequence group.
+
+    The cores share one document-spans memo: every layer sees the same positions tensor of a
+    micro-batch, whose spans then cost one host sync per micro-batch, not one per layer.
+    """
     if layout.spec.seq == 1:
         return
+    from mop.ops.attention import SpansMemo
     from mop.parallel.ulysses import UlyssesAttention
 
     cfg = model.cfg
+    spans_memo = SpansMemo()
     for block in model.layers.values():
         block.attention.core = UlyssesAttention(layout.seq_group, cfg.n_heads, cfg.n_kv_heads,
-                                                head_chunks=pcfg.ulysses_head_chunks)
+                                                head_chunks=pcfg.ulysses_head_chunks, spans_memo=spans_memo)
 
 
 def apply_expert_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype | None) -> None:

@@ -51,9 +51,6 @@ from mop.ops.attention import SpansMemo, causal_attention, document_spans
 from mop.ops.attention_variants import variant_attention
 from mop.parallel.layout import divisors
 
-# Layers share one positions tensor per micro-batch: gather it and cut documents once, not per layer.
-_GLOBAL_SPANS = SpansMemo()
-
 Ranges = list[tuple[int, int]]
 
 
@@ -411,10 +408,16 @@ class UlyssesAttention(nn.Module):
             buffers to 1/head_chunks; overlaps the next chunk's all-to-all on CUDA).
         ring_degree: R in D = U x R (all-gather-KV over R ranks, Ulysses over U); None: the smallest
             R for which U splits the heads (R = 1, pure Ulysses, whenever possible).
+        spans_memo: the document spans of the last positions tensor seen. Layers share one positions
+            tensor per micro-batch, so the layers of one model share one memo (`parallelize` passes
+            it): the positions are gathered and cut into documents (a host sync) once per
+            micro-batch, not once per layer. None: a memo of this module's own.
     """
 
-    def __init__(self, seq_group, n_heads: int, n_kv_heads: int, head_chunks: int = 1, ring_degree: int | None = None):
+    def __init__(self, seq_group, n_heads: int, n_kv_heads: int, head_chunks: int = 1, ring_degree: int | None = None,
+                 spans_memo: SpansMemo | None = None):
         super().__init__()
+        self.spans_memo = SpansMemo() if spans_memo is None else spans_memo
         self.seq_group = seq_group
         self.seq_degree = dist.get_world_size(seq_group)
         self.seq_rank = dist.get_rank(seq_group)
@@ -461,7 +464,7 @@ class UlyssesAttention(nn.Module):
             if variant:
                 return variant_attention(q_BHND, k_BHND, v_BHND, positions_BN, sinks=sinks, window=window)
             return causal_attention(q_BHND, k_BHND, v_BHND, positions_BN)
-        spans = None if positions_BN is None else _GLOBAL_SPANS.get(
+        spans = None if positions_BN is None else self.spans_memo.get(
             positions_BN, lambda: self._global_spans(positions_BN, q_BHND.device), key=id(self.seq_group))
         if variant:
             from mop.parallel.ulysses_variants import UlyssesVariantFunction

@@ -161,6 +161,7 @@ class VocabParallelOutputHead(nn.Module):
 
     param_dtype: torch.dtype | None = None  # compute dtype (set by parallelize)
     max_strip_elements: int = 2**28  # fp32 logits per strip (tests set fewer to exercise many strips)
+    loss_kernels: str = "auto"  # the strip math (mop.ops.cross_entropy.LOSS_KERNELS), as the replaced head's
 
     def __init__(self, vocab_size: int, dim: int, mesh: DeviceMesh, *, schedule: str = "auto",
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None,
@@ -175,14 +176,16 @@ class VocabParallelOutputHead(nn.Module):
     @classmethod
     def from_module(cls, orig: nn.Module, layout, schedule: str = "auto", *, mesh: DeviceMesh | None = None,
                     weight: nn.Parameter | None = None) -> "VocabParallelOutputHead":
-        """Replace a (meta-device) `OutputHead`: same V, H and dtype.
+        """Replace a (meta-device) `OutputHead`: same V, H, dtype and loss kernels.
 
         `mesh`: a shared `build_vocab_block_mesh(layout)` (built here if omitted); `weight`: share an
         existing vocab-parallel DTensor parameter (tied embeddings).
         """
         V, H = orig.weight.shape
-        return cls(V, H, _resolve_mesh(layout, mesh, weight), schedule=schedule, dtype=orig.weight.dtype,
+        head = cls(V, H, _resolve_mesh(layout, mesh, weight), schedule=schedule, dtype=orig.weight.dtype,
                    device=layout.device, weight=weight)
+        head.loss_kernels = getattr(orig, "loss_kernels", "auto")
+        return head
 
     def late_parameters(self) -> list[nn.Parameter]:
         """Parameters the forward uses last and FSDP's root does not gather: an optimizer update
@@ -193,7 +196,8 @@ class VocabParallelOutputHead(nn.Module):
         check_loss_inputs(hidden_NH, labels_N, normalizer, self.weight.shape[1])
         plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=self.shards.vocab_group,
                               vocab_size=self.shards.vocab_size, block_sizes=self.shards.block_sizes,
-                              schedule=self.schedule, max_strip_elements=self.max_strip_elements)
+                              schedule=self.schedule, max_strip_elements=self.max_strip_elements,
+                              kernels=self.loss_kernels)
         w_local = self.weight.to_local()
         if self.param_dtype is not None:  # mixed precision (set by parallelize): gather in compute dtype
             w_local = w_local.to(self.param_dtype)

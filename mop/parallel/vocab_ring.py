@@ -33,6 +33,7 @@ from mop.distributed import all_gather_into
 from mop.ops.cross_entropy import (
     block_backward,
     block_stats,
+    check_loss_kernels,
     grad_coef,
     math_dtype,
     merge_stats,
@@ -104,6 +105,7 @@ class RingPlan:
     schedule: str  # "weights" or "activations" (resolved)
     chunk: int
     ignore_index: int
+    kernels: str  # the strip math, one of mop.ops.cross_entropy.LOSS_KERNELS
 
 
 def resolve_schedule(schedule: str, max_tokens: int, block_sizes: list[int]) -> str:
@@ -117,10 +119,11 @@ def resolve_schedule(schedule: str, max_tokens: int, block_sizes: list[int]) -> 
 
 def make_ring_plan(n_tokens: int, device: torch.device, *, vocab_group, vocab_size: int, block_sizes,
                    schedule: str = "auto", ignore_index: int = -100, max_strip_elements: int = 2**28,
-                   local_block_rows: int | None = None) -> RingPlan:
+                   local_block_rows: int | None = None, kernels: str = "auto") -> RingPlan:
     """Validate the options and resolve the schedule (one tiny all-gather of N unless schedule="weights")."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_loss_kernels(kernels)
     size = 1 if vocab_group is None else dist.get_world_size(vocab_group)
     rank = 0 if vocab_group is None else dist.get_rank(vocab_group)
     block_sizes = [int(b) for b in block_sizes]
@@ -143,7 +146,7 @@ def make_ring_plan(n_tokens: int, device: torch.device, *, vocab_group, vocab_si
     resolved = resolve_schedule(schedule, max(token_counts) if token_counts else n_tokens, block_sizes)
     return RingPlan(ring=Ring(vocab_group) if size > 1 else None, rank=rank, size=size,
                     block_offsets=offsets_of(block_sizes), block_sizes=block_sizes, token_counts=token_counts,
-                    schedule=resolved, chunk=chunk, ignore_index=ignore_index)
+                    schedule=resolved, chunk=chunk, ignore_index=ignore_index, kernels=kernels)
 
 
 # -- forward ------------------------------------------------------------------------------------------
@@ -157,7 +160,7 @@ def _forward_move_weights(h_NH, w_vH, labels_N, plan: RingPlan):
         if r < P - 1:
             w_next = w_vH.new_empty(plan.block_sizes[(b + 1) % P], H)
             works = plan.ring.start([(_TAG_WEIGHT, w_cur)], [(_TAG_WEIGHT, w_next)])
-        part = block_stats(h_NH, w_cur, labels_N, plan.block_offsets[b], plan.chunk, plan.ignore_index)
+        part = block_stats(h_NH, w_cur, labels_N, plan.block_offsets[b], plan.chunk, plan.ignore_index, plan.kernels)
         state = part if state is None else merge_stats(state, part)
         Ring.wait(works)
         w_cur = w_next
@@ -182,7 +185,7 @@ def _forward_move_activations(h_NH, w_vH, labels_N, plan: RingPlan):
             sends.append((_TAG_STATE, state_out))
             recvs.append((_TAG_STATE, state_in))
         works = plan.ring.start(sends, recvs) if plan.ring else []
-        part = block_stats(h_cur, w_vH, lab_cur, plan.block_offsets[p], plan.chunk, plan.ignore_index)
+        part = block_stats(h_cur, w_vH, lab_cur, plan.block_offsets[p], plan.chunk, plan.ignore_index, plan.kernels)
         Ring.wait(works)
         if state_in is not None:
             part = merge_stats(tuple(state_in.unbind(0)), part)
@@ -224,7 +227,7 @@ def _backward_move_weights(h_NH, w_vH, labels_N, lse_N, coef_N, plan: RingPlan):
         works = plan.ring.start(sends, recvs) if plan.ring else []
         gw = torch.zeros_like(w_cur)
         block_backward(h_NH, w_cur, labels_N, plan.block_offsets[b], lse_N, coef_N, plan.chunk, plan.ignore_index,
-                       grad_h, gw)
+                       grad_h, gw, plan.kernels)
         Ring.wait(works)
         if gw_in is not None:
             gw += gw_in
@@ -259,7 +262,7 @@ def _backward_move_activations(h_NH, w_vH, labels_N, lse_N, coef_N, plan: RingPl
         works = plan.ring.start(sends, recvs) if plan.ring else []
         gh = torch.zeros_like(h_cur)
         block_backward(h_cur, w_vH, lab_cur, plan.block_offsets[p], aux_cur[0], aux_cur[1], plan.chunk,
-                       plan.ignore_index, gh, grad_w)
+                       plan.ignore_index, gh, grad_w, plan.kernels)
         Ring.wait(works)
         if gh_in is not None:
             gh += gh_in
@@ -334,7 +337,8 @@ def check_loss_inputs(hidden_NH: torch.Tensor, labels_N: torch.Tensor, normalize
 
 def vocab_parallel_cross_entropy(hidden_NH: torch.Tensor, weight_block_local: torch.Tensor, labels_N: torch.Tensor,
                                  normalizer, *, vocab_group, vocab_size: int, block_sizes, schedule: str = "auto",
-                                 ignore_index: int = -100, max_strip_elements: int = 2**28) -> torch.Tensor:
+                                 ignore_index: int = -100, max_strip_elements: int = 2**28,
+                                 kernels: str = "auto") -> torch.Tensor:
     """This rank's share of the exact CE loss with the vocabulary split over `vocab_group` (P ranks).
 
     hidden_NH / labels_N: this rank's own tokens (N may differ between ranks). weight_block_local:
@@ -348,5 +352,6 @@ def vocab_parallel_cross_entropy(hidden_NH: torch.Tensor, weight_block_local: to
         raise ValueError(f"weight_block_local must be [V/P, H], got {tuple(weight_block_local.shape)}")
     plan = make_ring_plan(hidden_NH.shape[0], hidden_NH.device, vocab_group=vocab_group, vocab_size=vocab_size,
                           block_sizes=block_sizes, schedule=schedule, ignore_index=ignore_index,
-                          max_strip_elements=max_strip_elements, local_block_rows=weight_block_local.shape[0])
+                          max_strip_elements=max_strip_elements, local_block_rows=weight_block_local.shape[0],
+                          kernels=kernels)
     return ring_cross_entropy(hidden_NH, weight_block_local, labels_N, normalizer, plan)
