@@ -172,7 +172,8 @@ def grad_coef(grad_loss: torch.Tensor, normalizer, labels_N: torch.Tensor, ignor
 
 
 def block_logit_grad(h_nH: torch.Tensor, w_vH: torch.Tensor, labels_n: torch.Tensor, offset: int,
-                     lse_n: torch.Tensor, coef_n: torch.Tensor, ignore_index: int, kernels: str = "auto") -> torch.Tensor:
+                     lse_n: torch.Tensor, coef_n: torch.Tensor, ignore_index: int,
+                     kernels: str = "auto") -> torch.Tensor:
     """Recomputed strip of d(loss)/d(logits) for a token chunk and a vocabulary block, in the input dtype.
 
     For a token with coefficient c: c * (softmax - onehot(label)).

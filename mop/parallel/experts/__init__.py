@@ -8,6 +8,6 @@ from mop.parallel.experts.planner import LlepPlan, plain_plan, plan_llep, split_
 
 __all__ = [
     "AllToAllDispatcher", "DISPATCHERS", "ExpertParallelConfig", "ExpertParallelExperts", "LayerPlan",
-    "LlepDispatcher", "LlepPlan", "PipelinedLlepDispatcher", "Route", "TokenDispatcher", "make_dispatcher", "plain_plan", "plan_llep",
-    "split_by_source",
+    "LlepDispatcher", "LlepPlan", "PipelinedLlepDispatcher", "Route", "TokenDispatcher", "make_dispatcher",
+    "plain_plan", "plan_llep", "split_by_source",
 ]
