@@ -18,10 +18,17 @@ N GPUs on one node (torchrun starts one process per GPU; this module is the work
 
     torchrun --nproc-per-node 8 -m mop.train --config configs/qwen3-30b-a3b.toml --parallel.seq=8
 
-N nodes (run on every node, with its own --node-rank; the endpoint is any node's host:port):
+N nodes (run on every node, with its own --node-rank; the endpoint is any node's host:port; on SLURM,
+scripts/slurm_mop.sh does this and resumes by itself):
 
     torchrun --nnodes 4 --node-rank $NODE_RANK --nproc-per-node 8 \
         --rdzv-backend c10d --rdzv-endpoint $HEAD_NODE:29500 -m mop.train --config ...
+
+Periodic checkpoints, and a resume after a crash (on any world size or layout; the newest checkpoint
+that verifies is used):
+
+    mop train --logging.run_dir=runs/a --checkpoint.enabled=true --checkpoint.every=100
+    mop train --logging.run_dir=runs/a --checkpoint.enabled=true --checkpoint.every=100 --checkpoint.resume=true
 """
 
 from __future__ import annotations
