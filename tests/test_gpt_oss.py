@@ -1,6 +1,6 @@
 """gpt-oss pieces against plain references: sink / sliding-window attention (one device, and under
 Ulysses at D = 2 and 4, values and gradients incl. the sinks'), the clamped SwiGLU with expert biases,
-and the refusal of gpt-oss experts by the expert-parallel kernels."""
+and the expert-parallel kernel of gpt-oss' biased, clamped experts."""
 
 from __future__ import annotations
 
@@ -123,13 +123,22 @@ def test_clamped_swiglu_experts_with_biases_match_a_per_expert_loop():
     assert F.silu(torch.tensor(1.0)) != 1.0  # (sanity: the clamped form is not plain silu)
 
 
-def test_expert_parallel_kernels_refuse_gpt_oss_experts():
-    """parallelize() swaps in the expert-parallel module (plain SwiGLU): the MoE says so instead of
-    silently computing another model."""
-    from mop.models.moe import MoE
-    from mop.models.shapes import get_shape
+def test_expert_parallel_mlp_matches_the_model_experts():
+    """The expert-parallel kernel (`expert_mlp` on expert-grouped rows, biases by group counts, the
+    clamped activation) computes what the model's GroupedExperts computes."""
+    from mop.models.moe import GroupedExperts
+    from mop.parallel.experts.dispatch import ExpertActivation, expert_mlp
 
-    moe = MoE(get_shape("debug", moe_bias=True, swiglu_limit=7.0))
-    moe.experts = torch.nn.Identity()
-    with pytest.raises(NotImplementedError, match="gpt-oss experts"):
-        moe(torch.randn(1, 4, 32))
+    torch.manual_seed(0)
+    E, H, I, limit = 4, 8, 6, 0.7
+    experts = GroupedExperts(E, H, I, bias=True, swiglu_limit=limit)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    counts = torch.tensor([3, 0, 2, 4])
+    x = torch.randn(int(counts.sum()), H)
+    expert_of_row = torch.repeat_interleave(torch.arange(E), counts)
+    idx, wts = expert_of_row[:, None], torch.ones(x.shape[0], 1)  # one slot per row, weight 1
+    want = experts(x, idx, wts)
+    got = expert_mlp(x, counts, experts.w1, experts.w3, experts.w2, experts.b1, experts.b3, experts.b2,
+                     act=ExpertActivation(limit, 1.702))
+    torch.testing.assert_close(got, want, **TOL)

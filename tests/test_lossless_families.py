@@ -1,8 +1,8 @@
 """Lossless for the model families: MLA (DeepSeek-V3 / Kimi-K2 features) and gpt-oss attention
 (sinks + sliding windows) train under Ulysses + EP + P exactly like one process (fp32, CPU, gloo).
 
-The gpt-oss case uses plain SwiGLU experts (`debug-gpt-oss`): the expert-parallel kernels do not take
-gpt-oss' biased, clamped experts yet and refuse them (tests/test_gpt_oss.py).
+`debug-gpt-oss` has plain SwiGLU experts; gpt-oss' own experts (biases, clamped SwiGLU) are the
+last cases, under every dispatcher and under the FSDP-best baseline's plain all-to-all EP.
 """
 
 import pytest
@@ -32,3 +32,46 @@ def test_families_under_activation_checkpointing_equal_single_process(shape, pol
     variant Function) and still train exactly like one process."""
     compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2}, tmp_path,
                            extra=[f"--model.shape={shape}", f"--training.activation_checkpoint={policy}"])
+
+
+GPT_OSS_EXPERTS = ["--model.shape=debug-gpt-oss", "--model.moe_bias=true", "--model.swiglu_limit=0.7"]
+
+
+@pytest.mark.parametrize("layout", [
+    {"expert": 2, "dispatcher": "alltoall"},
+    {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": "llep", "llep_min_chunk": 8, "llep_lambda": 1.0},
+    {"expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8, "moe_chunk_tokens": 32},
+])
+def test_gpt_oss_experts_equal_single_process(layout, tmp_path):
+    """Expert biases (sharded with the weights, spilled with them under LLEP) and the clamped SwiGLU."""
+    world = 4 if layout.get("seq", 1) > 1 else 2
+    compare_with_reference(world, layout, tmp_path, extra=GPT_OSS_EXPERTS)
+
+
+def _baseline_gpt_oss_rank(rank, world, run_dir):
+    import torch
+    import torch.distributed as dist
+
+    from mop.baselines import BaselineConfig, BaselineTrainer
+    from mop.distributed import ProcessInfo
+    from tests.test_baseline import _job, _summary
+
+    proc = ProcessInfo(rank=dist.get_rank(), world=world, local_rank=rank, local_world=world,
+                       device=torch.device("cpu"))
+    trainer = BaselineTrainer(_job(run_dir, 2, GPT_OSS_EXPERTS), BaselineConfig(ep=2, compile_loss=False), proc)
+    summary = _summary(trainer, trainer.train(capture_grads_at=(1,)))
+    return summary if rank == 0 else None
+
+
+def test_gpt_oss_experts_under_the_baseline_equal_single_process(tmp_path):
+    """The FSDP-best baseline's all-to-all EP runs gpt-oss' experts too (same comparison, both systems)."""
+    import torch
+
+    from mop.distributed import ProcessInfo
+    from mop.trainer import Trainer
+    from tests.dist_utils import run_distributed
+    from tests.test_baseline import _assert_same, _job, _summary
+
+    got = run_distributed(_baseline_gpt_oss_rank, 2, str(tmp_path / "base"))[0]
+    ref = Trainer(_job(str(tmp_path / "ref"), 4, GPT_OSS_EXPERTS), ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
+    _assert_same(got, _summary(ref, ref.train(capture_grads_at=(1,))))

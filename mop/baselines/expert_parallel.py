@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
 from mop.distributed import local_shard
-from mop.parallel.experts.dispatch import expert_mlp
+from mop.parallel.experts.dispatch import ExpertActivation, expert_mlp
 
 
 def _all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -45,8 +45,10 @@ class AllToAllExperts(nn.Module):
     per-rank split sizes per call (all-to-all split sizes must be Python ints).
     """
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, ep_mesh):
+    def __init__(self, n_experts: int, dim: int, hidden: int, ep_mesh, bias: bool = False,
+                 act: ExpertActivation | None = None):
         super().__init__()
+        self.act = act or ExpertActivation()
         self.n_experts, self.ep_mesh = n_experts, ep_mesh
         self.ep_size = ep_mesh.size()
         if n_experts % self.ep_size:
@@ -59,12 +61,15 @@ class AllToAllExperts(nn.Module):
             return nn.Parameter(DTensor.from_local(t, ep_mesh, [Shard(0)], run_check=False))
 
         self.w1, self.w3, self.w2 = param(dim, hidden), param(dim, hidden), param(hidden, dim)
+        if bias:  # gpt-oss
+            self.b1, self.b3, self.b2 = param(hidden), param(hidden), param(dim)
 
     @classmethod
     def from_module(cls, orig: nn.Module, ep_mesh) -> "AllToAllExperts":
         """Replace a (meta-device) `GroupedExperts`."""
         E, H, I = orig.w1.shape
-        return cls(E, H, I, ep_mesh)
+        act = ExpertActivation(getattr(orig, "swiglu_limit", 0.0), getattr(orig, "swiglu_alpha", 1.702))
+        return cls(E, H, I, ep_mesh, bias=getattr(orig, "b1", None) is not None, act=act)
 
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         T, K = topk_idx_TK.shape
@@ -88,7 +93,8 @@ class AllToAllExperts(nn.Module):
         by_expert = torch.argsort(expert_of_row, stable=True).to(x_TH.device)
         tokens_per_expert_E = recv_counts_SE.sum(0).to(x_TH.device)
         x_e = x_recv[by_expert]
-        y_e = expert_mlp(x_e, tokens_per_expert_E, local_shard(self.w1), local_shard(self.w3), local_shard(self.w2))
+        names = ("w1", "w3", "w2", "b1", "b3", "b2") if "b1" in self._parameters else ("w1", "w3", "w2")
+        y_e = expert_mlp(x_e, tokens_per_expert_E, *(local_shard(getattr(self, n)) for n in names), act=self.act)
         y_recv = y_e[torch.argsort(by_expert)]  # back to (source, expert) order
         y_slots = _AllToAll.apply(y_recv, send_splits, recv_splits, group)
         y_slots = y_slots * topk_weight_TK.flatten()[order, None]

@@ -140,18 +140,10 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_dim, bias=cfg.moe_bias,
                                       swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha)
         self.shared_experts = FeedForward(cfg.dim, cfg.shared_dim) if cfg.shared_dim else None
-        self.gpt_oss_experts = cfg.moe_bias or cfg.swiglu_limit > 0
 
     def forward(self, x_BSH: torch.Tensor):
         """Returns (y [B,S,H], aux_loss)."""
         B, S, H = x_BSH.shape
-        if self.gpt_oss_experts and not isinstance(self.experts, GroupedExperts):
-            # parallelize() swapped in the expert-parallel module, whose kernels are plain SwiGLU
-            # without biases: running it would silently compute another model.
-            raise NotImplementedError(
-                "gpt-oss experts (expert biases, clamped SwiGLU) are not supported by the expert-parallel "
-                "kernels (mop/parallel/experts) that every GPU run and every multi-process run uses yet; train "
-                "gpt-oss with one CPU process, or with model.moe_bias=false model.swiglu_limit=0 (plain SwiGLU experts)")
         x_TH = x_BSH.reshape(B * S, H)
         topk_idx_TK, topk_w_TK, aux = self.router(x_TH)
         # Shared experts are queued before the routed ones: an expert-parallel dispatcher waits on the

@@ -158,10 +158,29 @@ def build_route(sort_idx: torch.Tensor, local_counts: list[int], send_pieces: li
     )
 
 
-def expert_mlp(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHI, w3_EHI, w2_EIH) -> torch.Tensor:
-    """SwiGLU of rows grouped by expert: (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]."""
-    h_NI = expert_activation(grouped_mm(x_NH, w1_EHI, counts_E), grouped_mm(x_NH, w3_EHI, counts_E))
-    return grouped_mm(h_NI, w2_EIH, counts_E)
+@dataclass(frozen=True)
+class ExpertActivation:
+    """The experts' gated activation: SwiGLU, or gpt-oss' clamped form when `swiglu_limit` > 0."""
+
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
+
+
+def expert_mlp(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHI, w3_EHI, w2_EIH, b1_EI=None, b3_EI=None,
+               b2_EH=None, act: ExpertActivation | None = None) -> torch.Tensor:
+    """SwiGLU of rows grouped by expert: act(x @ w1[e] + b1[e], x @ w3[e] + b3[e]) @ w2[e] + b2[e].
+
+    Biases (gpt-oss) are optional; a row's expert comes from the group counts, expanded on the
+    device with a known output size (no host sync)."""
+    act = act or ExpertActivation()
+    gate_NI, up_NI = grouped_mm(x_NH, w1_EHI, counts_E), grouped_mm(x_NH, w3_EHI, counts_E)
+    expert_N = None
+    if b1_EI is not None:
+        expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_NH.device), counts_E,
+                                           output_size=x_NH.shape[0])
+        gate_NI, up_NI = gate_NI + b1_EI[expert_N], up_NI + b3_EI[expert_N]
+    y_NH = grouped_mm(expert_activation(gate_NI, up_NI, act.swiglu_limit, act.swiglu_alpha), w2_EIH, counts_E)
+    return y_NH if expert_N is None else y_NH + b2_EH[expert_N]
 
 
 class TokenDispatcher(ABC):
@@ -195,15 +214,18 @@ class TokenDispatcher(ABC):
         return all_to_all(x_TH.index_select(0, route.send_token_idx), route.recv_splits, route.send_splits,
                           self.group, async_op)
 
-    def compute(self, recv_NH: torch.Tensor, route: Route, home_w: list, foreign_w: list) -> torch.Tensor:
-        """Expert GEMMs on received rows (home experts, then spilled-in ones); returns rows in receive order."""
+    def compute(self, recv_NH: torch.Tensor, route: Route, home_w: list, foreign_w: list,
+                act: ExpertActivation | None = None) -> torch.Tensor:
+        """Expert GEMMs on received rows (home experts, then spilled-in ones); returns rows in receive order.
+
+        `home_w` / `foreign_w`: [w1, w3, w2] or, with biases, [w1, w3, w2, b1, b3, b2] (`expert_mlp`)."""
         x_NH = permute_rows(recv_NH, route.group_idx, route.group_inv)
         if not foreign_w[0].shape[0]:  # every row is a home row; a slice would cost a zero-fill in backward
-            y_NH = expert_mlp(x_NH, route.home_counts, *home_w)
+            y_NH = expert_mlp(x_NH, route.home_counts, *home_w, act=act)
         else:
             x_home, x_foreign = x_NH.split([route.n_home_rows, x_NH.shape[0] - route.n_home_rows])
-            y_NH = torch.cat([expert_mlp(x_home, route.home_counts, *home_w),
-                              expert_mlp(x_foreign, route.foreign_counts, *foreign_w)])
+            y_NH = torch.cat([expert_mlp(x_home, route.home_counts, *home_w, act=act),
+                              expert_mlp(x_foreign, route.foreign_counts, *foreign_w, act=act)])
         return permute_rows(y_NH, route.group_inv, route.group_idx)
 
     def send_back(self, y_NH: torch.Tensor, route: Route, async_op: bool = False):
@@ -316,4 +338,4 @@ class PipelinedLlepDispatcher(LlepDispatcher):
 
 
 __all__ = ["AllToAllDispatcher", "LayerPlan", "LlepDispatcher", "PipelinedLlepDispatcher", "Route", "TokenDispatcher",
-           "build_route", "expert_mlp", "permute_rows"]
+           "build_route", "expert_mlp", "ExpertActivation", "permute_rows"]

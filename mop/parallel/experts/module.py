@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from mop.models.checkpointing import checkpoint_phase
-from mop.parallel.experts.dispatch import TokenDispatcher
+from mop.parallel.experts.dispatch import ExpertActivation, TokenDispatcher
 from mop.parallel.experts.pipeline import MoELayerFunction, ShardSpec
 from mop.parallel.experts.registry import check_dispatcher, dispatcher_class
 
@@ -72,25 +72,35 @@ class ExpertParallelExperts(nn.Module):
     parameters are then meta DTensors to be materialised with `to_empty()` and initialised.
     """
 
-    # Sharded dim (the expert width I) of w1 [E, H, I], w3 [E, H, I], w2 [E, I, H].
+    # Sharded dim of w1 [E, H, I], w3 [E, H, I], w2 [E, I, H] (the expert width I) and of the optional
+    # biases b1 [E, I], b3 [E, I] (I) and b2 [E, H] (H: any dim shards the same way; gathered alike).
     SHARD_DIMS = (2, 2, 1)
+    BIAS_SHARD_DIMS = (1, 1, 1)
 
     def __init__(self, n_experts: int, dim: int, hidden: int, layout, cfg: ExpertParallelConfig,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "meta"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "meta", bias: bool = False,
+                 act: ExpertActivation | None = None):
         super().__init__()
         ep = layout.spec.expert
         if n_experts % ep:
             raise ValueError(f"parallel.expert (Ep)={ep} must divide the number of experts {n_experts}")
         self.n_experts, self.dim, self.hidden, self.cfg = n_experts, dim, hidden, cfg
+        self.act = act or ExpertActivation()
         self.mesh = layout.expert_mesh
         shapes = {"w1": (n_experts, dim, hidden), "w3": (n_experts, dim, hidden), "w2": (n_experts, hidden, dim)}
-        for (name, shape), sdim in zip(shapes.items(), self.SHARD_DIMS):
+        dims, sizes = list(self.SHARD_DIMS), [hidden, hidden, hidden]
+        if bias:  # gpt-oss
+            shapes.update({"b1": (n_experts, hidden), "b3": (n_experts, hidden), "b2": (n_experts, dim)})
+            dims += self.BIAS_SHARD_DIMS
+            sizes += [hidden, hidden, dim]
+        for (name, shape), sdim in zip(shapes.items(), dims):
             full = torch.empty(shape, dtype=dtype, device=device)
             # src_data_rank=None: no communication, each rank just keeps its own chunk.
             dt = distribute_tensor(full, self.mesh, (Shard(sdim), Shard(0)), src_data_rank=None)
             self.register_parameter(name, nn.Parameter(dt))
+        self.weight_names = tuple(shapes)
         self.dispatcher = make_dispatcher(cfg, n_experts, layout.expert_group)
-        self.shard_spec = ShardSpec(layout.expert_shard_group, self.SHARD_DIMS, (hidden, hidden, hidden))
+        self.shard_spec = ShardSpec(layout.expert_shard_group, tuple(dims), tuple(sizes))
 
     @classmethod
     def from_module(cls, orig: nn.Module, layout, cfg=None) -> "ExpertParallelExperts":
@@ -99,7 +109,9 @@ class ExpertParallelExperts(nn.Module):
         if tuple(orig.w3.shape) != (E, H, I) or tuple(orig.w2.shape) != (E, I, H):
             raise ValueError(f"experts weights must be w1/w3 [E,H,I] and w2 [E,I,H]; got w1 {tuple(orig.w1.shape)}, "
                              f"w3 {tuple(orig.w3.shape)}, w2 {tuple(orig.w2.shape)}")
-        return cls(E, H, I, layout, ExpertParallelConfig.from_any(cfg), dtype=orig.w1.dtype, device="meta")
+        act = ExpertActivation(getattr(orig, "swiglu_limit", 0.0), getattr(orig, "swiglu_alpha", 1.702))
+        return cls(E, H, I, layout, ExpertParallelConfig.from_any(cfg), dtype=orig.w1.dtype, device="meta",
+                   bias=getattr(orig, "b1", None) is not None, act=act)
 
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         if x_TH.shape[-1] != self.dim:
@@ -110,11 +122,12 @@ class ExpertParallelExperts(nn.Module):
         recompute = self.dispatcher.recompute or phase is not None
         # Mixed precision (set by parallelize): the Function casts the shards to param_dtype before
         # the gather and returns grads in the shards' dtype (no autograd cast, none in a recompute).
-        w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
-        return MoELayerFunction.apply(x_TH, topk_weight_TK, w1, w3, w2, self.dispatcher, plan, self.shard_spec,
-                                      recompute, self.param_dtype)
+        shards = [getattr(self, name).to_local() for name in self.weight_names]
+        return MoELayerFunction.apply(x_TH, topk_weight_TK, self.dispatcher, plan, self.shard_spec, recompute,
+                                      self.param_dtype, self.act, *shards)
 
     param_dtype: torch.dtype | None = None  # compute dtype of the gathered weights (None: storage dtype)
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, dim={self.dim}, hidden={self.hidden}, dispatcher={self.cfg.dispatcher}"
+        return (f"n_experts={self.n_experts}, dim={self.dim}, hidden={self.hidden}, dispatcher={self.cfg.dispatcher}, "
+                f"bias={'b1' in self.weight_names}, swiglu_limit={self.act.swiglu_limit}")

@@ -30,7 +30,7 @@ import torch
 
 from mop.parallel.experts.comm import all_to_all, gather_shards, reduce_scatter_shards, return_expert_grads, \
     send_expert_weights
-from mop.parallel.experts.dispatch import LayerPlan, TokenDispatcher
+from mop.parallel.experts.dispatch import ExpertActivation, LayerPlan, TokenDispatcher
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class ShardSpec:
     """How this rank's expert weights are sharded over the expert-shard group (dim and full size per weight)."""
 
     group: object
-    dims: tuple[int, int, int]    # sharded dim of w1, w3, w2
-    sizes: tuple[int, int, int]   # full size of that dim
+    dims: tuple[int, ...]    # sharded dim of w1, w3, w2 (then b1, b3, b2 when the experts have biases)
+    sizes: tuple[int, ...]   # full size of that dim
 
 
 def _gather_all(shards, spec: ShardSpec, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -64,17 +64,18 @@ class MoELayerFunction(torch.autograd.Function):
     """y_TH = experts(x_TH, routing) for the whole expert group; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard, dispatcher: TokenDispatcher,
-                plan: LayerPlan | None, spec: ShardSpec, recompute: bool, dtype: torch.dtype | None):
+    def forward(ctx, x_TH, topk_weight_TK, dispatcher: TokenDispatcher, plan: LayerPlan | None, spec: ShardSpec,
+                recompute: bool, dtype: torch.dtype | None, act: ExpertActivation, *shards):
+        """`shards`: this rank's w1, w3, w2 (and b1, b3, b2 with biases), as `spec` describes."""
         if plan is None:
             # Activation-checkpoint recomputation of the enclosing block: backward runs through the
             # original forward's ctx, which kept everything it needs. Save the same tensors, in the
             # same order, so the checkpoint can match them (the raw shards: the cast is done inside);
             # the output is never read (the block only adds it to the residual stream, and additions
             # save nothing).
-            ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
+            ctx.save_for_backward(x_TH, topk_weight_TK, *shards)
             return x_TH.new_empty(x_TH.shape)
-        home = _gather_all((w1_shard, w3_shard, w2_shard), spec, dtype)
+        home = _gather_all(shards, spec, dtype)
         foreign = _move_weights(home, dispatcher, plan)
         if not recompute:
             home, foreign = _leaves(home), _leaves(foreign)
@@ -100,11 +101,11 @@ class MoELayerFunction(torch.autograd.Function):
             if c + 1 < n_chunks:
                 pending = start_dispatch(c + 1)
             if recompute:
-                y_recv = dispatcher.compute(recv, plan.routes[c], home, foreign)
+                y_recv = dispatcher.compute(recv, plan.routes[c], home, foreign, act)
             else:
                 recv.requires_grad_()
                 with torch.enable_grad():
-                    y_recv = dispatcher.compute(recv, plan.routes[c], home, foreign)
+                    y_recv = dispatcher.compute(recv, plan.routes[c], home, foreign, act)
             y_send, back_work = dispatcher.send_back(y_recv.detach(), plan.routes[c], async_op=True)
             if returning is not None:
                 finish_combine(*returning)
@@ -114,16 +115,17 @@ class MoELayerFunction(torch.autograd.Function):
         finish_combine(*returning)
 
         ctx.dispatcher, ctx.plan, ctx.spec, ctx.recompute, ctx.dtype = dispatcher, plan, spec, recompute, dtype
-        ctx.save_for_backward(x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard)
+        ctx.act = act
+        ctx.save_for_backward(x_TH, topk_weight_TK, *shards)
         return out_TH
 
     @staticmethod
     def backward(ctx, g_TH):
-        x_TH, topk_weight_TK, w1_shard, w3_shard, w2_shard = ctx.saved_tensors
-        dispatcher, plan, spec = ctx.dispatcher, ctx.plan, ctx.spec
+        x_TH, topk_weight_TK, *shards = ctx.saved_tensors
+        dispatcher, plan, spec, act = ctx.dispatcher, ctx.plan, ctx.spec, ctx.act
         recompute, group = ctx.recompute, dispatcher.group
         if recompute:
-            home = _gather_all((w1_shard, w3_shard, w2_shard), spec, ctx.dtype)
+            home = _gather_all(shards, spec, ctx.dtype)
             home, foreign = _leaves(home), _leaves(_move_weights(home, dispatcher, plan))
         else:
             home, foreign = ctx.weights
@@ -146,7 +148,7 @@ class MoELayerFunction(torch.autograd.Function):
                     pending = start_dispatch(c + 1)
                 recv.requires_grad_()
                 with torch.enable_grad():
-                    y_recv = dispatcher.compute(recv, route, home, foreign)
+                    y_recv = dispatcher.compute(recv, route, home, foreign, act)
                 y_send, _ = dispatcher.send_back(y_recv.detach(), route)
             else:
                 recv, y_recv, y_send = ctx.chunks[c]
@@ -172,7 +174,6 @@ class MoELayerFunction(torch.autograd.Function):
         foreign_g = [w.grad if w.grad is not None else torch.zeros_like(w) for w in foreign]
         return_expert_grads(home_g, foreign_g, plan.transfers, plan.foreign, dispatcher.me,
                             dispatcher.experts_per_rank, group)
-        shards = (w1_shard, w3_shard, w2_shard)
         shard_g = [reduce_scatter_shards(gw, d, spec.group).to(w.dtype) for gw, d, w in zip(home_g, spec.dims, shards)]
         ctx.weights = ctx.chunks = None
-        return dx_TH, dw_TK, *shard_g, None, None, None, None, None
+        return dx_TH, dw_TK, None, None, None, None, None, None, *shard_g
