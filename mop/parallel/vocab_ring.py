@@ -20,6 +20,16 @@ Both overlap communication with the block GEMM: round r+1's hidden/weights are p
 received while round r computes its own partial, then merged (the merge is associative).
 "auto" picks the schedule that moves fewer bytes per hop: activations when max_q N_q < max block
 size (N*H against H*V/P), weights otherwise.
+
+Why the ring still recomputes its strips in backward. On one block (P = 1) the loss forms the
+logit gradients during forward: a strip spans the whole vocabulary, so its log-sum-exp is final at
+once and softmax - onehot is known while the strip is live (3 GEMMs per strip: logits, dX, dW).
+In the ring a token's log-sum-exp is final only after the last of the P blocks has been folded in,
+so every strip's gradient needs its logits a second time: either kept (N x V in all, what the ring
+exists to avoid), or recomputed, in backward (now) or in a second pass of the ring in forward (a
+"two-pass ring": log-sum-exp first, then gradients). The second pass costs the same 4 GEMMs per
+strip and the same ring traffic as the recompute in backward, and would hold the gradients from
+forward to backward instead of producing them when needed: it does not pay, so it is not built.
 """
 
 from __future__ import annotations
