@@ -200,6 +200,7 @@ class LoggingConfig:
     log_every: int = 10
     progress: str = "auto"  # "auto" (bar on a terminal) | "bar" | "plain" | "none"
     tensorboard: bool = False
+    wandb: str = ""  # a Weights & Biases project name: also log there (optional package `wandb`)
     profile_step: int = 0   # >0: profile this optimizer step (1-based) with torch.profiler into run_dir
     memory_step: int = 0    # >0: record this step's CUDA allocations; write the peak's breakdown into run_dir
 

@@ -1,4 +1,4 @@
-"""One metrics path: throughput, MFU, memory; console/progress output, JSONL and TensorBoard."""
+"""One metrics path: throughput, MFU, memory; console/progress output and sinks (JSONL, TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -74,33 +75,94 @@ class Throughput:
         return out
 
 
+class MetricsSink(Protocol):
+    """Where logged metrics go (rank 0): one record per logging step."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """`RUN_DIR/metrics.jsonl`, one JSON object per logging step (always on; what `mop plot` reads)."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    """`RUN_DIR/tb` event files (`logging.tensorboard=true`)."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Weights & Biases (`logging.wandb=PROJECT`; the optional `wandb` package, `pip install wandb`).
+
+    The run is named after the run directory, and its config is the whole job, so runs are
+    comparable in the W&B UI. W&B's own environment variables (WANDB_MODE=offline, WANDB_API_KEY,
+    WANDB_ENTITY) apply as usual.
+    """
+
+    def __init__(self, project: str, run_dir: Path, config: dict | None):
+        import wandb
+
+        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config or {})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    """Writes metrics.jsonl (rank 0), prints a progress bar on a terminal or plain lines otherwise."""
+    """Rank 0's metrics: to every sink (metrics.jsonl, TensorBoard, W&B), a progress bar on a terminal
+    or plain lines otherwise."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, progress: str = "auto", tensorboard: bool = False,
-                 enabled: bool = True, start_step: int = 0):
+                 enabled: bool = True, start_step: int = 0, wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
         self.bar = None
-        self.tb = None
-        self.file = None
+        self.sinks: list[MetricsSink] = []
         if not enabled:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = self._open_metrics(self.run_dir / "metrics.jsonl", start_step)
+        self.sinks.append(JsonlSink(self._open_metrics(self.run_dir / "metrics.jsonl", start_step)))
         use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self.plain = progress != "none" and not use_bar
         if use_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
-        if tensorboard:
+        # Optional sinks: a missing package costs that sink only (metrics.jsonl is always written).
+        optional = [("tensorboard", tensorboard, lambda: TensorBoardSink(self.run_dir)),
+                    ("wandb", bool(wandb_project), lambda: WandbSink(wandb_project, self.run_dir, config))]
+        for package, wanted, make in optional:
+            if not wanted:
+                continue
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+                self.sinks.append(make())
             except ImportError:
-                print("tensorboard is not installed; pip install tensorboard (metrics.jsonl is still written)")
+                self.message(f"{package} is not installed (pip install {package}); metrics.jsonl is still written")
 
     @staticmethod
     def _open_metrics(path: Path, start_step: int):
@@ -116,12 +178,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+        values = {k: float(v) for k, v in metrics.items()}
+        for sink in self.sinks:
+            sink.log(step, values)
         short = (f"loss {metrics['loss']:.4f} | gnorm {metrics.get('grad_norm', 0):.3f} | lr {metrics['lr']:.2e} | "
                  f"tok/s/dev {metrics.get('tokens_per_s_per_device', 0):,.0f}")
         if "mfu" in metrics:
@@ -149,10 +208,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 @contextlib.contextmanager

@@ -567,7 +567,8 @@ class Trainer:
                   f"{self.tokens_per_device_per_step() * self.proc.world} tokens/step", flush=True)
         first_step = self.step + 1
         logger = MetricsLogger(job.logging.run_dir, t.steps, job.logging.progress, job.logging.tensorboard,
-                               enabled=self.proc.is_main, start_step=self.step)
+                               enabled=self.proc.is_main, start_step=self.step, wandb_project=job.logging.wandb,
+                               config=job.to_dict() if job.logging.wandb else None)
         self._tell = logger.message if self.proc.is_main else self._print_main
         meter = Throughput(job.model.flops_per_token(t.seq_len), self.device)
         if self.device.type == "cuda":

@@ -100,6 +100,6 @@ def test_option_set_is_frozen():
         "training.min_lr_ratio", "training.max_grad_norm", "training.nonfinite", "training.seed", "training.device", "training.dtype",
         "training.activation_checkpoint", "training.loss_kernels", "training.param_dtype",
         "checkpoint.every", "checkpoint.keep", "checkpoint.enabled", "checkpoint.resume", "checkpoint.init_from",
-        "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard",
+        "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard", "logging.wandb",
         "logging.profile_step", "logging.memory_step",
     ]

@@ -142,3 +142,37 @@ def test_worker_exits_without_interpreter_teardown(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2
     assert (tmp_path / "run" / "checkpoints").is_dir() and any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_metrics_go_to_every_sink_and_a_missing_package_costs_only_its_sink(tmp_path, monkeypatch, capsys):
+    """Sinks behind one interface: W&B (a stand-in module records the calls) gets the same records as
+    metrics.jsonl, with the job as its config; without the package, one line and metrics.jsonl still."""
+    import types
+
+    from mop.metrics import MetricsLogger
+
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append(("log", step, metrics))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = MetricsLogger(tmp_path / "run", 10, progress="none", wandb_project="proj", config={"lr": 0.1})
+    log.log(1, {"loss": 2.0, "lr": 0.1})
+    log.close()
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "proj" and calls[0][1]["config"] == {"lr": 0.1}
+    assert calls[1] == ("log", 1, {"loss": 2.0, "lr": 0.1}) and calls[-1] == ("finish",)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.0, "lr": 0.1}
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    log = MetricsLogger(tmp_path / "run2", 10, progress="none", wandb_project="proj")
+    log.log(1, {"loss": 1.0, "lr": 0.1})
+    log.close()
+    assert "wandb is not installed" in capsys.readouterr().out
+    assert (tmp_path / "run2" / "metrics.jsonl").read_text().strip()
