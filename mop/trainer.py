@@ -57,37 +57,6 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module._parameters[name] = done[id(p)]
 
 
-class _TrainerProbe:
-    """`mop.memory_budget.Probe` on a trainer's model and first batch (CUDA allocator readings)."""
-
-    def __init__(self, trainer: "Trainer", blocks, accumulate: bool):
-        self.trainer, self.blocks, self.accumulate = trainer, blocks, accumulate
-
-    def pattern_marks(self, policies: list[str], fraction: float = 1.0) -> list[float]:
-        tr = self.trainer
-        tr.model.block_policies = policies
-        marks: list[float] = []
-        hooks = [b.register_forward_pre_hook(lambda *_: marks.append(torch.cuda.memory_allocated(tr.device)))
-                 for b in self.blocks]
-        try:
-            tr._probe_step(backward=False, fraction=fraction)
-        finally:
-            for h in hooks:
-                h.remove()
-            tr._drop_attention_slots()  # that forward had no backward
-        return marks
-
-    def micro_batch_peak(self, policies: list[str], fraction: float = 1.0) -> float:
-        self.trainer.model.block_policies = policies
-        return self.trainer._step_peak(self.accumulate, fraction)
-
-    def agree_max(self, values: list[float]) -> list[float]:
-        return self.trainer._agree(values, dist.ReduceOp.MAX)
-
-    def recover(self) -> None:
-        self.trainer._recover_from_oom()
-
-
 def build_loader(job: JobConfig, spec: LayoutSpec, rank: int, vocab_size: int):
     """This rank's loader: its sequence group's sequences, its chunk of each (see mop.data.loader)."""
     from mop.data import PackedLoader, SyntheticLoader, TokenDataset, ensure_default_dataset
@@ -308,116 +277,21 @@ class Trainer:
         if model.cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
             model.output.weight = model.tok_embeddings.weight
 
-    # -- memory buys time (mop.memory_budget) -----------------------------------------------------
-    def _probe_step(self, backward: bool = True, keep_grads: bool = False, fraction: float = 1.0) -> float:
-        """One forward (and backward) on the first batch, no update, loader rewound: peak bytes.
-
-        `fraction` < 1 runs on the first part of each rank's tokens (a shorter sequence with the same
-        layout; positions as they are: the memory, not the values, is measured)."""
-        state = self.loader.state_dict()
-        batch = next(self.loader)
-        self.loader.load_state_dict(state)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        n = max(1, int(batch["tokens"].shape[1] * fraction))
-        tokens, positions, labels = (batch[k][:, :n].to(self.device) for k in ("tokens", "positions", "labels"))
-        normalizer = self._all_reduce((labels != -100).sum().float()).clamp(min=1.0)
-        ce, aux = self.model(tokens, positions, labels, normalizer)
-        if backward:
-            (ce + aux).backward()
-        del ce, aux
-        if not keep_grads:
-            for p in self.model.parameters():
-                p.grad = None
-        return float(torch.cuda.max_memory_allocated(self.device))
-
-    def _step_peak(self, accumulate: bool, fraction: float = 1.0) -> float:
-        """Measured peak bytes of a training micro-batch on this rank. With accumulation the gradients
-        of the previous micro-batch are alive during the next one's forward: measure the second of two."""
-        if accumulate:
-            self._probe_step(keep_grads=True, fraction=fraction)
-        return self._probe_step(keep_grads=accumulate, fraction=fraction)
-
-    def _agree(self, values: list[float], op) -> list[float]:
-        """The same numbers on every rank (one host sync): every rank must pick the same policies."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if dist.is_initialized() and self.proc.world > 1:
-            dist.all_reduce(t, op=op)
-        return t.tolist()
-
+    # -- memory buys time (mop.memory_probe) --------------------------------------------------------
     def _plan_memory(self) -> None:
-        """Before step 1 on a GPU: pick per-block activation policies ("auto") by a measured probe,
-        then measure the peak a step will have (`self.step_peak_bytes`, for the optimizer's share).
+        """Before step 1 on a GPU: the activation policies ("auto") and the peak a micro-batch will
+        have (`step_peak_bytes`); what the peak leaves (`_room_bytes`) is the optimizer's device share."""
+        from mop.memory_probe import DeviceMemory, plan_memory
 
-        Memory left after weights and gradients goes first to activations (less recomputation),
-        then (in `_build_optimizer`) to the host optimizer's device-resident state. With gradient
-        accumulation the gradients coexist with the next micro-batch's activations: the probes keep
-        them. All numbers are agreed over ranks (max of bytes, min of room) so every rank chooses the
-        same policies: policies change which collectives a block runs.
-        """
-        self.step_peak_bytes = None
-        if self.device.type != "cuda":
-            return
-        job, t = self.job, self.job.training
-        o = job.optimizer
-        local_numel = sum(_local(p).numel() for p in self.model.parameters())
-        accumulate = t.grad_accum > 1
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        cap = 0.9 * total  # allocator slack and fragmentation
-        if o.offload == "none":
-            cap -= 8 * local_numel  # AdamW's two fp32 moments, allocated at the first step
-        else:
-            cap -= 2 * 3 * 4 * min(o.bucket_numel, local_numel)  # gpu_stream staging slots (fp32 master, m, v)
-        blocks = list(self.model.layers.values())
-        if t.activation_checkpoint == "auto":
-            self.step_peak_bytes = self._choose_activation_policies(blocks, cap, accumulate)
-        if self.step_peak_bytes is None and o.offload != "none" and o.device_fraction < 0:
-            self.step_peak_bytes = self._agree([self._step_peak(accumulate)], dist.ReduceOp.MAX)[0]
-        for p in self.model.parameters():
-            p.grad = None
-        self._room_bytes = cap - (self.step_peak_bytes or 0.0)
-
-    def _choose_activation_policies(self, blocks, cap: float, accumulate: bool) -> float | None:
-        """`training.activation_checkpoint=auto`: measure, choose, verify (`plan_activation_policies`).
-
-        Returns the verified peak bytes of a micro-batch under the chosen policies (None: unverified).
-        """
-        from mop import memory_budget as mb
-
-        job, t, spec = self.job, self.job.training, self.spec
-        recompute = mb.recompute_seconds(job.model, t.seq_len, spec.seq, t.batch_size * t.seq_len // spec.seq,
-                                         pipelined_experts=job.parallel.dispatcher == "llep_pipelined")
-        shrink = mb.probe_shrink(t.batch_size * t.seq_len // spec.seq)
-        plan = mb.plan_activation_policies(_TrainerProbe(self, blocks, accumulate), len(blocks), recompute, cap,
-                                           shrink=shrink)
-        self.model.block_policies = plan.policies
-        kept = ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in plan.kept_bytes.items() if b != float("inf"))
-        gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
-        self._say(f"activation policy auto: {mb.describe(plan.policies)} (kept per block: {kept or '-'}; "
-                  f"base {gib(plan.base_bytes)} GiB; verified peak {gib(plan.peak_bytes)} of {cap / 2**30:.1f} GiB)"
-                  + "".join(f"; {n}" for n in plan.notes))
-        return plan.peak_bytes
-
-    def _recover_from_oom(self) -> None:
-        """Free what a probe that ran out of memory left behind."""
-        import gc
-
-        for p in self.model.parameters():
-            p.grad = None
-        self._drop_attention_slots()
-        gc.collect()
-        torch.cuda.empty_cache()
+        self.step_peak_bytes, self._room_bytes = None, 0.0
+        if self.device.type == "cuda":
+            self.step_peak_bytes, self._room_bytes = plan_memory(self, DeviceMemory(self.device))
 
     def _auto_device_fraction(self, local_numel: int) -> float:
         """Share of this rank's optimizer state (12 B/param) that fits in what the measured step leaves."""
-        if self.device.type != "cuda" or self.step_peak_bytes is None:
+        if self.step_peak_bytes is None:
             return 0.0
         return max(0.0, min(1.0, self._room_bytes / max(1, 12 * local_numel)))
-
-    def _drop_attention_slots(self) -> None:
-        for m in self.model.modules():
-            slots = getattr(m, "_slots", None)
-            if slots is not None:
-                slots.output = slots.state = None
 
     def _say(self, msg: str) -> None:
         if self.proc.is_main:
