@@ -78,6 +78,16 @@ def _describe_policies(model) -> str | None:
     return describe(list(policies)) if policies else None
 
 
+def _plan_record(plan) -> dict | None:
+    """The auto policy's measurements (bytes kept per block by policy, base, verified peak) in GiB."""
+    if plan is None:
+        return None
+    gib = 2**30
+    return {"kept_gib": {p: b / gib for p, b in plan.kept_bytes.items() if b != float("inf")},
+            "base_gib": None if plan.base_bytes is None else plan.base_bytes / gib,
+            "peak_gib": None if plan.peak_bytes is None else plan.peak_bytes / gib, "notes": plan.notes}
+
+
 def _reduce(values: list[float], op, device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -176,6 +186,7 @@ def run(args, overrides: list[str]) -> dict:
         # host optimizer's device-resident share.
         "activation_policies": _describe_policies(trainer.model),
         "optimizer_device_fraction": getattr(trainer, "device_fraction", None),
+        "activation_plan": _plan_record(getattr(trainer, "activation_plan", None)),
         **imbalance,
         **ablation,
     }
