@@ -17,6 +17,18 @@ from mop.models.config import ModelConfig
 from mop.models.shapes import get_shape
 
 
+def resolve_shape(name: str, **overrides) -> ModelConfig:
+    """`model.shape`: a named shape (mop.models.shapes), or `hf:PATH`, the architecture of a Hugging
+    Face checkpoint directory's config.json (mop.hf); `overrides` applied and validated."""
+    if name.startswith("hf:"):
+        from dataclasses import replace
+
+        from mop.hf import load_hf_config
+
+        return replace(load_hf_config(name[3:]), shape=name, **overrides)
+    return get_shape(name, **overrides)
+
+
 def _bad(option: str, msg: str) -> ValueError:
     return ValueError(f"{option}: {msg}")
 
@@ -312,7 +324,7 @@ def build_config(file: str | Path | None = None, overrides: list[str] | None = N
             values[name] = _coerce(f"{section}.{name}", value, types[name])
         if section == "model":
             shape = values.pop("shape", "tiny")
-            built[section] = get_shape(shape, **values)
+            built[section] = resolve_shape(shape, **values)
         else:
             built[section] = section_cls(**values)
     return JobConfig(**built)

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from mop.checkpoint import (CheckpointManager, RunDir, RunDirError, Stateful, agree, check_same_model, rng_state,
                             set_rng_state)
 from mop.config import JobConfig
-from mop.distributed import ProcessInfo, init_process
+from mop.distributed import ProcessInfo, init_process, local_shard
 from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
@@ -38,10 +37,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -107,9 +102,9 @@ class Trainer:
         if self.sharded and not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+                from mop.launch import _free_port
+
+                os.environ["MASTER_PORT"] = str(_free_port())
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=0, world_size=1)
         dtype = t.dtype if t.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -306,7 +301,7 @@ class Trainer:
         if o.offload != "none":
             from mop.optim import HostAdamW
 
-            local_numel = sum(_local(p).numel() for p in self.model.parameters())
+            local_numel = sum(local_shard(p).numel() for p in self.model.parameters())
             fraction = o.device_fraction if o.device_fraction >= 0 else self._auto_device_fraction(local_numel)
             # Reject a host state that cannot fit before allocating any of it.
             extra = 4 if (o.offload == "cpu" and self.device.type == "cuda") else 0
@@ -351,7 +346,7 @@ class Trainer:
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
         """Global L2 norm of all gradients (every parameter is sharded exactly once), then clip."""
-        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
         if grads:
             sq = (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)) ** 2).sum()  # fused, fp32
@@ -491,11 +486,8 @@ class Trainer:
                                                              set_model_state_dict, set_optimizer_state_dict)
 
         model, optim = self.model, self.optimizer
-        if hasattr(optim, "dcp_state_dict"):
-            optim_state = Stateful(optim.dcp_state_dict, optim.load_dcp_state_dict)
-        else:
-            optim_state = Stateful(lambda: get_optimizer_state_dict(model, optim),
-                                   lambda sd: set_optimizer_state_dict(model, optim, sd))
+        optim_state = Stateful(lambda: get_optimizer_state_dict(model, optim),
+                               lambda sd: set_optimizer_state_dict(model, optim, sd))
         return {
             "model": Stateful(lambda: get_model_state_dict(model), lambda sd: set_model_state_dict(model, sd)),
             "optimizer": optim_state,

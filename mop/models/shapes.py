@@ -96,14 +96,8 @@ SHAPES: dict[str, ModelConfig] = {
 
 
 def get_shape(name: str, **overrides) -> ModelConfig:
-    """A copy of the named shape with `overrides` applied (validated).
-
-    `hf:PATH` takes the shape from a Hugging Face checkpoint directory's config.json (mop.hf).
-    """
-    if name.startswith("hf:"):
-        from mop.hf import load_hf_config
-
-        return replace(load_hf_config(name[3:]), shape=name, **overrides)
+    """A copy of the named shape with `overrides` applied (validated). (`hf:PATH` shapes are read by
+    `mop.config.resolve_shape`, which knows the Hugging Face adapters; models import nothing above them.)"""
     if name not in SHAPES:
         raise ValueError(f"model.shape: unknown shape {name!r}; known shapes: {sorted(SHAPES)}, or hf:PATH")
     return replace(SHAPES[name], **overrides)

@@ -53,13 +53,13 @@ def _plan_args(argv):
 
 
 def plan_main(argv: list[str]) -> int:
-    from mop.models.shapes import get_shape
+    from mop.config import resolve_shape
     from mop.plan.calibration import Calibration, for_device
     from mop.plan.search import NoPlan, choose
 
     args = _plan_args(argv)
     overrides = {"n_layers": args.layers} if args.layers else {}
-    model = get_shape(args.shape, **overrides)
+    model = resolve_shape(args.shape, **overrides)
     cal = Calibration.load(args.calibration) if args.calibration else for_device(None)
     G = args.gpus_per_node or (args.gpus // args.nodes if args.nodes else args.gpus)
     if args.nodes and G * args.nodes != args.gpus:

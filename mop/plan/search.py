@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mop.models.config import ModelConfig
-from mop.parallel.layout import LayoutSpec
+from mop.parallel.layout import LayoutSpec, divisors
 from mop.plan.calibration import Calibration, for_device
 from mop.plan.memory import ADAM_STATE_BYTES, MemoryEstimate, estimate_memory
 from mop.plan.state import state_memory
@@ -110,10 +110,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _head_chunks(model: ModelConfig, D: int) -> int:
     """Ulysses head chunks: up to 4 when the local heads divide evenly (overlap the next chunk's all-to-all)."""
     if D == 1:
@@ -178,13 +174,13 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     faster_rejected: list[Candidate] = []
     closest: dict[tuple, Candidate] = {}
     max_p = max_vocab_degree or G
-    for D in _divisors(W):
+    for D in divisors(W):
         if context % D or (seq_degrees is not None and D not in seq_degrees):
             continue
-        for Ep in _divisors(W):
+        for Ep in divisors(W):
             if model.n_experts % Ep:
                 continue
-            for P in [p for p in _divisors(W) if p <= max_p]:
+            for P in [p for p in divisors(W) if p <= max_p]:
                 layout = LayoutSpec(W, D, Ep, P)
                 accum = 1
                 if tokens_per_step:
