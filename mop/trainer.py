@@ -4,7 +4,6 @@ and N ranks under torchrun."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,8 +22,9 @@ from mop.distributed import ProcessInfo, init_process, local_shard
 from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
-from mop.parallel.layout import Layout, LayoutSpec
+from mop.parallel.layout import LayoutSpec
 from mop.parallel.parallelize import apply_activation_policy
+from mop.strategies import MoPStrategy
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -52,26 +52,6 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module._parameters[name] = done[id(p)]
 
 
-def build_loader(job: JobConfig, spec: LayoutSpec, rank: int, vocab_size: int):
-    """This rank's loader: its sequence group's sequences, its chunk of each (see mop.data.loader)."""
-    from mop.data import PackedLoader, SyntheticLoader, TokenDataset, ensure_default_dataset
-
-    t = job.training
-    common = dict(seq_len=t.seq_len, batch_size=t.batch_size, dp_rank=spec.dp_rank(rank), dp_size=spec.data_parallel,
-                  seq_rank=spec.seq_rank(rank), seq_size=spec.seq, seed=t.seed)
-    if job.data.dataset == "synthetic":
-        return SyntheticLoader(vocab_size, doc_len=job.data.synthetic_doc_len or None, **common)
-    if job.data.dataset == "default":
-        path = ensure_default_dataset(os.path.expanduser(job.data.cache_dir))
-    else:
-        path = job.data.dataset
-    dataset = TokenDataset(path)
-    if dataset.vocab_size > vocab_size:
-        raise ValueError(f"data.dataset {path} has vocabulary {dataset.vocab_size} > model.vocab_size={vocab_size}; "
-                         f"set --model.vocab_size={dataset.vocab_size} or use a matching tokenizer")
-    return PackedLoader(dataset, **common)
-
-
 @dataclass
 class TrainResult:
     """What a run produced (for callers and tests)."""
@@ -83,9 +63,12 @@ class TrainResult:
 class Trainer:
     """Builds everything from a `JobConfig` and trains. Works in-process under an existing group."""
 
-    def __init__(self, job: JobConfig, proc: ProcessInfo | None = None):
+    def __init__(self, job: JobConfig, proc: ProcessInfo | None = None, strategy=None):
         self.proc = proc or init_process(job.training.device)
         self.device = self.proc.device
+        # How the model is laid out and reduced (mop.strategies): the MoP layout unless told otherwise.
+        self.strategy = strategy or MoPStrategy()
+        self.strategy.validate(job, self.proc)
         if job.parallel.plan == "auto":
             job = self._apply_plan(job)
         self.job = job
@@ -109,15 +92,15 @@ class Trainer:
         dtype = t.dtype if t.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         torch.manual_seed(t.seed)
-        self._check_state_memory()
+        self.strategy.check_memory(self)
 
-        self.loader = build_loader(job, self.spec, self.proc.rank, job.model.vocab_size)
+        self.loader = self.strategy.build_loader(self)
         self.ckpt = CheckpointManager(job.logging.run_dir, keep=job.checkpoint.keep)
         self._tell = self._print_main  # rank 0's console messages (train() routes them around the progress bar)
         self.run_dir = RunDir(job.logging.run_dir)
         self._open_run_dir()
         resume_from = self._find_resume_checkpoint()  # verified before anything large is allocated
-        self.model = self._build_model()
+        self.model = self.strategy.build_model(self) or self._build_model()
         self._plan_memory()
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -194,34 +177,6 @@ class Trainer:
                   f"{plan.best.memory.reserved / 2**30:.1f} GiB per GPU)", flush=True)
         return apply_overrides(job, overrides)
 
-    def _check_state_memory(self) -> None:
-        """Refuse, before allocating, a layout whose weights, gradients and optimizer state alone cannot
-        fit (exact), or whose whole step cannot (the planner's model, for a fixed activation policy)."""
-        if self.device.type != "cuda":
-            return
-        from mop.plan import check_state_fits
-
-        o = self.job.optimizer
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        check_state_fits(self.job.model, self.proc.world, total, o.offload, max(o.device_fraction, 0.0))
-        if self.job.training.activation_checkpoint != "auto":
-            # A fixed activation policy cannot adapt: refuse a step the planner's memory model says
-            # cannot fit (beyond its measured error), before anything large is allocated. "auto"
-            # adapts down to offloading every block's input, so it is not refused here.
-            from mop.plan import check_step_fits
-
-            check_step_fits(self.job, self.proc.world, total)
-
-    def apply_parallelism(self, model: Transformer) -> None:
-        """Shard the meta-device model: the MoP layout. (The FSDP-best baseline overrides this.)"""
-        from mop.parallel.parallelize import parallelize
-
-        job = self.job
-        self.layout = Layout.build(self.spec, self.device)
-        reduce = torch.float32 if job.parallel.reduce_dtype == "fp32" else torch.bfloat16
-        param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
-        parallelize(model, self.layout, job, param_dtype=param_dtype, reduce_dtype=reduce)
-
     def _build_model(self) -> Transformer:
         from mop.parallel.init import init_weights_sharded
 
@@ -232,7 +187,7 @@ class Trainer:
         if job.training.param_dtype == "bf16":
             _cast_parameters(model, torch.bfloat16)
         if self.sharded:
-            self.apply_parallelism(model)
+            self.strategy.parallelize(self, model)
             model.to_empty(device=self.device)
             self._retie(model)
             ckpt = self._init_checkpoint()
@@ -344,47 +299,11 @@ class Trainer:
             dist.all_reduce(t)
         return t
 
-    def _grad_norm_and_clip(self) -> torch.Tensor:
-        """Global L2 norm of all gradients (every parameter is sharded exactly once), then clip."""
-        grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        if grads:
-            sq = (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)) ** 2).sum()  # fused, fp32
-        norm = self._all_reduce(sq).sqrt()
-        max_norm = self.job.training.max_grad_norm
-        self.clip_coef = None
-        if max_norm > 0 and grads:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on device: no host sync
-            if self.job.optimizer.offload != "none":
-                self.clip_coef = coef  # folded into the host optimizer's update: no extra pass
-            else:
-                torch._foreach_mul_(grads, coef)
-        return norm
-
-    # Hooks for trainers that place data differently (the FSDP-best baseline): the defaults are MoP's.
-    def _normalizer(self, n_targets_local: torch.Tensor) -> torch.Tensor:
-        """Target tokens in the global batch: every rank holds distinct tokens, so a plain sum."""
-        return self._all_reduce(n_targets_local).clamp(min=1.0)
-
-    def _micro_batch_context(self, tensors: list[torch.Tensor]):
-        """Context around one micro-batch's forward and backward (e.g. context parallelism).
-
-        None needed here: GPUs always run the sharded path, whose FSDP2 policy casts to bf16.
-        """
-        return contextlib.nullcontext()
-
-    def _after_backward(self) -> None:
-        """Called once per step after the last backward, before the gradient norm."""
-
-    def _loss_report_scale(self) -> float:
-        """Factor making the sum over ranks of the reported local losses the global loss."""
-        return 1.0
-
     def train_step(self, capture_grads: bool = False) -> dict:
         t = self.job.training
         batches = [next(self.loader) for _ in range(t.grad_accum)]
         n_targets = sum((b["labels"] != -100).sum() for b in batches).to(self.device, torch.float32)
-        normalizer = self._normalizer(n_targets)
+        normalizer = self.strategy.normalizer(self, n_targets)
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         routers = self.model.routers()
@@ -392,7 +311,7 @@ class Trainer:
         for i, b in enumerate(batches):
             self._final_backward = i == len(batches) - 1  # gradients become final only in the last one
             tensors = [b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels")]
-            with self._micro_batch_context(tensors):
+            with self.strategy.micro_batch_context(self, tensors):
                 ce, aux = self.model(*tensors, normalizer)
                 loss = ce + aux / t.grad_accum
                 loss.backward()
@@ -400,9 +319,9 @@ class Trainer:
             aux_sum += aux.detach() / t.grad_accum
             if routers:
                 loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
-        self._after_backward()
+        self.strategy.after_backward(self)
         captured = self.full_grads() if capture_grads else None
-        grad_norm = self._grad_norm_and_clip()
+        grad_norm = self.strategy.grad_norm_and_clip(self)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged with this step)
         update = self.guard.allow_update(self.step + 1, grad_norm, loss_sum, self.optimizer)
         if update and self.job.optimizer.offload != "none":
@@ -416,14 +335,13 @@ class Trainer:
         if update and routers and any(r.use_expert_bias for r in routers):
             self.model.update_expert_bias(self._all_reduce(loads_LE))
         self.step += 1
-        scale = self._loss_report_scale()
+        scale = self.strategy.loss_report_scale(self)
         return {"loss_local": loss_sum * scale, "aux_local": aux_sum * scale, "grad_norm": grad_norm,
                 "loads": loads_LE, "grads": captured, "lr": lr}
 
     # -- the loop ----------------------------------------------------------------------------------
     def tokens_per_device_per_step(self) -> int:
-        t = self.job.training
-        return t.batch_size * (t.seq_len // self.spec.seq) * t.grad_accum
+        return self.strategy.tokens_per_device_per_step(self)
 
     def train(self, capture_grads_at: tuple[int, ...] = ()) -> TrainResult:
         job, t = self.job, self.job.training

@@ -43,7 +43,7 @@ def _summary(trainer, result) -> dict:
 def _baseline_rank(rank: int, world: int, cfgs: dict, run_dir: str) -> dict:
     import torch.distributed as dist
 
-    from mop.baselines import BaselineTrainer
+    from mop.baselines import baseline_trainer
     from mop.distributed import ProcessInfo
 
     out = {}
@@ -51,7 +51,7 @@ def _baseline_rank(rank: int, world: int, cfgs: dict, run_dir: str) -> dict:
         proc = ProcessInfo(rank=dist.get_rank(), world=world, local_rank=rank, local_world=world,
                            device=torch.device("cpu"))
         job = _job(f"{run_dir}/{name}", 2)
-        trainer = BaselineTrainer(job, cfg, proc)
+        trainer = baseline_trainer(job, cfg, proc)
         summary = _summary(trainer, trainer.train(capture_grads_at=(1,)))
         out[name] = summary if rank == 0 else None
     return out
@@ -134,9 +134,9 @@ def test_baseline_config_validation():
 
 
 def test_context_parallel_refused_on_cpu(tmp_path):
-    from mop.baselines import BaselineTrainer
+    from mop.baselines import baseline_trainer
     from mop.distributed import ProcessInfo
 
     job = _job(str(tmp_path), 1)
     with pytest.raises(ValueError, match="context_parallel"):
-        BaselineTrainer(job, BaselineConfig(cp=1 * 1 + 1, dp_shard=1), ProcessInfo(0, 2, 0, 2, torch.device("cpu")))
+        baseline_trainer(job, BaselineConfig(cp=1 * 1 + 1, dp_shard=1), ProcessInfo(0, 2, 0, 2, torch.device("cpu")))

@@ -35,8 +35,8 @@ def _run_rank(rank: int, world: int, run_dir: str, extra: list[str], fault: str 
     job = build_config(overrides=[*BASE, f"--logging.run_dir={run_dir}", *extra])
     trainer = Trainer(job, ProcessInfo(rank, world, rank, world, torch.device("cpu")))
     if fault == "step" and rank == 1:  # mid-step 5: after backward, before the update
-        after_backward = trainer._after_backward
-        trainer._after_backward = lambda: _kill_self() if trainer.step + 1 == 5 else after_backward()
+        after_backward = trainer.strategy.after_backward
+        trainer.strategy.after_backward = lambda tr: _kill_self() if tr.step + 1 == 5 else after_backward(tr)
     if fault == "save" and rank == 0:  # step 4's files are written, the manifest and rename are not
         save = ckpt.dcp.save
 

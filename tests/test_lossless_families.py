@@ -52,13 +52,13 @@ def _baseline_gpt_oss_rank(rank, world, run_dir):
     import torch
     import torch.distributed as dist
 
-    from mop.baselines import BaselineConfig, BaselineTrainer
+    from mop.baselines import BaselineConfig, baseline_trainer
     from mop.distributed import ProcessInfo
     from tests.test_baseline import _job, _summary
 
     proc = ProcessInfo(rank=dist.get_rank(), world=world, local_rank=rank, local_world=world,
                        device=torch.device("cpu"))
-    trainer = BaselineTrainer(_job(run_dir, 2, GPT_OSS_EXPERTS), BaselineConfig(ep=2, compile_loss=False), proc)
+    trainer = baseline_trainer(_job(run_dir, 2, GPT_OSS_EXPERTS), BaselineConfig(ep=2, compile_loss=False), proc)
     summary = _summary(trainer, trainer.train(capture_grads_at=(1,)))
     return summary if rank == 0 else None
 

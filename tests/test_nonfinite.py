@@ -24,15 +24,15 @@ def _job(run_dir, *extra):
 
 def _poison_step(trainer: Trainer, step: int) -> None:
     """Make one gradient NaN on the given (1-based) step, after backward, as an overflow would."""
-    original = trainer._after_backward
+    original = trainer.strategy.after_backward
 
-    def after_backward():
-        original()
-        if trainer.step + 1 == step:
-            p = next(p for p in trainer.model.parameters() if p.grad is not None)
+    def after_backward(tr):
+        original(tr)
+        if tr.step + 1 == step:
+            p = next(p for p in tr.model.parameters() if p.grad is not None)
             p.grad.view(-1)[0] = float("nan")
 
-    trainer._after_backward = after_backward
+    trainer.strategy.after_backward = after_backward
 
 
 def test_stop_names_the_step_and_keeps_only_finite_checkpoints(tmp_path):

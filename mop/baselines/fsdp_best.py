@@ -1,7 +1,8 @@
 """The FSDP-best baseline: the same model trained the way a careful user of stock PyTorch would.
 
-`BaselineTrainer(job, baseline_cfg, proc)` is the `Trainer` with `apply_parallelism` replaced by
-`parallelize_baseline`, whose steps run in this order on the meta-device model:
+`baseline_trainer(job, baseline_cfg, proc)` is mop's `Trainer` with the `FSDPBestStrategy`
+(mop.strategies): data placement, loss normaliser, gradient norm and micro-batch context are the
+baseline's, and its model is sharded by `parallelize_baseline`, in this order on the meta device:
 
 1. `apply_loss_head`   output projection + loss as one (compiled) `cross_entropy(hidden @ W.T)`
 2. `apply_tp`          `parallelize_module`: attention wq/wk/wv colwise, wo rowwise; dense FFN and
@@ -38,7 +39,9 @@ from mop.config import JobConfig
 from mop.distributed import ProcessInfo
 from mop.parallel.layout import LayoutSpec
 from mop.parallel.parallelize import configure_fsdp_units
-from mop.trainer import Trainer, build_loader
+from mop.distributed import local_shard
+from mop.strategies import MoPStrategy, build_loader, mixed_precision_dtypes
+from mop.trainer import Trainer
 
 
 # -- meshes -------------------------------------------------------------------------------------------
@@ -168,14 +171,14 @@ def apply_fsdp(model, meshes: BaselineMeshes, param_dtype, reduce_dtype, reshard
 def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job: JobConfig, param_dtype,
                          reduce_dtype) -> list[nn.Module]:
     """Apply the baseline to a meta-device `Transformer` in place; returns modules with TP-partial grads."""
-    from mop.parallel.parallelize import _AllReduceSum
+    from mop.parallel.parallelize import AllReduceSum
 
     cfg.validate_model(model.cfg, job.training.seq_len)
     apply_loss_head(model, cfg.compile_loss)
     partial = apply_tp(model, meshes.tp) if meshes.tp is not None else []
     if meshes.ep is not None:
         apply_ep(model, meshes.ep)
-    reducer = _AllReduceSum(meshes.batch_group)
+    reducer = AllReduceSum(meshes.batch_group)
     for router in model.routers():
         router.reduce_stats = reducer
     model.block_policies = [cfg.block_policy] * len(model.layers)
@@ -186,16 +189,24 @@ def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job
     return partial
 
 
-# -- the trainer ----------------------------------------------------------------------------------
-class BaselineTrainer(Trainer):
-    """`Trainer` running the FSDP-best baseline config `baseline` (see the module docstring)."""
+# -- the strategy ---------------------------------------------------------------------------------
+class FSDPBestStrategy(MoPStrategy):
+    """How the FSDP-best baseline `baseline` lays out and reduces the model (mop.strategies); the
+    trainer's loop, optimizer, checkpoints and metrics are mop's own.
 
-    def __init__(self, job: JobConfig, baseline: BaselineConfig, proc: ProcessInfo | None = None):
-        from mop.distributed import init_process
+    The MoP strategy's memory check, bf16 weights and start-up planning do not apply: the baseline
+    sweeps its configs and records an out-of-memory point instead.
+    """
 
-        proc = proc or init_process(job.training.device)
-        self.baseline = baseline.resolved(proc.world)
-        b = self.baseline
+    name = "fsdp-best"
+
+    def __init__(self, baseline: BaselineConfig):
+        self.config = baseline
+        self.meshes = None
+        self.tp_partial: list[nn.Module] = []
+
+    def validate(self, job: JobConfig, proc: ProcessInfo) -> None:
+        self.config = b = self.config.resolved(proc.world)
         b.validate_model(job.model, job.training.seq_len)
         if b.cp > 1:
             if proc.device.type != "cuda":
@@ -209,78 +220,88 @@ class BaselineTrainer(Trainer):
         if job.optimizer.offload != "none":
             raise ValueError("the baseline offloads with FSDP2's CPUOffloadPolicy (baseline.cpu_offload); "
                              "set optimizer.offload=none")
-        self._tp_partial: list[nn.Module] = []
-        super().__init__(job, proc)
-        # The tp x cp ranks of a replica group read the same (whole) sequences; CP shards them later.
-        old = self.loader
-        r = b.replicas
-        self.loader = build_loader(job, LayoutSpec(self.proc.world // r), self.proc.rank // r, job.model.vocab_size)
-        self.loader.load_state_dict(old.state_dict())  # keeps a resumed position
+        if job.training.param_dtype != "fp32":
+            raise ValueError("the baseline keeps fp32 weights (its optimizer is torch AdamW): leave "
+                             "training.param_dtype=fp32")
 
-    def _check_state_memory(self) -> None:
-        """None: with CPUOffloadPolicy the state lives on the host, and HSDP replicas hold more than 1/W of it;
-        the sweep records an OOM instead."""
+    def check_memory(self, trainer) -> None:
+        """None: with CPUOffloadPolicy the state lives on the host, and HSDP replicas hold more than 1/W
+        of it; the sweep records an OOM instead."""
 
-    def apply_parallelism(self, model) -> None:
-        job = self.job
-        self.layout = None
-        self.meshes = BaselineMeshes(self.baseline, self.device)
-        reduce = torch.float32 if job.parallel.reduce_dtype == "fp32" else torch.bfloat16
-        param_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
-        self._tp_partial = parallelize_baseline(model, self.meshes, self.baseline, job, param_dtype, reduce)
+    def build_loader(self, trainer):
+        """The tp x cp ranks of a replica group read the same (whole) sequences; CP shards them later."""
+        r = self.config.replicas
+        return build_loader(trainer.job, LayoutSpec(trainer.proc.world // r), trainer.proc.rank // r,
+                            trainer.job.model.vocab_size)
 
-    def _build_model(self):
-        if not (self.sharded and self.baseline.cpu_offload):
-            model = super()._build_model()
-            if not self.sharded:
-                model.block_policies = [self.baseline.block_policy] * len(model.layers)
-                apply_loss_head(model, self.baseline.compile_loss)
-            return model
-        # CPUOffloadPolicy: sharded parameters live on the host; buffers (router state) on the device.
+    def parallelize(self, trainer, model) -> None:
+        trainer.layout = None
+        self.meshes = BaselineMeshes(self.config, trainer.device)
+        param_dtype, reduce_dtype = mixed_precision_dtypes(trainer)
+        self.tp_partial = parallelize_baseline(model, self.meshes, self.config, trainer.job, param_dtype, reduce_dtype)
+
+    def build_model(self, trainer):
+        """The CPU-offloaded model (CPUOffloadPolicy: sharded parameters on the host, buffers on the
+        device), or None for the trainer's own build (then the baseline's checkpointing and loss head
+        on one CPU process, which skips `parallelize`)."""
+        if not (trainer.sharded and self.config.cpu_offload):
+            if not trainer.sharded:
+                model = trainer._build_model()
+                model.block_policies = [self.config.block_policy] * len(model.layers)
+                apply_loss_head(model, self.config.compile_loss)
+                return model
+            return None
         from mop.models.transformer import Transformer
         from mop.parallel.init import init_weights_sharded
 
         with torch.device("meta"):
-            model = Transformer(self.job.model)
-        self.apply_parallelism(model)
+            model = Transformer(trainer.job.model)
+        self.parallelize(trainer, model)
         model.to_empty(device="cpu")
-        init_weights_sharded(model, self.job.training.seed, torch.device("cpu"))
+        init_weights_sharded(model, trainer.job.training.seed, torch.device("cpu"))
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None:
-                    module._buffers[name] = buf.to(self.device)
+                    module._buffers[name] = buf.to(trainer.device)
         model.train()
         return model
 
-    def tokens_per_device_per_step(self) -> int:
-        t = self.job.training
-        return t.batch_size * t.seq_len * t.grad_accum // self.baseline.replicas
+    def tokens_per_device_per_step(self, trainer) -> int:
+        t = trainer.job.training
+        return t.batch_size * t.seq_len * t.grad_accum // self.config.replicas
 
-    def _context(self, buffers: list[torch.Tensor]):
-        if self.baseline.cp == 1 or not self.sharded:
+    def normalizer(self, trainer, n_targets_local: torch.Tensor) -> torch.Tensor:
+        # Every rank of a tp x cp replica group counted the same whole sequences.
+        return (trainer._all_reduce(n_targets_local) / self.config.replicas).clamp(min=1.0)
+
+    def micro_batch_context(self, trainer, tensors: list[torch.Tensor]):
+        if self.config.cp == 1 or not trainer.sharded:
             return contextlib.nullcontext()
         from torch.distributed.tensor.experimental import context_parallel
 
-        return context_parallel(self.meshes.cp, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
-                                no_restore_buffers=set(buffers))
+        return context_parallel(self.meshes.cp, buffers=tensors, buffer_seq_dims=[1] * len(tensors),
+                                no_restore_buffers=set(tensors))
 
-    def _sum_tp_partial_grads(self) -> None:
+    def after_backward(self, trainer) -> None:
+        """Sum the gradients that tensor parallelism left partial (replicated norms, biases)."""
+        if not self.tp_partial:
+            return
         group = self.meshes.tp.get_group()
-        for module in self._tp_partial:
+        for module in self.tp_partial:
             p = module.weight
             if p.grad is None:
                 continue
-            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            buf = local.to(self.device)  # CPU-offloaded grads: reduce on the device (NCCL)
+            local = local_shard(p.grad)
+            buf = local.to(trainer.device)  # CPU-offloaded grads: reduce on the device (NCCL)
             dist.all_reduce(buf, group=group)
             local.copy_(buf)
 
-    def _grad_norm_and_clip(self) -> torch.Tensor:
+    def grad_norm_and_clip(self, trainer) -> torch.Tensor:
         """Global L2 norm: each local shard weighted by 1/(number of ranks holding the same shard)."""
-        world = self.proc.world
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        world = trainer.proc.world
+        sq = torch.zeros((), device=trainer.device, dtype=torch.float32)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in self.model.parameters():
+        for p in trainer.model.parameters():
             if p.grad is None:
                 continue
             g = p.grad
@@ -291,26 +312,21 @@ class BaselineTrainer(Trainer):
                                    if not pl.is_replicate())
                 g = g.to_local()
             by_device.setdefault(g.device, []).append(g)
-            sq = sq + (torch.linalg.vector_norm(g.float()) ** 2).to(self.device) / (world // shards)
-        norm = self._all_reduce(sq).sqrt()
-        max_norm = self.job.training.max_grad_norm
+            sq = sq + (torch.linalg.vector_norm(g.float()) ** 2).to(trainer.device) / (world // shards)
+        norm = trainer._all_reduce(sq).sqrt()
+        trainer.clip_coef = None
+        max_norm = trainer.job.training.max_grad_norm
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on device: no host sync
             for dev, grads in by_device.items():
                 torch._foreach_mul_(grads, coef.to(dev))
         return norm
 
-    def _normalizer(self, n_targets_local: torch.Tensor) -> torch.Tensor:
-        # Every rank of a tp x cp replica group counted the same whole sequences.
-        return (self._all_reduce(n_targets_local) / self.baseline.replicas).clamp(min=1.0)
+    def loss_report_scale(self, trainer) -> float:
+        # TP ranks computed the same loss: report 1/tp each so the trainer's world sum is the loss.
+        return 1.0 / self.config.tp
 
-    def _micro_batch_context(self, tensors: list[torch.Tensor]):
-        return self._context(tensors)
 
-    def _after_backward(self) -> None:
-        if self._tp_partial:
-            self._sum_tp_partial_grads()
-
-    def _loss_report_scale(self) -> float:
-        # TP ranks computed the same loss: report 1/tp each so the Trainer's world sum is the loss.
-        return 1.0 / self.baseline.tp
+def baseline_trainer(job: JobConfig, baseline: BaselineConfig, proc: ProcessInfo | None = None) -> Trainer:
+    """A `Trainer` running the FSDP-best baseline config `baseline` (see the module docstring)."""
+    return Trainer(job, proc, strategy=FSDPBestStrategy(baseline))

@@ -1,6 +1,6 @@
 """One benchmark point on this machine's ranks: `torchrun --nproc-per-node G -m mop.bench.worker ...`.
 
-Builds the `Trainer` (mop) or `BaselineTrainer` (FSDP-best) from `--section.key=value` overrides,
+Builds the `Trainer` (mop) or `baseline_trainer` (FSDP-best) from `--section.key=value` overrides,
 optionally skews routing, runs warm-up steps (not timed), then timed steps, and writes one JSON per
 rank into --result-dir: `rank{R}.json` with status "ok", "oom" or "error". A rank that hits
 `torch.OutOfMemoryError` records it and exits at once, so torchrun tears the others down instead
@@ -107,9 +107,9 @@ def run(args, overrides: list[str]) -> dict:
     device = proc.device
     t_build = time.perf_counter()
     if args.system == "baseline":
-        from mop.baselines import BaselineConfig, BaselineTrainer
+        from mop.baselines import BaselineConfig, baseline_trainer
 
-        trainer = BaselineTrainer(job, BaselineConfig.from_json(args.baseline), proc)
+        trainer = baseline_trainer(job, BaselineConfig.from_json(args.baseline), proc)
     else:
         from mop.trainer import Trainer
 

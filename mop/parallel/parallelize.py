@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from mop.parallel.layout import Layout
 
 
-class _AllReduceSum:
+class AllReduceSum:
     """A picklable callable that sums a small statistics tensor over a process group."""
 
     def __init__(self, group):
@@ -84,7 +84,7 @@ def apply_vocab_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype |
 
 def apply_router_stats(model, layout: Layout) -> None:
     """Routers see global load fractions: their statistics are summed over all W ranks."""
-    reducer = _AllReduceSum(layout.world_group)
+    reducer = AllReduceSum(layout.world_group)
     for router in model.routers():
         router.reduce_stats = reducer
 
