@@ -14,6 +14,7 @@ one registry line.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -83,7 +84,7 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     return out
 
 
-class FamilyAdapter:
+class FamilyAdapter(ABC):
     """Base: names map one to one except the routed experts (per-expert Hub Linears by default)."""
 
     model_type = ""
@@ -91,11 +92,13 @@ class FamilyAdapter:
     # Hub per-expert projection of each mop expert stack (Qwen3-MoE, DeepSeek-V3 layout).
     expert_projections = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
+    @abstractmethod
     def config_from_hf(self, hf: dict) -> ModelConfig:
-        raise NotImplementedError
+        """The model config of a Hub config.json (as a dict)."""
 
+    @abstractmethod
     def config_to_hf(self, cfg: ModelConfig) -> dict:
-        raise NotImplementedError
+        """The Hub config.json keys of a model config."""
 
     # -- names -------------------------------------------------------------------------------------
     def hub_name(self, mop_name: str) -> str:

@@ -18,6 +18,7 @@ A new engine subclasses `UpdateEngine` in its own file and adds one line to
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class BucketUpdate:
     ready: object  # CUDA event: gradients final on the current stream
 
 
-class UpdateEngine:
+class UpdateEngine(ABC):
     """Interface: where an offloaded bucket's update runs. One instance per optimizer.
 
     `device_resident`: the engine keeps all state on the device (device_fraction is 1).
@@ -73,9 +74,9 @@ class UpdateEngine:
         """Device bytes of the engine's own buffers."""
         return 0
 
+    @abstractmethod
     def launch(self, b: Bucket, u: BucketUpdate) -> None:
         """Start bucket `b`'s update; set `b.params_ready` (CUDA) or `b.future` (host worker)."""
-        raise NotImplementedError
 
 
 class DeviceEngine(UpdateEngine):
