@@ -33,7 +33,7 @@ class BlockCosts:
     recompute_seconds: dict[str, float]
 
 
-def recompute_seconds(model_cfg, seq_len: int, seq_degree: int, tokens_per_rank: int, *,
+def recompute_seconds(model_cfg, seq_len: int, tokens_per_rank: int, *,
                       attention_flops: float = 550e12, gemm_flops: float = 600e12,
                       pipelined_experts: bool = False) -> dict[str, float]:
     """Forward seconds a block re-runs in backward under each policy (FLOP estimate, per rank).
@@ -45,7 +45,8 @@ def recompute_seconds(model_cfg, seq_len: int, seq_degree: int, tokens_per_rank:
     only orders the two.
     """
     m = model_cfg
-    # Causal attention forward per rank: QK^T and AV, 2*S*Hq*Dh each per query, halved, N queries.
+    # Causal attention forward per rank: QK^T and AV, 2*S*Hq*Dh each per query, halved, N queries
+    # (under Ulysses a rank runs all S queries of Hq/D heads: the same work for N = S/D).
     attn = 2.0 * tokens_per_rank * seq_len * m.n_heads * m.head_dim
     attn_s = attn / attention_flops
     q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim

@@ -8,20 +8,20 @@ from mop.models.shapes import get_shape
 GIB = 2**30
 
 
-def _costs(seq_len: int, tokens: int, seq_degree: int = 2):
+def _costs(seq_len: int, tokens: int):
     # Bytes per token per block of qwen3-30b-a3b-like widths, roughly as measured: a full checkpoint
     # keeps the block input (+ output), selective adds attention's q, k, v, output, lse and a copy of
     # the output, none keeps every intermediate incl. routed expert activations.
     per_token = {"offload": 0, "full": 8e3, "selective": 34e3, "none": 130e3}
     kept = {p: b * tokens for p, b in per_token.items()}
-    secs = mb.recompute_seconds(get_shape("qwen3-30b-a3b"), seq_len, seq_degree, tokens)
+    secs = mb.recompute_seconds(get_shape("qwen3-30b-a3b"), seq_len, tokens)
     return mb.BlockCosts(kept, secs)
 
 
 def test_recompute_estimate_orders_policies_and_grows_with_context():
     m = get_shape("qwen3-30b-a3b")
-    short = mb.recompute_seconds(m, 8192, 1, 8192)
-    long = mb.recompute_seconds(m, 131072, 2, 65536)
+    short = mb.recompute_seconds(m, 8192, 8192)
+    long = mb.recompute_seconds(m, 131072, 65536)
     for s in (short, long):
         assert s["none"] == 0 < s["selective"] < s["full"] < s["offload"]
     # At 128K attention dominates: selective saves most of full's recomputation; at 8K it does not.
@@ -52,7 +52,7 @@ def test_long_context_spends_memory_on_attention_first():
 
 
 def test_more_budget_never_means_more_recomputation():
-    costs = _costs(32768, 32768, seq_degree=1)
+    costs = _costs(32768, 32768)
     prev = None
     for gib in range(0, 400, 10):
         p = mb.choose_policies(24, costs, gib * GIB)

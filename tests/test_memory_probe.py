@@ -81,7 +81,7 @@ def test_auto_policy_on_a_simulated_device(tmp_path):
         plan = trainer.activation_plan
         assert plan.kept_bytes == {p: TOKENS * b for p, b in PER_TOKEN.items()}
         assert plan.base_bytes == STATE + TOKENS * TRANSIENT
-        costs = mb.BlockCosts(plan.kept_bytes, mb.recompute_seconds(trainer.job.model, 64, 1, TOKENS))
+        costs = mb.BlockCosts(plan.kept_bytes, mb.recompute_seconds(trainer.job.model, 64, TOKENS))
         assert trainer.model.block_policies == mb.choose_policies(6, costs, 0.95 * (limit - plan.base_bytes))
         assert peak is not None and peak <= limit and room >= 0
         recompute = sum(costs.recompute_seconds[p] for p in trainer.model.block_policies)

@@ -123,13 +123,20 @@ def reference_attention(q_BHSD, k_BHSD, v_BHSD, positions_BS=None, scale=None) -
     v = v_BHSD.repeat_interleave(rep, dim=1)
     scale = D**-0.5 if scale is None else scale
     scores = (q_BHSD @ k.transpose(-1, -2)) * scale
-    idx = torch.arange(S, device=q_BHSD.device)
-    mask = idx[None, :] <= idx[:, None]  # causal
-    mask = mask[None].expand(B, S, S)
+    scores = scores.masked_fill(~reference_mask(B, S, q_BHSD.device, positions_BS)[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def reference_mask(B: int, S: int, device, positions_BS=None, window: int = 0) -> torch.Tensor:
+    """Explicit [B, S, S] mask of the test oracles: causal, within a document (documents start at
+    position 0), and within `window` keys of the query when `window` > 0."""
+    idx = torch.arange(S, device=device)
+    mask = (idx[None, :] <= idx[:, None])[None].expand(B, S, S)
+    if window:
+        mask = mask & (idx[:, None] - idx[None, :] < window)
     if positions_BS is not None:
         starts = (positions_BS == 0).clone()
         starts[:, 0] = True
         doc_BS = torch.cumsum(starts.long(), dim=1)
         mask = mask & (doc_BS[:, :, None] == doc_BS[:, None, :])
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return mask

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from mop.ops.attention import SpansMemo, document_spans
+from mop.ops.attention import SpansMemo, document_spans, reference_mask
 
 _SPANS = SpansMemo()
 
@@ -112,15 +112,7 @@ def reference_variant_attention(q_BHSD, k_BHSD, v_BHSD, positions_BS=None, *, si
     rep = Hq // k_BHSD.shape[1]
     k, v = k_BHSD.repeat_interleave(rep, dim=1), v_BHSD.repeat_interleave(rep, dim=1)
     scores = (q_BHSD @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
-    idx = torch.arange(S, device=q_BHSD.device)
-    mask = (idx[None, :] <= idx[:, None])[None].expand(B, S, S)
-    if window:
-        mask = mask & (idx[:, None] - idx[None, :] < window)
-    if positions_BS is not None:
-        starts = (positions_BS == 0).clone()
-        starts[:, 0] = True
-        doc = torch.cumsum(starts.long(), dim=1)
-        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    mask = reference_mask(B, S, q_BHSD.device, positions_BS, window)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     if sinks is not None:
         scores = torch.cat([scores, sinks.view(1, Hq, 1, 1).expand(B, Hq, S, 1).to(scores.dtype)], dim=-1)
