@@ -258,7 +258,9 @@ class FSDPBestStrategy(MoPStrategy):
             model = Transformer(trainer.job.model)
         self.parallelize(trainer, model)
         model.to_empty(device="cpu")
-        init_weights_sharded(model, trainer.job.training.seed, torch.device("cpu"))
+        # Each full value is generated on the accelerator and only this rank's shard is copied to the
+        # host: the same values as every on-device layout, and minutes faster than CPU generation.
+        init_weights_sharded(model, trainer.job.training.seed, trainer.device)
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None:
