@@ -71,6 +71,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--optimizer-ablation", action="store_true",
                    help="per point, also time steps without the optimizer update and report the optimizer's "
                         "exposed time (step time minus step time without the update) and its share of the step")
+    p.add_argument("--profile", action="store_true",
+                   help="per point, one more (untimed) step under torch.profiler; its device time by op, idle "
+                        "time and blocking host calls go to OUT/profiles/<point>.txt (rank 0)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -183,7 +186,7 @@ def main(argv: list[str]) -> int:
         plots(results, out_dir)
 
     common = dict(device=device, warmup=args.warmup, steps=args.steps, skew=args.skew, timeout=args.timeout,
-                  workdir=str(work), optimizer_ablation=args.optimizer_ablation)
+                  workdir=str(work), optimizer_ablation=args.optimizer_ablation, profile=args.profile)
     for context in args.context_list:
         for setting in settings:
             # One run directory per point: a point killed at its timeout must not hold the next one's lock.
@@ -198,6 +201,7 @@ def main(argv: list[str]) -> int:
                 print(f"mop bench: mop, context {context}, batch {setting}: {' '.join(extra)} ...", flush=True)
                 rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + extra,
                                 **common)
+                _store_profile(rec, out_dir, f"mop-{context}-{setting}")
                 print(f"  -> {rec['status']}", flush=True)
                 points.append({"system": "mop", "label": " ".join(extra), "context": context,
                                "batch_setting": setting, **rec})
@@ -209,8 +213,10 @@ def main(argv: list[str]) -> int:
                 def run_cfg(cfg, context=context, setting=setting):
                     cfg = cfg.resolved(args.gpus)
                     accum = grad_accum_for(setting, context, args.gpus // cfg.replicas)
-                    return run_point("baseline", args.gpus, common_overrides(args, device, context, accum, run_dir),
-                                     baseline_json=cfg.to_json(), **common)
+                    rec = run_point("baseline", args.gpus, common_overrides(args, device, context, accum, run_dir),
+                                    baseline_json=cfg.to_json(), **common)
+                    _store_profile(rec, out_dir, f"baseline-{cfg.label.replace(' ', '_')}-{context}-{setting}")
+                    return rec
 
                 print(f"mop bench: baseline sweep, context {context}, batch {setting} ...", flush=True)
                 best, records = run_sweep(configs, run_cfg, offload="never" if explicit else args.sweep_offload,
@@ -225,6 +231,16 @@ def main(argv: list[str]) -> int:
     save()
     print(f"mop bench: wrote {results_path}, {out_dir / 'results.md'} and plots", flush=True)
     return 0
+
+
+def _store_profile(rec: dict, out_dir: Path, name: str) -> None:
+    """Move a point's by-op summary (`--profile`) out of the JSON into OUT/profiles/NAME.txt."""
+    text = rec.pop("profile_by_op", None)
+    if text:
+        path = out_dir / "profiles" / f"{name}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        rec["profile"] = str(path.relative_to(out_dir))
 
 
 def _sweep_status(records: list[dict]) -> str:

@@ -32,6 +32,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--baseline", default=None, help="BaselineConfig as JSON (system=baseline)")
     p.add_argument("--optimizer-ablation", action="store_true",
                    help="also time --steps steps whose optimizer update is skipped: the optimizer's exposed time")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, run one more step under torch.profiler and return its summary by op")
     return p.parse_known_args(argv)
 
 
@@ -69,6 +71,21 @@ def _timed_steps(trainer, n: int, device: torch.device, outs: list) -> list[floa
     if cuda:
         return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
     return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _profiled_step(trainer, result_dir: str, rank: int, device: torch.device) -> str:
+    """One more, untimed step under torch.profiler: this rank's device time by op, its idle time and
+    its blocking host calls (mop.bench.trace). The Chrome trace itself (tens of MB) is not kept."""
+    from mop.bench.trace import summarize
+    from mop.metrics import step_profiler
+
+    _sync(device)
+    with step_profiler(result_dir, rank, device, enabled=True):
+        trainer.train_step()
+    path = Path(result_dir) / f"trace_rank{rank}.json"
+    trace = json.loads(path.read_text())
+    path.unlink()
+    return summarize(trace)
 
 
 def _describe_policies(model) -> str | None:
@@ -141,6 +158,7 @@ def run(args, overrides: list[str]) -> dict:
         for k, fn in real.items():
             setattr(opt, k, fn)
         ablation = {"no_opt_times": no_opt}
+    profile = {"profile_by_op": _profiled_step(trainer, args.result_dir, proc.rank, device)} if args.profile else {}
     imbalance = {}
     if loads is not None and loads.numel():
         if dist.is_initialized():
@@ -189,6 +207,7 @@ def run(args, overrides: list[str]) -> dict:
         "activation_plan": _plan_record(getattr(trainer, "activation_plan", None)),
         **imbalance,
         **ablation,
+        **profile,
     }
 
 
