@@ -32,7 +32,7 @@ a)
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_short/results.md"; rm -rf "$OUT/bench_short/work"
   ;;
 b)
-  timeout $(left) $B --contexts 128K --batch-setting paper --warmup 1 --steps 1 --timeout 300 \
+  timeout $(left 588) $B --contexts 128K --batch-setting paper --warmup 1 --steps 1 --timeout 330 \
     --baseline-configs '[{"ep": 2, "cp": 2, "cpu_offload": true}]' --mop-overrides "$MOP" \
     --out "$OUT/bench_128k" > "$OUT/bench_128k.log" 2>&1
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_128k/results.md"; rm -rf "$OUT/bench_128k/work"
