@@ -38,15 +38,17 @@ b)
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_128k/results.md"; rm -rf "$OUT/bench_128k/work"
   ;;
 c)
+  timeout 200 $B --contexts 8K --batch-setting paper --warmup 1 --steps 2 --timeout 120 --profile \
+    --baseline-configs '[{"ep": 2}]' --mop-overrides "$MOP" --out "$OUT/bench_8k_profile" > "$OUT/bench_8k_profile.log" 2>&1
+  sed -n '/## Results/,/## Baseline/p' "$OUT/bench_8k_profile/results.md"; rm -rf "$OUT/bench_8k_profile/work"
+  head -30 "$OUT"/bench_8k_profile/profiles/*.txt
   timeout 200 python scripts/gpu_lossless.py --gpus 2 --layout seq=2,expert=2,vocab=2,dispatcher=llep \
     --optimizer cpu --steps 50 --out "$OUT/lossless_bf16.json" > "$OUT/lossless_bf16.log" 2>&1
   tail -3 "$OUT/lossless_bf16.log"
-  timeout 130 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.5,0.95 \
+  timeout $(left 500) $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 --skew 0,0.95 \
     --dispatchers alltoall,llep,llep_pipelined --out "$OUT/experts_qwen3.jsonl" \
     > "$OUT/experts_qwen3.log" 2>&1; grep "^|" "$OUT/experts_qwen3.log" | head -40
-  timeout 70 $TR -m mop.bench.experts --shape kimi-k2-slice --tokens 16384 --skew 0,0.95 \
-    --out "$OUT/experts_kimi.jsonl" > "$OUT/experts_kimi.log" 2>&1; grep "^|" "$OUT/experts_kimi.log"
-  timeout $(left) $TR -m mop.bench.vocab --vocab 151936,200000 --hidden 2048,7168 --tokens 8192,32768 \
+  timeout $(left 585) $TR -m mop.bench.vocab --vocab 151936 --hidden 2048,7168 --tokens 8192,32768 \
     --P 1,2 --methods plain-compiled,chunked,ring-weights,ring-activations --warmup 1 --iters 3 \
     --out "$OUT/vocab.json" > "$OUT/vocab.log" 2>&1; grep "^|" "$OUT/vocab.log" | head -50
   ;;
