@@ -1,7 +1,11 @@
 """Typed, nested job configuration: dataclasses, TOML files and `--section.key=value` overrides.
 
 Resolution order: defaults <- named model shape (`model.shape`) <- TOML file <- command line.
-Every section validates itself in `__post_init__` and names the offending option.
+Sections nest to any depth: a component owns its section beside its code (`[parallel.experts]` is
+`mop.parallel.experts.config.ExpertParallelConfig`), written `[parallel.experts]` in TOML and
+`--parallel.experts.dispatcher=llep` on the command line. Every section validates itself in
+`__post_init__` and names the offending option as the user types it. `mop train --help` lists every
+option from these dataclasses (mop.config_help).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from mop.models.config import ModelConfig
 from mop.models.shapes import get_shape
+from mop.parallel.config import ParallelConfig
 
 
 def resolve_shape(name: str, **overrides) -> ModelConfig:
@@ -34,53 +39,16 @@ def _bad(option: str, msg: str) -> ValueError:
 
 
 @dataclass
-class ParallelConfig:
-    """Degrees of the MoP layout (each divides the world size) and component options."""
-
-    nproc: int = 1  # `mop train --nproc N` launches N local workers (ignored under torchrun)
-    seq: int = 1  # D: Ulysses sequence-parallel degree
-    expert: int = 1  # Ep: expert-parallel degree (experts further sharded over W/Ep)
-    vocab: int = 1  # P: vocabulary-parallel degree
-    ulysses_head_chunks: int = 1
-    dispatcher: str = "alltoall"  # a name in mop.parallel.experts.registry.DISPATCHERS
-    llep_alpha: float = 1.1
-    llep_min_chunk: int = 1024
-    llep_lambda: float = 1.3
-    moe_chunk_tokens: int = 16384
-    moe_max_chunks: int = 10
-    vocab_schedule: str = "auto"  # "auto" | "weights" | "activations"
-    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype on GPU: "fp32" | "bf16"
-    reshard_after_forward: bool = True
-    # "auto": `mop plan` chooses D, Ep, P, the dispatcher, the activation policies and the optimizer's
-    # placement for this model, context, tokens per step and machine (replacing those options).
-    plan: str = "none"
-
-    def __post_init__(self):
-        for name in ("nproc", "seq", "expert", "vocab", "ulysses_head_chunks", "moe_chunk_tokens", "moe_max_chunks"):
-            if getattr(self, name) < 1:
-                raise _bad(f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
-        from mop.parallel.experts.registry import check_dispatcher
-
-        check_dispatcher(self.dispatcher)
-        if self.vocab_schedule not in ("auto", "weights", "activations"):
-            raise _bad("parallel.vocab_schedule", f"{self.vocab_schedule!r} is not one of 'auto', 'weights', 'activations'")
-        if self.reduce_dtype not in ("fp32", "bf16"):
-            raise _bad("parallel.reduce_dtype", f"{self.reduce_dtype!r} is not one of 'fp32', 'bf16'")
-        if self.plan not in ("none", "auto"):
-            raise _bad("parallel.plan", f"{self.plan!r} is not one of 'none', 'auto'")
-
-
-@dataclass
 class OptimizerConfig:
     """AdamW hyper-parameters and where its state lives."""
 
-    lr: float = 3e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    lr: float = 3e-3  # peak learning rate (after warmup; cosine decay follows)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW beta1,beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (AdamW)
     offload: str = "none"  # "none" (torch AdamW on the device) | a host engine of mop.optim.registry.ENGINES
     device_fraction: float = -1.0  # share of offloaded state kept on the device; -1 = from free memory
-    bucket_numel: int = 2**25
+    bucket_numel: int = 2**25  # host optimizer: parameters per bucket moved and updated as one
     overlap_update: bool = True  # host optimizer: update while the next forward runs (False: finish in the step)
 
     def __post_init__(self):
@@ -110,7 +78,7 @@ class DataConfig:
     """Where tokens come from."""
 
     dataset: str = "default"  # "default" (bundled stdlib-docs corpus) | "synthetic" | path to a prepared dir
-    cache_dir: str = "~/.cache/mop"
+    cache_dir: str = "~/.cache/mop"  # where the default dataset is built once
     synthetic_doc_len: int = 0  # synthetic data: document length (0 = one document per sequence)
 
     def __post_init__(self):
@@ -139,15 +107,15 @@ def _activation_spec(value) -> str:
 class TrainingConfig:
     """The training loop."""
 
-    steps: int = 120
-    seq_len: int = 256
+    steps: int = 120  # optimizer steps
+    seq_len: int = 256  # tokens per sequence (the context length)
     batch_size: int = 4  # sequences per sequence-parallel group per micro-batch
-    grad_accum: int = 1
-    warmup_steps: int = 20
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 20  # linear learning-rate warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0  # 0 disables clipping
     nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: "stop" the run (exit 3) | "skip" the update, counted
-    seed: int = 0
+    seed: int = 0  # seeds the initial weights and the data order
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     # Per-block activation policy (mop.models.checkpointing): "none" | "selective" (recompute all
@@ -190,7 +158,7 @@ class CheckpointConfig:
 
     every: int = 0  # save every N steps (0: only at the end when enabled)
     keep: int = 2  # keep the last K checkpoints
-    enabled: bool = False
+    enabled: bool = False  # save checkpoints (at the end, and every N steps with checkpoint.every)
     resume: bool = False  # continue from the newest complete checkpoint in the run directory
     init_from: str = ""  # Hugging Face checkpoint directory whose weights start the run (not the seeded init)
 
@@ -208,10 +176,10 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where and how often to report."""
 
-    run_dir: str = "runs/default"
-    log_every: int = 10
+    run_dir: str = "runs/default"  # metrics, checkpoints and profiles go here
+    log_every: int = 10  # report every N steps (metrics reduced across ranks only then)
     progress: str = "auto"  # "auto" (bar on a terminal) | "bar" | "plain" | "none"
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files into run_dir
     wandb: str = ""  # a Weights & Biases project name: also log there (optional package `wandb`)
     profile_step: int = 0   # >0: profile this optimizer step (1-based) with torch.profiler into run_dir
     memory_step: int = 0    # >0: record this step's CUDA allocations; write the peak's breakdown into run_dir
@@ -250,6 +218,22 @@ class JobConfig:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(JobConfig))
 
+# Options that issue #16 renamed or moved into a component's section. Not aliases: only so that an
+# old spelling fails with the new one in its message.
+RENAMED = {
+    "parallel.seq": "parallel.seq.degree",
+    "parallel.expert": "parallel.experts.degree",
+    "parallel.vocab": "parallel.vocab.degree",
+    "parallel.ulysses_head_chunks": "parallel.seq.head_chunks",
+    "parallel.dispatcher": "parallel.experts.dispatcher",
+    "parallel.llep_alpha": "parallel.experts.llep_alpha",
+    "parallel.llep_min_chunk": "parallel.experts.llep_min_chunk",
+    "parallel.llep_lambda": "parallel.experts.llep_imbalance_threshold",
+    "parallel.moe_chunk_tokens": "parallel.experts.chunk_tokens",
+    "parallel.moe_max_chunks": "parallel.experts.max_chunks",
+    "parallel.vocab_schedule": "parallel.vocab.schedule",
+}
+
 
 def _coerce(option: str, value, typ):
     """Convert a TOML value or command-line string to the field's declared type."""
@@ -285,14 +269,117 @@ def _coerce(option: str, value, typ):
     return value
 
 
-def _section_types(section_cls) -> dict[str, type]:
+def field_types(section_cls) -> dict[str, type]:
+    """Each field of a config dataclass and its declared type (nested sections are dataclasses)."""
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
+def _is_section(typ) -> bool:
+    return dataclasses.is_dataclass(typ) and isinstance(typ, type)
+
+
+def _walk(cls, prefix: str = ""):
+    """(path, type) of every option under the dataclass `cls`, depth first in declaration order."""
+    for name, typ in field_types(cls).items():
+        path = f"{prefix}{name}"
+        if _is_section(typ):
+            yield from _walk(typ, f"{path}.")
+        else:
+            yield path, typ
+
+
+def option_names() -> list[str]:
+    """Every option path the configuration accepts, e.g. `parallel.experts.dispatcher` (frozen by a
+    test so the CLI does not sprawl)."""
+    return [path for path, _ in _walk(JobConfig)]
+
+
+def _unknown(path: str, cls) -> ValueError:
+    """The error for an option `path` that the section `cls` lacks, suggesting its new spelling."""
+    if path in RENAMED:
+        return _bad(path, f"unknown option; did you mean {RENAMED[path]}?")
+    if "." not in path:
+        return _bad(path, f"unknown section; sections: {list(SECTIONS)}")
+    name = path.rsplit(".", 1)[1]
+    moved = [p for p in option_names() if p.endswith(f".{name}")]
+    if len(moved) == 1:
+        return _bad(path, f"unknown option; did you mean {moved[0]}?")
+    section = path.rsplit(".", 1)[0]
+    return _bad(path, f"unknown option; options of [{section}]: {sorted(field_types(cls))}")
+
+
+def _section_not_option(path: str, typ) -> ValueError:
+    """A value given to a whole section (`--parallel.seq=2`): name the option it most likely meant."""
+    if path in RENAMED:
+        return _bad(path, f"a section, not an option; did you mean {RENAMED[path]}?")
+    return _bad(path, f"a section, not an option; its options: {[f'{path}.{n}' for n in field_types(typ)]}")
+
+
+def _split_override(item: str) -> tuple[list[str], str]:
+    """`--a.b.c=value` -> (["a", "b", "c"], "value"); dashes in names read as underscores."""
+    body = item[2:] if item.startswith("--") else item
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ValueError(f"override {item!r}: expected --section.key=value, e.g. --training.steps=100 "
+                         "or --parallel.experts.dispatcher=llep")
+    key, value = body.split("=", 1)
+    return [part.replace("-", "_") for part in key.split(".")], value
+
+
+def _merge(tree: dict, parts: list[str], value, path: str) -> None:
+    """Set `value` at `parts` in the nested dict `tree` (a TOML file's tables, then the overrides)."""
+    for i, part in enumerate(parts[:-1]):
+        sub = tree.setdefault(part, {})
+        if not isinstance(sub, dict):
+            # A scalar where a table is now expected: an old flat name, e.g. `seq = 2` under [parallel].
+            raise _scalar_then_table(".".join(parts[:i + 1]), path)
+        tree = sub
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _merge(tree, [parts[-1], key], item, f"{path}.{key}")
+    else:
+        tree[parts[-1]] = value
+
+
+def _scalar_then_table(scalar_path: str, path: str) -> ValueError:
+    """The error for an option given both a value and sub-options (`seq = 2`, then `parallel.seq.degree`)."""
+    hint = f"; did you mean {RENAMED[scalar_path]}?" if scalar_path in RENAMED else ""
+    return _bad(scalar_path, f"given a value and also sub-options ({path}){hint}")
+
+
+def _build_section(cls, raw: dict, prefix: str):
+    """Build the dataclass `cls` from the nested dict `raw` (coerced, validated by its __post_init__)."""
+    types = field_types(cls)
+    values = {}
+    for name, value in raw.items():
+        path = f"{prefix}{name}"
+        if name not in types:
+            raise _unknown(path, cls)
+        typ = types[name]
+        if _is_section(typ):
+            if not isinstance(value, dict):
+                raise _section_not_option(path, typ)
+            values[name] = _build_section(typ, value, f"{path}.")
+        elif isinstance(value, dict):
+            raise _bad(path, f"an option of type {_type_name(typ)}, not a section")
+        else:
+            values[name] = _coerce(path, value, typ)
+    if cls is ModelConfig:
+        return resolve_shape(values.pop("shape", "tiny"), **values)
+    return cls(**values)
+
+
+def _type_name(typ) -> str:
+    """How an option's type reads in help and errors: int, float, str, bool, float,float, dict."""
+    if typing.get_origin(typ) is tuple:
+        return ",".join(_type_name(t) for t in typing.get_args(typ))
+    return getattr(typ, "__name__", str(typ))
+
+
 def build_config(file: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Resolve defaults, the model shape, a TOML file and `--section.key=value` overrides."""
-    raw: dict[str, dict] = {s: {} for s in SECTIONS}
+    """Resolve defaults, the model shape, a TOML file and `--section.key=value` overrides (any depth:
+    `[parallel.experts]` in TOML, `--parallel.experts.dispatcher=llep` on the command line)."""
+    raw: dict = {}
     if file is not None:
         path = Path(file)
         if not path.is_file():
@@ -300,55 +387,39 @@ def build_config(file: str | Path | None = None, overrides: list[str] | None = N
         with open(path, "rb") as f:
             data = tomllib.load(f)
         for key, table in data.items():
-            if key not in raw or not isinstance(table, dict):
+            if key not in SECTIONS or not isinstance(table, dict):
                 raise _bad(key, f"unknown config section in {path}; sections: {list(SECTIONS)}")
-            raw[key].update(table)
+            _merge(raw, [key], table, key)
     for item in overrides or []:
-        body = item[2:] if item.startswith("--") else item
-        if "=" not in body or "." not in body.split("=", 1)[0]:
-            raise ValueError(f"override {item!r}: expected --section.key=value, e.g. --training.steps=100")
-        key, value = body.split("=", 1)
-        section, name = key.split(".", 1)
-        if section not in raw:
-            raise _bad(key, f"unknown section {section!r}; sections: {list(SECTIONS)}")
-        raw[section][name.replace("-", "_")] = value
+        parts, value = _split_override(item)
+        if parts[0] not in SECTIONS:
+            raise _bad(".".join(parts), f"unknown section {parts[0]!r}; sections: {list(SECTIONS)}")
+        _merge(raw, parts, value, ".".join(parts))
+    return _build_section(JobConfig, {s: raw.get(s, {}) for s in SECTIONS}, "")
 
-    built = {}
-    for section in SECTIONS:
-        section_cls = typing.get_type_hints(JobConfig)[section]
-        types = _section_types(section_cls)
-        values = {}
-        for name, value in raw[section].items():
-            if name not in types:
-                raise _bad(f"{section}.{name}", f"unknown option; options of [{section}]: {sorted(types)}")
-            values[name] = _coerce(f"{section}.{name}", value, types[name])
-        if section == "model":
-            shape = values.pop("shape", "tiny")
-            built[section] = resolve_shape(shape, **values)
-        else:
-            built[section] = section_cls(**values)
-    return JobConfig(**built)
+
+def _replace(obj, parts: list[str], value, prefix: str):
+    """`obj` (a config dataclass) with the option at `parts` set to `value`, coerced and validated."""
+    types = field_types(type(obj))
+    name, path = parts[0], f"{prefix}{parts[0]}"
+    if name not in types:
+        raise _unknown(path, type(obj))
+    typ = types[name]
+    if len(parts) == 1:
+        if _is_section(typ):
+            raise _section_not_option(path, typ)
+        return dataclasses.replace(obj, **{name: _coerce(path, value, typ)})
+    if not _is_section(typ):
+        raise _bad(path, f"an option of type {_type_name(typ)}, not a section")
+    return dataclasses.replace(obj, **{name: _replace(getattr(obj, name), parts[1:], value, f"{path}.")})
 
 
 def apply_overrides(job: JobConfig, overrides: list[str]) -> JobConfig:
     """`job` with `--section.key=value` options applied, coerced and validated as on the command line
     (e.g. a plan's choice; the model section is not changed here)."""
-    changes: dict[str, dict] = {}
     for item in overrides:
-        body = item[2:] if item.startswith("--") else item
-        key, value = body.split("=", 1)
-        section, name = key.split(".", 1)
-        types = _section_types(type(getattr(job, section)))
-        if section == "model" or name not in types:
-            raise _bad(key, "cannot be applied to a built job")
-        changes.setdefault(section, {})[name] = _coerce(key, value, types[name])
-    return dataclasses.replace(job, **{s: dataclasses.replace(getattr(job, s), **kw) for s, kw in changes.items()})
-
-
-def option_names() -> list[str]:
-    """Every `section.key` the configuration accepts (frozen by a test so the CLI does not sprawl)."""
-    out = []
-    for section in SECTIONS:
-        section_cls = typing.get_type_hints(JobConfig)[section]
-        out += [f"{section}.{f.name}" for f in dataclasses.fields(section_cls)]
-    return out
+        parts, value = _split_override(item)
+        if parts[0] == "model":
+            raise _bad(".".join(parts), "cannot be applied to a built job")
+        job = _replace(job, parts, value, "")
+    return job

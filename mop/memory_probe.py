@@ -144,7 +144,7 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
     if t.activation_checkpoint == "auto":
         tokens = t.batch_size * t.seq_len // spec.seq
         recompute = mb.recompute_seconds(job.model, t.seq_len, tokens,
-                                         pipelined_experts=job.parallel.dispatcher == "llep_pipelined")
+                                         pipelined_experts=job.parallel.experts.dispatcher == "llep_pipelined")
         plan = mb.plan_activation_policies(probe, len(probe.blocks), recompute, cap, shrink=mb.probe_shrink(tokens))
         trainer.model.block_policies = plan.policies
         trainer.activation_plan = plan  # what was measured and why (bench records, tests)

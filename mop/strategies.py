@@ -99,7 +99,9 @@ class MoPStrategy:
 
         trainer.layout = Layout.build(trainer.spec, trainer.device)
         param_dtype, reduce_dtype = mixed_precision_dtypes(trainer)
-        parallelize(model, trainer.layout, trainer.job, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        job = trainer.job
+        parallelize(model, trainer.layout, job.parallel, job.training.activation_checkpoint,
+                    param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
     def tokens_per_device_per_step(self, trainer) -> int:
         t = trainer.job.training

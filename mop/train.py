@@ -1,4 +1,4 @@
-"""Train a MoE language model with mop.
+r"""Train a MoE language model with mop.
 
 The embedded default (mop/configs/default.toml): the tiny MoE on the bundled corpus, 2 CPU
 workers with a MoP layout D=2 (Ulysses), Ep=2 (experts), P=2 (vocabulary); about a minute:
@@ -7,8 +7,8 @@ workers with a MoP layout D=2 (Ulysses), Ep=2 (experts), P=2 (vocabulary); about
 
 One CPU process, or 4 workers with another layout:
 
-    mop train --nproc 1 --parallel.seq=1 --parallel.expert=1 --parallel.vocab=1
-    mop train --nproc 4 --parallel.seq=4 --parallel.expert=2 --parallel.vocab=4
+    mop train --nproc 1 --parallel.seq.degree=1 --parallel.experts.degree=1 --parallel.vocab.degree=1
+    mop train --nproc 4 --parallel.seq.degree=4 --parallel.experts.degree=2 --parallel.vocab.degree=4
 
 A named config (TOML) with overrides, on one GPU:
 
@@ -16,7 +16,7 @@ A named config (TOML) with overrides, on one GPU:
 
 N GPUs on one node (torchrun starts one process per GPU; this module is the worker):
 
-    torchrun --nproc-per-node 8 -m mop.train --config configs/qwen3-30b-a3b.toml --parallel.seq=8
+    torchrun --nproc-per-node 8 -m mop.train --config configs/qwen3-30b-a3b.toml --parallel.seq.degree=8
 
 N nodes (run on every node, with its own --node-rank; the endpoint is any node's host:port; on SLURM,
 scripts/slurm_mop.sh does this and resumes by itself):
@@ -45,11 +45,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="mop train", description=__doc__,
+    epilog = None
+    if "-h" in argv or "--help" in argv:  # every option, from the config dataclasses (mop.config_help)
+        from mop.config_help import render_options
+
+        epilog = render_options()
+    parser = argparse.ArgumentParser(prog="mop train", description=__doc__, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="TOML file with [model], [parallel], [training], ... sections "
-                             "(default: the embedded mop/configs/default.toml)")
+                        help="TOML file with [model], [parallel], [parallel.experts], [training], ... sections "
+                             "(default: the embedded mop/configs/default.toml, whose values win over the "
+                             "defaults listed below)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="launch this many local worker processes (CPU or GPUs); same as --parallel.nproc")
     args, rest = parser.parse_known_args(argv)
@@ -65,7 +71,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     bad = [a for a in overrides if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments {bad}: options are --config, --nproc and --section.key=value "
-                     "(or --section.key value)")
+                     "(or --section.key value); mop train --help lists them")
     return args, overrides
 
 
@@ -76,10 +82,9 @@ def preflight(job, world: int, lock: bool = True) -> str | None:
     not locked by a live run, not another run's checkpoints unless resuming).
     """
     from mop.checkpoint import RunDir, RunDirError
-    from mop.parallel.layout import LayoutSpec
 
     try:
-        spec = LayoutSpec(world, job.parallel.seq, job.parallel.expert, job.parallel.vocab)
+        spec = job.parallel.layout_spec(world)
         spec.validate_model(n_heads=job.model.n_heads, n_kv_heads=job.model.n_kv_heads,
                             n_experts=job.model.n_experts, seq_len=job.training.seq_len)
         if job.data.dataset != "synthetic":

@@ -22,7 +22,6 @@ from mop.distributed import ProcessInfo, init_process, local_shard
 from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
-from mop.parallel.layout import LayoutSpec
 from mop.parallel.parallelize import apply_activation_policy
 from mop.strategies import MoPStrategy
 
@@ -76,7 +75,7 @@ class Trainer:
         if t.param_dtype == "bf16" and t.grad_accum > 1 and self.proc.is_main:
             print(f"mop: warning: training.param_dtype=bf16 with grad_accum={t.grad_accum}: gradients accumulate "
                   "over the micro-batches in bf16 (the fp32 master weights are updated from that sum)", flush=True)
-        self.spec = LayoutSpec(self.proc.world, job.parallel.seq, job.parallel.expert, job.parallel.vocab)
+        self.spec = job.parallel.layout_spec(self.proc.world)
         self.spec.validate_model(n_heads=job.model.n_heads, n_kv_heads=job.model.n_kv_heads,
                                  n_experts=job.model.n_experts, seq_len=t.seq_len)
         # GPUs always take the sharded path (FSDP2 mixed precision, also on one GPU); one CPU process

@@ -63,7 +63,7 @@ def compare(par: list[dict], ref1: list[dict], ref2: list[dict]) -> tuple[list[d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=2)
-    ap.add_argument("--layout", default="seq=2,expert=2,vocab=2,dispatcher=llep",
+    ap.add_argument("--layout", default="seq.degree=2,experts.degree=2,vocab.degree=2,experts.dispatcher=llep",
                     help="parallel.* options of the parallel run, comma-separated key=value")
     ap.add_argument("--optimizer", default="cpu", help="optimizer.offload of both runs: none | cpu | gpu_stream")
     ap.add_argument("--steps", type=int, default=50)
@@ -71,11 +71,11 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write every step and the verdict as JSON here")
     args = ap.parse_args()
     layout = dict(kv.split("=") for kv in args.layout.split(","))
-    seq = int(layout.get("seq", 1))
+    seq = int(layout.get("seq.degree", 1))
     both = [f"--optimizer.offload={args.optimizer}", "--optimizer.device_fraction=0"] if args.optimizer != "none" else []
     par = [f"--parallel.{k}={v}" for k, v in layout.items()] + [f"--training.batch_size={args.batch_size}"] + both
-    ref = [f"--training.batch_size={args.batch_size * args.gpus // seq}", "--parallel.seq=1", "--parallel.expert=1",
-           "--parallel.vocab=1"] + both
+    ref = [f"--training.batch_size={args.batch_size * args.gpus // seq}", "--parallel.seq.degree=1",
+           "--parallel.experts.degree=1", "--parallel.vocab.degree=1"] + both
     with tempfile.TemporaryDirectory() as tmp:
         got = run(args.gpus, par, Path(tmp) / "par", args.steps)
         ref1 = run(1, ref, Path(tmp) / "ref1", args.steps)

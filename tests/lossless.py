@@ -85,7 +85,7 @@ def compare_with_reference(world: int, layout: dict[str, int], tmp_path, extra: 
     torch AdamW as the reference of the host-resident optimizer, or no gradient accumulation with
     `ref_batch_size` holding all micro-batches at once).
     """
-    seq = layout.get("seq", 1)
+    seq = layout.get("seq.degree", 1)
     par = [f"--parallel.{k}={v}" for k, v in layout.items()] + list(extra)
     got = run_parallel(world, par + [f"--training.batch_size={batch_size}"], str(tmp_path / "par"), steps)
     ref_batch = ref_batch_size or batch_size * (world // seq)

@@ -55,9 +55,10 @@ def test_bench_helpers():
 
     m = get_shape("qwen3-30b-a3b")
     # D = 1 while a sequence fits one rank (no attention all-to-all); Ulysses over G above 64K.
-    assert default_mop_overrides(m, 2, 8192) == ["--parallel.seq=1", "--parallel.expert=2", "--parallel.vocab=2"]
-    assert default_mop_overrides(m, 2, 65536)[0] == "--parallel.seq=1"
-    assert default_mop_overrides(m, 2, 131072)[0] == "--parallel.seq=2"
+    assert default_mop_overrides(m, 2, 8192) == ["--parallel.seq.degree=1", "--parallel.experts.degree=2",
+                                                 "--parallel.vocab.degree=2"]
+    assert default_mop_overrides(m, 2, 65536)[0] == "--parallel.seq.degree=1"
+    assert default_mop_overrides(m, 2, 131072)[0] == "--parallel.seq.degree=2"
 
 
 def test_sweep_prunes_after_oom():

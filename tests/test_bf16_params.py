@@ -33,8 +33,9 @@ def _train(rank, world, opts, stop_at=None):
 
 
 def test_bf16_weights_train_like_one_process(tmp_path):
-    par = run_distributed(_train, 2, _opts(tmp_path / "par", "--parallel.seq=2", "--parallel.expert=2",
-                                           "--parallel.vocab=2", "--training.batch_size=2", "--training.steps=2"))[0]
+    par = run_distributed(_train, 2, _opts(tmp_path / "par", "--parallel.seq.degree=2", "--parallel.experts.degree=2",
+                                           "--parallel.vocab.degree=2", "--training.batch_size=2",
+                                           "--training.steps=2"))[0]
     ref = _train(0, 1, _opts(tmp_path / "ref", "--training.batch_size=2", "--training.steps=2"))
     assert par["param_dtypes"] == ref["param_dtypes"] == {torch.bfloat16}
     assert par["master_dtypes"] == {torch.float32}

@@ -39,6 +39,11 @@ def test_config_error_is_one_line_exit_2(capsys):
     assert "training.steps: must be >= 1" in line
 
 
+def test_old_option_name_is_one_line_naming_the_new_one(capsys):
+    line = _one_line_error(capsys, ["--parallel.dispatcher=llep"])
+    assert line == "mop train: parallel.dispatcher: unknown option; did you mean parallel.experts.dispatcher?"
+
+
 def test_space_separated_override_is_accepted():
     _, overrides = parse_args(["--training.steps", "5", "--model.shape=debug", "--optimizer.lr", "1e-3"])
     assert overrides == ["--training.steps=5", "--model.shape=debug", "--optimizer.lr=1e-3"]
@@ -47,8 +52,8 @@ def test_space_separated_override_is_accepted():
 
 def test_layout_error_is_caught_by_the_launcher(capsys, monkeypatch):
     monkeypatch.setattr("mop.launch.launch_local", lambda *a, **k: pytest.fail("spawned workers for a bad layout"))
-    line = _one_line_error(capsys, ["--nproc", "2", "--parallel.seq=3", *SMALL])
-    assert "parallel.seq (D)=3 must divide the world size 2" in line
+    line = _one_line_error(capsys, ["--nproc", "2", "--parallel.seq.degree=3", *SMALL])
+    assert "parallel.seq.degree (D)=3 must divide the world size 2" in line
 
 
 def test_dataset_error_is_caught_by_the_launcher(capsys, monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ from tests.dist_utils import run_distributed
 STEPS = 6
 BASE = ["--model.shape=debug", "--data.dataset=synthetic", "--data.synthetic_doc_len=12", "--training.seq_len=32",
         "--training.batch_size=2", "--training.device=cpu", "--training.warmup_steps=1", "--logging.progress=none",
-        "--logging.log_every=1", "--parallel.expert=2", "--model.expert_bias=true", "--training.grad_accum=2",
+        "--logging.log_every=1", "--parallel.experts.degree=2", "--model.expert_bias=true", "--training.grad_accum=2",
         "--checkpoint.enabled=true", "--checkpoint.every=2", f"--training.steps={STEPS}"]
 
 

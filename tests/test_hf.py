@@ -104,7 +104,7 @@ def _sharded_init(rank, world, hf_dir, run_dir):
     from mop.distributed import ProcessInfo
     from mop.trainer import Trainer
 
-    job = _run(run_dir, hf_dir, ["--parallel.expert=2", "--parallel.vocab=2", "--training.steps=1"])
+    job = _run(run_dir, hf_dir, ["--parallel.experts.degree=2", "--parallel.vocab.degree=2", "--training.steps=1"])
     trainer = Trainer(job, ProcessInfo(rank, world, rank, world, torch.device("cpu")))
     return trainer.full_state_dict()
 

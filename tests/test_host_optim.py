@@ -451,7 +451,8 @@ def _early_offload_worker(rank, world, run_dir):
     from mop.trainer import Trainer
     from tests.lossless import BASE
 
-    job = build_config(overrides=BASE + [f"--logging.run_dir={run_dir}", "--parallel.expert=2", "--parallel.vocab=2",
+    job = build_config(overrides=BASE + [f"--logging.run_dir={run_dir}", "--parallel.experts.degree=2",
+                                         "--parallel.vocab.degree=2",
                                          "--optimizer.offload=cpu", "--optimizer.device_fraction=0.2",
                                          "--training.grad_accum=2", "--training.steps=2"])
     trainer = Trainer(job, ProcessInfo(rank, world, rank, world, torch.device("cpu")))

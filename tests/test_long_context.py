@@ -56,8 +56,9 @@ def _largest_in_step(rank: int, world: int, overrides: list[str], run_dir: str):
 
 
 def test_no_rank_holds_the_whole_sequence_at_full_width(tmp_path):
-    layout = ["--parallel.seq=4", "--parallel.expert=4", "--parallel.vocab=4", "--parallel.dispatcher=llep_pipelined",
-              "--parallel.moe_chunk_tokens=64", "--parallel.ulysses_head_chunks=2"]
+    layout = ["--parallel.seq.degree=4", "--parallel.experts.degree=4", "--parallel.vocab.degree=4",
+              "--parallel.experts.dispatcher=llep_pipelined",
+              "--parallel.experts.chunk_tokens=64", "--parallel.seq.head_chunks=2"]
     results = run_distributed(_largest_in_step, 4, layout, str(tmp_path / "mop"))
     for rank, (numel, where) in enumerate(results):
         assert numel < S * H, f"rank {rank}: {where} has {numel} elements >= S x H = {S * H}"
@@ -77,8 +78,8 @@ def _single_process_largest(run_dir: str):
     from mop.distributed import ProcessInfo
     from mop.trainer import Trainer
 
-    job = build_config(overrides=MODEL + ["--parallel.seq=1", "--parallel.expert=1", "--parallel.vocab=1",
-                                          f"--logging.run_dir={run_dir}"])
+    job = build_config(overrides=MODEL + ["--parallel.seq.degree=1", "--parallel.experts.degree=1",
+                                          "--parallel.vocab.degree=1", f"--logging.run_dir={run_dir}"])
     trainer = Trainer(job, ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
     trainer.train_step()
     with LargestLocalTensor() as mode:

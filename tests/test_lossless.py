@@ -11,24 +11,27 @@ def test_dense_path_sharded_equals_single_process(world, tmp_path):
 
 
 @pytest.mark.parametrize("world,layout", [
-    (2, {"expert": 2}),
-    (4, {"expert": 2}),  # Ep=2 x W/Ep=2: experts partitioned and each sharded
-    (4, {"expert": 4, "dispatcher": "llep", "llep_min_chunk": 8, "llep_lambda": 1.0}),
-    (4, {"expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8, "moe_chunk_tokens": 32}),
+    (2, {"experts.degree": 2}),
+    (4, {"experts.degree": 2}),  # Ep=2 x W/Ep=2: experts partitioned and each sharded
+    (4, {"experts.degree": 4, "experts.dispatcher": "llep", "experts.llep_min_chunk": 8,
+         "experts.llep_imbalance_threshold": 1.0}),
+    (4, {"experts.degree": 2, "experts.dispatcher": "llep_pipelined", "experts.llep_min_chunk": 8,
+         "experts.chunk_tokens": 32}),
 ])
 def test_expert_parallel_equals_single_process(world, layout, tmp_path):
     compare_with_reference(world, layout, tmp_path)
 
 
-@pytest.mark.parametrize("world,layout", [(2, {"vocab": 2}), (4, {"vocab": 2}), (4, {"vocab": 4, "vocab_schedule": "activations"})])
+@pytest.mark.parametrize("world,layout", [(2, {"vocab.degree": 2}), (4, {"vocab.degree": 2}),
+                                          (4, {"vocab.degree": 4, "vocab.schedule": "activations"})])
 def test_vocab_parallel_equals_single_process(world, layout, tmp_path):
     compare_with_reference(world, layout, tmp_path)
 
 
 @pytest.mark.parametrize("world,layout,extra", [
-    (2, {"seq": 2, "ulysses_head_chunks": 2}, []),
-    (4, {"seq": 4}, []),  # D=4 > 2 KV heads: KV heads replicated
-    (4, {"seq": 4}, ["--model.n_heads=2", "--model.n_kv_heads=1"]),  # D > heads: Ulysses x all-gather-KV
+    (2, {"seq.degree": 2, "seq.head_chunks": 2}, []),
+    (4, {"seq.degree": 4}, []),  # D=4 > 2 KV heads: KV heads replicated
+    (4, {"seq.degree": 4}, ["--model.n_heads=2", "--model.n_kv_heads=1"]),  # D > heads: Ulysses x all-gather-KV
 ])
 def test_ulysses_equals_single_process(world, layout, extra, tmp_path):
     compare_with_reference(world, layout, tmp_path, extra=extra)
@@ -36,7 +39,8 @@ def test_ulysses_equals_single_process(world, layout, extra, tmp_path):
 
 def test_full_mop_layout_equals_single_process(tmp_path):
     """All components at once: D=2, Ep=2 (x2 sharding), P=4, LLEP, aux loss, grad accumulation."""
-    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 4, "dispatcher": "llep", "llep_min_chunk": 8},
+    compare_with_reference(4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 4, "experts.dispatcher": "llep",
+                               "experts.llep_min_chunk": 8},
                            tmp_path, extra=["--training.grad_accum=2", "--model.aux_loss_coef=0.01"])
 
 
@@ -44,21 +48,22 @@ def test_full_mop_layout_equals_single_process(tmp_path):
 def test_host_optimizer_equals_single_process(engine, tmp_path):
     """Host-resident AdamW (clip folded into the update, grad accumulation) under a MoP layout."""
     common = ["--training.grad_accum=2", "--training.max_grad_norm=0.5"]
-    compare_with_reference(2, {"expert": 2}, tmp_path, ref_extra=common,  # reference: torch.optim.AdamW
+    compare_with_reference(2, {"experts.degree": 2}, tmp_path, ref_extra=common,  # reference: torch.optim.AdamW
                            extra=[f"--optimizer.offload={engine}", "--optimizer.device_fraction=0.3", *common])
 
 
 def test_activation_checkpointing_equals_single_process(tmp_path):
     """Per-block recomputation under FSDP2, Ulysses, pipelined LLEP (which recomputes itself) and P=2."""
-    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": "llep_pipelined",
-                               "llep_min_chunk": 8, "moe_chunk_tokens": 32}, tmp_path,
+    compare_with_reference(4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2,
+                               "experts.dispatcher": "llep_pipelined", "experts.llep_min_chunk": 8,
+                               "experts.chunk_tokens": 32}, tmp_path,
                            extra=["--training.activation_checkpoint=true"])
 
 
 def test_checkpoint_offload_equals_single_process(tmp_path):
     """Every block's checkpointed input kept on the host (selective checkpoint offload) under D=2, Ep=2."""
-    compare_with_reference(4, {"seq": 2, "expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8,
-                               "moe_chunk_tokens": 32}, tmp_path,
+    compare_with_reference(4, {"seq.degree": 2, "experts.degree": 2, "experts.dispatcher": "llep_pipelined",
+                               "experts.llep_min_chunk": 8, "experts.chunk_tokens": 32}, tmp_path,
                            extra=["--training.activation_checkpoint=offload"])
 
 
@@ -66,8 +71,8 @@ def test_checkpoint_offload_equals_single_process(tmp_path):
 def test_activation_policy_mix_equals_single_process(tmp_path, dispatcher):
     """Per-block policies mixed (selective keeps attention and skips its Ulysses all-to-alls in the
     recompute pass; offload; full; none) under D=2, Ep=2, P=2 with packed documents."""
-    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": dispatcher, "llep_min_chunk": 8},
-                           tmp_path, extra=["--model.n_layers=4",
+    compare_with_reference(4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2,
+                               "experts.dispatcher": dispatcher, "experts.llep_min_chunk": 8}, tmp_path, extra=["--model.n_layers=4",
                                              "--training.activation_checkpoint=selective*1,offload*1,none*1,full"])
 
 

@@ -17,7 +17,7 @@ CLIP = [f"--training.max_grad_norm={MAX_NORM}", "--training.grad_accum=2"]
 
 def _compare_clipped(world, layout, tmp_path, extra=(), ref_extra=None):
     batch = 2
-    seq = layout.get("seq", 1)
+    seq = layout.get("seq.degree", 1)
     got, ref = compare_with_reference(
         world, layout, tmp_path, extra=[*CLIP, *extra],
         ref_extra=[f"--training.max_grad_norm={MAX_NORM}", *(extra if ref_extra is None else ref_extra)],
@@ -28,7 +28,8 @@ def _compare_clipped(world, layout, tmp_path, extra=(), ref_extra=None):
 
 @pytest.mark.parametrize("world,layout", [
     (2, {}),  # dense: FSDP2 shards only
-    (4, {"seq": 2, "expert": 2, "vocab": 2}),  # Ulysses, experts partitioned and sharded, vocabulary blocks
+    # Ulysses, experts partitioned and sharded, vocabulary blocks
+    (4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2}),
 ], ids=["dense", "ulysses-expert-vocab"])
 def test_clipped_equals_single_process(world, layout, tmp_path):
     _compare_clipped(world, layout, tmp_path)
@@ -37,13 +38,13 @@ def test_clipped_equals_single_process(world, layout, tmp_path):
 @pytest.mark.parametrize("engine", ["cpu", "gpu_stream"])
 def test_clipped_host_optimizer_equals_single_process(engine, tmp_path):
     """The clip coefficient folded into the host update, on device-resident and offloaded buckets alike."""
-    _compare_clipped(2, {"expert": 2}, tmp_path,
+    _compare_clipped(2, {"experts.degree": 2}, tmp_path,
                      extra=[f"--optimizer.offload={engine}", "--optimizer.device_fraction=0.3"], ref_extra=[])
 
 
 def test_expert_bias_loads_are_all_reduced(tmp_path):
     """Aux-loss-free balancing: every rank must update the bias from the global expert loads."""
-    _, ref = compare_with_reference(2, {"expert": 2}, tmp_path, extra=["--model.expert_bias=true",
+    _, ref = compare_with_reference(2, {"experts.degree": 2}, tmp_path, extra=["--model.expert_bias=true",
                                                                        "--model.expert_bias_rate=0.05"])
     assert ref["buffers"] and any(b.abs().sum() > 0 for b in ref["buffers"].values())
 
@@ -72,6 +73,6 @@ def test_packed_documents_with_uneven_masking_across_ranks(tmp_path):
         loader = PackedLoader(TokenDataset(data), seq_len=64, batch_size=2, dp_rank=rank, dp_size=2)
         targets.append(sum(int((next(loader)["labels"] != -100).sum()) for _ in range(2)))
     assert targets[0] != targets[1], targets  # the normaliser must be the global count, not a per-rank one
-    compare_with_reference(2, {"expert": 2, "vocab": 2}, tmp_path,
+    compare_with_reference(2, {"experts.degree": 2, "vocab.degree": 2}, tmp_path,
                            extra=[f"--data.dataset={data}", "--model.vocab_size=258", "--training.grad_accum=2",
                                   f"--training.max_grad_norm={MAX_NORM}"])

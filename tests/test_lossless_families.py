@@ -11,16 +11,16 @@ from tests.lossless import compare_with_reference
 
 
 @pytest.mark.parametrize("world,layout", [
-    (4, {"seq": 2, "expert": 2, "vocab": 2, "ulysses_head_chunks": 2}),
-    (4, {"seq": 4, "expert": 2, "vocab": 4}),
+    (4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2, "seq.head_chunks": 2}),
+    (4, {"seq.degree": 4, "experts.degree": 2, "vocab.degree": 4}),
 ])
 def test_mla_equals_single_process(world, layout, tmp_path):
     compare_with_reference(world, layout, tmp_path, extra=["--model.shape=debug-mla"])
 
 
 @pytest.mark.parametrize("world,layout", [
-    (4, {"seq": 2, "expert": 2, "vocab": 2}),
-    (4, {"seq": 4, "expert": 4, "vocab": 2}),  # D=4 > 2 KV heads: KV heads replicated
+    (4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2}),
+    (4, {"seq.degree": 4, "experts.degree": 4, "vocab.degree": 2}),  # D=4 > 2 KV heads: KV heads replicated
 ])
 def test_gpt_oss_attention_equals_single_process(world, layout, tmp_path):
     compare_with_reference(world, layout, tmp_path, extra=["--model.shape=debug-gpt-oss"])
@@ -30,7 +30,7 @@ def test_gpt_oss_attention_equals_single_process(world, layout, tmp_path):
 def test_families_under_activation_checkpointing_equal_single_process(shape, policy, tmp_path):
     """Checkpointed blocks recompute MLA and sink/window attention (plain autograd under Ulysses'
     variant Function) and still train exactly like one process."""
-    compare_with_reference(4, {"seq": 2, "expert": 2, "vocab": 2}, tmp_path,
+    compare_with_reference(4, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2}, tmp_path,
                            extra=[f"--model.shape={shape}", f"--training.activation_checkpoint={policy}"])
 
 
@@ -38,13 +38,15 @@ GPT_OSS_EXPERTS = ["--model.shape=debug-gpt-oss", "--model.moe_bias=true", "--mo
 
 
 @pytest.mark.parametrize("layout", [
-    {"expert": 2, "dispatcher": "alltoall"},
-    {"seq": 2, "expert": 2, "vocab": 2, "dispatcher": "llep", "llep_min_chunk": 8, "llep_lambda": 1.0},
-    {"expert": 2, "dispatcher": "llep_pipelined", "llep_min_chunk": 8, "moe_chunk_tokens": 32},
+    {"experts.degree": 2, "experts.dispatcher": "alltoall"},
+    {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2, "experts.dispatcher": "llep", "experts.llep_min_chunk": 8,
+     "experts.llep_imbalance_threshold": 1.0},
+    {"experts.degree": 2, "experts.dispatcher": "llep_pipelined", "experts.llep_min_chunk": 8,
+     "experts.chunk_tokens": 32},
 ])
 def test_gpt_oss_experts_equal_single_process(layout, tmp_path):
     """Expert biases (sharded with the weights, spilled with them under LLEP) and the clamped SwiGLU."""
-    world = 4 if layout.get("seq", 1) > 1 else 2
+    world = 4 if layout.get("seq.degree", 1) > 1 else 2
     compare_with_reference(world, layout, tmp_path, extra=GPT_OSS_EXPERTS)
 
 

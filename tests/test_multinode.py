@@ -12,8 +12,8 @@ from mop.launch import _free_port  # the launcher's own: one copy of the free-po
 
 ARGS = ["--model.shape=debug", "--data.dataset=synthetic", "--training.seq_len=32", "--training.batch_size=2",
         "--training.device=cpu", "--training.warmup_steps=1", "--logging.progress=plain", "--logging.log_every=1",
-        "--parallel.seq=1", "--parallel.expert=2", "--parallel.vocab=2", "--checkpoint.enabled=true",
-        "--checkpoint.every=2"]
+        "--parallel.seq.degree=1", "--parallel.experts.degree=2", "--parallel.vocab.degree=2",
+        "--checkpoint.enabled=true", "--checkpoint.every=2"]
 
 
 def _two_nodes(run_dir, *extra) -> list[subprocess.CompletedProcess]:

@@ -96,7 +96,7 @@ def test_skip_with_the_host_optimizer_equals_the_device_optimizer(tmp_path):
 def test_cli_exits_3_with_one_line(tmp_path):
     """Two workers (gloo): both stop at the same step, one line is printed, the exit code says why."""
     cmd = [sys.executable, "-m", "mop.cli", "train", "--nproc", "2", *COMMON, "--optimizer.lr=1e30",
-           "--parallel.seq=1", "--parallel.expert=2", "--parallel.vocab=1",
+           "--parallel.seq.degree=1", "--parallel.experts.degree=2", "--parallel.vocab.degree=1",
            "--training.steps=6", "--logging.log_every=2", f"--logging.run_dir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 3, out.stderr[-2000:]

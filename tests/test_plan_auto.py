@@ -8,13 +8,13 @@ from mop.config import apply_overrides, build_config
 
 def test_apply_overrides_coerces_and_validates():
     job = build_config(None, ["--model.shape=debug"])
-    new = apply_overrides(job, ["--parallel.seq=2", "--training.activation_checkpoint=selective*1,full",
+    new = apply_overrides(job, ["--parallel.seq.degree=2", "--training.activation_checkpoint=selective*1,full",
                                 "--optimizer.device_fraction=0.25"])
-    assert (new.parallel.seq, new.training.activation_checkpoint, new.optimizer.device_fraction) == \
+    assert (new.parallel.seq.degree, new.training.activation_checkpoint, new.optimizer.device_fraction) == \
         (2, "selective*1,full", 0.25)
-    assert job.parallel.seq == 1  # the original is unchanged
-    with pytest.raises(ValueError, match="parallel.dispatcher"):
-        apply_overrides(job, ["--parallel.dispatcher=nope"])
+    assert job.parallel.seq.degree == 1  # the original is unchanged
+    with pytest.raises(ValueError, match="parallel.experts.dispatcher"):
+        apply_overrides(job, ["--parallel.experts.dispatcher=nope"])
     with pytest.raises(ValueError, match="model.n_layers"):
         apply_overrides(job, ["--model.n_layers=3"])
 

@@ -97,7 +97,7 @@ def test_search_is_deterministic_and_its_overrides_run_in_mop_train():
     assert a.best.fits and all(c.fits for c in a.runners_up)
     assert all(c.time.tokens_per_s_per_gpu <= a.best.time.tokens_per_s_per_gpu for c in a.runners_up)
     job = build_config(None, a.overrides())  # every option exists and validates
-    assert job.parallel.seq == a.best.step.layout.seq and job.training.seq_len == 65536
+    assert job.parallel.seq.degree == a.best.step.layout.seq and job.training.seq_len == 65536
     back = step_from_overrides(job.model, a.best.step.overrides(), 4)
     assert back.policies == a.best.step.policies and back.layout == a.best.step.layout
 
@@ -113,17 +113,17 @@ def test_impossible_requests_are_refused_with_numbers():
 def test_rejections_name_the_term_and_the_limit(capsys):
     assert plan_cli(["--shape", "qwen3-30b-a3b", "--layers", "24", "--gpus", "2", "--context", "128K"]) == 0
     out = capsys.readouterr().out
-    assert "run it:" in out and "--parallel.seq=" in out
+    assert "run it:" in out and "--parallel.seq.degree=" in out
     assert "ac=none" in out and "GiB >" in out and "activations_kept" in out  # why not the faster ones
     assert plan_cli(["--shape", "qwen3-30b-a3b", "--layers", "4", "--gpus", "1", "--context", "8K", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["best"]["fits"] and "--parallel.seq=1" in data["best"]["overrides"]
+    assert data["best"]["fits"] and "--parallel.seq.degree=1" in data["best"]["overrides"]
     assert plan_cli(["--shape", "nope", "--gpus", "1", "--context", "8K"]) == 2
     assert "unknown shape 'nope'" in capsys.readouterr().err
     assert plan_cli(["--shape", "qwen3-30b-a3b", "--gpus", "2", "--context", "128K"]) == 1  # all 48 layers
     err = capsys.readouterr().err
     assert "closest: D=" in err and "GiB >" in err and "4 GPUs would fit: D=" in err
-    assert plan_cli(["explain", "--gpus", "2", "--model.shape=qwen3-30b-a3b", "--parallel.seq=2",
+    assert plan_cli(["explain", "--gpus", "2", "--model.shape=qwen3-30b-a3b", "--parallel.seq.degree=2",
                      "--training.seq_len=65536", "--training.activation_checkpoint=full"]) == 0
     out = capsys.readouterr().out
     assert "activations_kept" in out and "attention" in out and "tokens/s/GPU" in out
@@ -156,7 +156,7 @@ def test_slower_links_never_predict_faster_and_jobs_plan_and_preflight():
     assert slow.best.time.tokens_per_s_per_gpu <= fast.best.time.tokens_per_s_per_gpu
     assert fast.command().startswith("torchrun --nnodes 2 --nproc-per-node 8")
     job = build_config(None, ["--model.shape=qwen3-30b-a3b", "--model.n_layers=8", "--training.seq_len=65536",
-                              "--training.batch_size=1", "--training.grad_accum=4", "--parallel.seq=2"])
+                              "--training.batch_size=1", "--training.grad_accum=4", "--parallel.seq.degree=2"])
     plan = plan_for_job(job, 4)
     assert plan.best.step.tokens_per_step == 2 * 65536 * 4  # the job's tokens per step, kept
     check_step_fits(job, 4, 141 * 2**30)  # fits: returns the estimate
@@ -176,8 +176,9 @@ def _kept_on_rank(rank: int, world: int, layout: tuple[int, int, int], seq_len: 
         job = build_config(overrides=[
             "--model.shape=debug", "--data.dataset=synthetic", f"--training.seq_len={seq_len}",
             "--training.batch_size=1", "--training.device=cpu", "--training.dtype=fp32",
-            f"--parallel.seq={layout[0]}", f"--parallel.expert={layout[1]}", f"--parallel.vocab={layout[2]}",
-            "--parallel.dispatcher=alltoall", f"--training.activation_checkpoint={policy}",
+            f"--parallel.seq.degree={layout[0]}", f"--parallel.experts.degree={layout[1]}",
+            f"--parallel.vocab.degree={layout[2]}",
+            "--parallel.experts.dispatcher=alltoall", f"--training.activation_checkpoint={policy}",
             "--logging.progress=none", f"--logging.run_dir={run_dir}"])
         trainer = Trainer(job, ProcessInfo(rank=rank, world=world, local_rank=rank, local_world=world,
                                            device=torch.device("cpu")))

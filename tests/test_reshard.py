@@ -35,9 +35,10 @@ def test_resume_on_another_layout_continues_exactly(optimizer, tmp_path):
     ref = _reference(common + ["--training.batch_size=4"], str(tmp_path / "ref"))
     run_dir = str(tmp_path / "run")
     # Steps 1-2 on 4 ranks: D=2 (2 sequence groups x 2 sequences), Ep=2 x 2-way sharding, P=4.
-    first = run_distributed(_train, 4, common + ["--training.batch_size=2", "--parallel.seq=2", "--parallel.expert=2",
-                                                 "--parallel.vocab=4"], run_dir, 2)[0]
+    first = run_distributed(_train, 4, common + ["--training.batch_size=2", "--parallel.seq.degree=2",
+                                                 "--parallel.experts.degree=2", "--parallel.vocab.degree=4"],
+                            run_dir, 2)[0]
     # Steps 3-4 on 2 ranks: D=1 (2 groups x 2 sequences), Ep=2 x 1, P=2: every DTensor is resharded.
-    second = run_distributed(_train, 2, common + ["--training.batch_size=2", "--parallel.expert=2",
-                                                  "--parallel.vocab=2", "--checkpoint.resume=true"], run_dir)[0]
+    second = run_distributed(_train, 2, common + ["--training.batch_size=2", "--parallel.experts.degree=2",
+                                                  "--parallel.vocab.degree=2", "--checkpoint.resume=true"], run_dir)[0]
     torch.testing.assert_close(torch.tensor(first + second), torch.tensor(ref), rtol=1e-5, atol=1e-5)

@@ -61,7 +61,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
 
 def test_cli_nproc_2_runs_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "mop.cli", "train", "--nproc", "2", "--model.shape=debug", "--model.vocab_size=258",
-           "--training.steps=3", "--training.seq_len=64", "--training.batch_size=2", "--parallel.seq=2",
+           "--training.steps=3", "--training.seq_len=64", "--training.batch_size=2", "--parallel.seq.degree=2",
            "--training.device=cpu", "--logging.progress=plain", "--logging.log_every=1",
            f"--data.cache_dir={tmp_path / 'cache'}", f"--logging.run_dir={tmp_path / 'run'}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

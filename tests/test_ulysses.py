@@ -165,17 +165,16 @@ def test_lower_right_pieces_match_reference():
 
 
 def _spans_memo_worker(rank: int, world: int):
-    from types import SimpleNamespace
-
     from mop.models.shapes import get_shape
     from mop.models.transformer import Transformer
     from mop.parallel.layout import Layout, LayoutSpec
     from mop.parallel.parallelize import apply_sequence_parallel
+    from mop.parallel.ulysses_config import SeqParallelConfig
 
     with torch.device("meta"):
         model = Transformer(get_shape("debug", n_layers=3))
     apply_sequence_parallel(model, Layout.build(LayoutSpec(world, seq=world), torch.device("cpu")),
-                            SimpleNamespace(ulysses_head_chunks=1))
+                            SeqParallelConfig(degree=world, head_chunks=1))
     cores = [block.attention.core for block in model.layers.values()]
     calls = []
     for core in cores:  # count the gathers of positions (each one a host sync)

@@ -215,8 +215,10 @@ class FSDPBestStrategy(MoPStrategy):
             if job.data.dataset != "synthetic" or job.data.synthetic_doc_len:
                 raise ValueError("baseline.cp > 1 needs one document per sequence (ring attention is plain causal): "
                                  "set --data.dataset=synthetic --data.synthetic_doc_len=0")
-        if job.parallel.seq != 1 or job.parallel.expert != 1 or job.parallel.vocab != 1:
-            raise ValueError("the baseline takes its degrees from BaselineConfig; leave parallel.seq/expert/vocab at 1")
+        p = job.parallel
+        if p.seq.degree != 1 or p.experts.degree != 1 or p.vocab.degree != 1:
+            raise ValueError("the baseline takes its degrees from BaselineConfig; leave parallel.seq.degree, "
+                             "parallel.experts.degree and parallel.vocab.degree at 1")
         if job.optimizer.offload != "none":
             raise ValueError("the baseline offloads with FSDP2's CPUOffloadPolicy (baseline.cpu_offload); "
                              "set optimizer.offload=none")

@@ -137,7 +137,7 @@ def default_mop_overrides(model_cfg, gpus: int, context: int) -> list[str]:
     """
     ep = max(d for d in range(1, gpus + 1) if gpus % d == 0 and model_cfg.n_experts % d == 0)
     seq = gpus if context >= SEQ_PARALLEL_FROM else 1
-    return [f"--parallel.seq={seq}", f"--parallel.expert={ep}", f"--parallel.vocab={gpus}"]
+    return [f"--parallel.seq.degree={seq}", f"--parallel.experts.degree={ep}", f"--parallel.vocab.degree={gpus}"]
 
 
 MOP_AC = {"auto": "auto", "on": "full", "off": "none"}  # --mop-ac -> training.activation_checkpoint
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     model_cfg = build_config(None, [f"--model.shape={args.shape}"] +
                              ([f"--model.n_layers={args.layers}"] if args.layers else [])).model
     # User overrides are applied after the default MoP layout (later options win), so
-    # `--mop-overrides "--parallel.dispatcher=llep"` keeps the default layout instead of silently
+    # `--mop-overrides "--parallel.experts.dispatcher=llep"` keeps the default layout instead of silently
     # falling back to D = Ep = P = 1.
     mop_user = _split(args.mop_overrides)
     explicit = None
@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
                          + [f"--training.activation_checkpoint={MOP_AC[args.mop_ac]}"]
                          + (["--parallel.plan=auto"] if args.mop_layout == "plan" else []) + mop_user)
                 job = build_config(None, common_overrides(args, device, context, 1, run_dir) + extra)
-                accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq)
+                accum = grad_accum_for(setting, context, args.gpus // job.parallel.seq.degree)
                 print(f"mop bench: mop, context {context}, batch {setting}: {' '.join(extra)} ...", flush=True)
                 rec = run_point("mop", args.gpus, common_overrides(args, device, context, accum, run_dir) + extra,
                                 **common)

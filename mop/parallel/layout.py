@@ -43,8 +43,8 @@ class LayoutSpec:
         if self.world < 1:
             raise ValueError(f"world size must be >= 1, got {self.world}")
         valid = divisors(self.world)
-        for name, deg in (("parallel.seq (D)", self.seq), ("parallel.expert (Ep)", self.expert),
-                          ("parallel.vocab (P)", self.vocab)):
+        for name, deg in (("parallel.seq.degree (D)", self.seq), ("parallel.experts.degree (Ep)", self.expert),
+                          ("parallel.vocab.degree (P)", self.vocab)):
             if deg < 1 or self.world % deg:
                 raise ValueError(f"{name}={deg} must divide the world size {self.world}; valid values: {valid}")
 
@@ -100,10 +100,10 @@ class LayoutSpec:
         """
         if n_experts and n_experts % self.expert:
             ok = [d for d in divisors(self.world) if n_experts % d == 0]
-            raise ValueError(f"parallel.expert (Ep)={self.expert} must divide the number of experts {n_experts}; "
-                             f"valid values for W={self.world}: {ok}")
+            raise ValueError(f"parallel.experts.degree (Ep)={self.expert} must divide the number of experts "
+                             f"{n_experts}; valid values for W={self.world}: {ok}")
         if seq_len is not None and seq_len % self.seq:
-            raise ValueError(f"training.seq_len={seq_len} must be divisible by parallel.seq (D)={self.seq}")
+            raise ValueError(f"training.seq_len={seq_len} must be divisible by parallel.seq.degree (D)={self.seq}")
 
 
 @dataclass

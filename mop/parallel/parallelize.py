@@ -21,7 +21,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from mop.parallel.config import ParallelConfig
+from mop.parallel.experts.config import ExpertParallelConfig
 from mop.parallel.layout import Layout
+from mop.parallel.ulysses_config import SeqParallelConfig
+from mop.parallel.vocab_config import VocabParallelConfig
 
 
 class AllReduceSum:
@@ -37,7 +41,7 @@ class AllReduceSum:
         return out
 
 
-def apply_sequence_parallel(model, layout: Layout, pcfg) -> None:
+def apply_sequence_parallel(model, layout: Layout, cfg: SeqParallelConfig) -> None:
     """Swap each attention core for Ulysses attention over the sequence group.
 
     The cores share one document-spans memo: every layer sees the same positions tensor of a
@@ -48,27 +52,24 @@ def apply_sequence_parallel(model, layout: Layout, pcfg) -> None:
     from mop.ops.attention import SpansMemo
     from mop.parallel.ulysses import UlyssesAttention
 
-    cfg = model.cfg
+    heads, kv_heads = model.cfg.n_heads, model.cfg.n_kv_heads
     spans_memo = SpansMemo()
     for block in model.layers.values():
-        block.attention.core = UlyssesAttention(layout.seq_group, cfg.n_heads, cfg.n_kv_heads,
-                                                head_chunks=pcfg.ulysses_head_chunks, spans_memo=spans_memo)
+        block.attention.core = UlyssesAttention(layout.seq_group, heads, kv_heads, head_chunks=cfg.head_chunks,
+                                                spans_memo=spans_memo)
 
 
-def apply_expert_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype | None) -> None:
+def apply_expert_parallel(model, layout: Layout, cfg: ExpertParallelConfig, param_dtype: torch.dtype | None) -> None:
     """Replace routed experts by the hybrid EP x (W/Ep) sharding module with the configured dispatcher."""
-    from mop.parallel.experts import ExpertParallelConfig, ExpertParallelExperts
+    from mop.parallel.experts import ExpertParallelExperts
 
-    ecfg = ExpertParallelConfig(dispatcher=pcfg.dispatcher, llep_alpha=pcfg.llep_alpha,
-                                llep_min_chunk=pcfg.llep_min_chunk, llep_imbalance_threshold=pcfg.llep_lambda,
-                                chunk_tokens=pcfg.moe_chunk_tokens, max_chunks=pcfg.moe_max_chunks)
     for block in model.layers.values():
         if block.is_moe:
-            block.moe.experts = ExpertParallelExperts.from_module(block.moe.experts, layout, ecfg)
+            block.moe.experts = ExpertParallelExperts.from_module(block.moe.experts, layout, cfg)
             block.moe.experts.param_dtype = param_dtype
 
 
-def apply_vocab_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype | None) -> None:
+def apply_vocab_parallel(model, layout: Layout, cfg: VocabParallelConfig, param_dtype: torch.dtype | None) -> None:
     """Embedding and output head as vocabulary blocks over the P-group (sharded over W at rest)."""
     if layout.spec.vocab == 1:
         return  # one block: FSDP over W is the same data movement
@@ -77,7 +78,7 @@ def apply_vocab_parallel(model, layout: Layout, pcfg, param_dtype: torch.dtype |
     mesh = build_vocab_block_mesh(layout)  # collective: once, shared by both modules
     model.tok_embeddings = VocabParallelEmbedding.from_module(model.tok_embeddings, layout, mesh=mesh)
     tied = model.tok_embeddings.weight if model.cfg.tie_embeddings else None
-    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=pcfg.vocab_schedule, mesh=mesh,
+    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=cfg.schedule, mesh=mesh,
                                                        weight=tied)
     model.tok_embeddings.param_dtype = model.output.param_dtype = param_dtype
 
@@ -143,15 +144,19 @@ def configure_fsdp_units(units, blocks) -> None:
             block.set_modules_to_backward_prefetch([blocks[i - 1]])
 
 
-def parallelize(model, layout: Layout, job, param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype | None = None) -> None:
-    """Apply the MoP layout to a meta-device `Transformer` in place (see the module docstring)."""
+def parallelize(model, layout: Layout, parallel: ParallelConfig, activation_checkpoint: str = "none",
+                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> None:
+    """Apply the MoP layout to a meta-device `Transformer` in place (see the module docstring).
+
+    `parallel` is the job's `[parallel]` section (each step reads its component's part);
+    `activation_checkpoint` the per-block policy (`training.activation_checkpoint`); the dtypes are
+    FSDP2's mixed-precision policy. The sequence length was checked against D with the layout.
+    """
     cfg = model.cfg
-    layout.spec.validate_model(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_experts=cfg.n_experts,
-                               seq_len=job.training.seq_len)
-    apply_sequence_parallel(model, layout, job.parallel)
-    apply_expert_parallel(model, layout, job.parallel, param_dtype)
-    apply_vocab_parallel(model, layout, job.parallel, param_dtype)
+    layout.spec.validate_model(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_experts=cfg.n_experts)
+    apply_sequence_parallel(model, layout, parallel.seq)
+    apply_expert_parallel(model, layout, parallel.experts, param_dtype)
+    apply_vocab_parallel(model, layout, parallel.vocab, param_dtype)
     apply_router_stats(model, layout)
-    apply_activation_policy(model, job.training.activation_checkpoint)
-    apply_fsdp(model, layout, param_dtype, reduce_dtype, job.parallel.reshard_after_forward)
+    apply_activation_policy(model, activation_checkpoint)
+    apply_fsdp(model, layout, param_dtype, reduce_dtype, parallel.reshard_after_forward)

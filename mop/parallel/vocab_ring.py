@@ -51,8 +51,7 @@ from mop.ops.cross_entropy import (
     token_chunk,
     token_losses,
 )
-
-SCHEDULES = ("auto", "weights", "activations")
+from mop.parallel.vocab_config import SCHEDULES  # one list, shared with the configuration
 
 # One tag per logical stream so gloo matches messages of one batch unambiguously (NCCL ignores tags
 # and matches in posting order, which is the same on both sides).

@@ -27,21 +27,24 @@ from mop.plan.timing import estimate_time
 # ran forward three times in a checkpointed block): LEGACY_ULYSSES below.
 EXTRA_POINTS = [
     ("session-2 train_128K.log (mop train, identity all-to-all)", 1,
-     "--model.shape=qwen3-30b-a3b --model.n_layers=4 --parallel.dispatcher=alltoall --training.seq_len=131072 "
+     "--model.shape=qwen3-30b-a3b --model.n_layers=4 --parallel.experts.dispatcher=alltoall --training.seq_len=131072 "
      "--training.batch_size=1 --training.activation_checkpoint=true --optimizer.offload=none", 90.1, 21634.0),
     ("2xH200 report (GPU engineer, 2026-11-29), no AC", 2,
-     "--model.shape=qwen3-30b-a3b --model.n_layers=24 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 "
-     "--parallel.dispatcher=llep_pipelined --training.seq_len=32768 --training.batch_size=1 "
+     "--model.shape=qwen3-30b-a3b --model.n_layers=24 "
+     "--parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2 "
+     "--parallel.experts.dispatcher=llep_pipelined --training.seq_len=32768 --training.batch_size=1 "
      "--training.activation_checkpoint=none --optimizer.offload=gpu_stream --optimizer.device_fraction=-1",
      126.7, 6425.0),
     ("2xH200 report (GPU engineer, 2026-11-29), AC", 2,
-     "--model.shape=qwen3-30b-a3b --model.n_layers=24 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 "
-     "--parallel.dispatcher=llep_pipelined --training.seq_len=131072 --training.batch_size=1 "
+     "--model.shape=qwen3-30b-a3b --model.n_layers=24 "
+     "--parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2 "
+     "--parallel.experts.dispatcher=llep_pipelined --training.seq_len=131072 --training.batch_size=1 "
      "--training.activation_checkpoint=full --optimizer.offload=gpu_stream --optimizer.device_fraction=-1",
      None, 3017.0),
     ("2xH200 report (GPU engineer, 2026-11-29), AC", 2,
-     "--model.shape=qwen3-30b-a3b --model.n_layers=24 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 "
-     "--parallel.dispatcher=llep_pipelined --training.seq_len=262144 --training.batch_size=1 "
+     "--model.shape=qwen3-30b-a3b --model.n_layers=24 "
+     "--parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2 "
+     "--parallel.experts.dispatcher=llep_pipelined --training.seq_len=262144 --training.batch_size=1 "
      "--training.activation_checkpoint=full --optimizer.offload=gpu_stream --optimizer.device_fraction=-1",
      None, 1640.0),
 ]

@@ -5,7 +5,7 @@
     mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
     torchrun --nproc-per-node 8 -m mop.cli plan calibrate        # ... and the collectives of 8 GPUs
     mop plan accuracy bench/results/*/*/results.json             # predicted vs measured, Markdown
-    mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b --parallel.seq=2 --training.seq_len=131072 ...
+    mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b --parallel.seq.degree=2 --training.seq_len=131072 ...
                                                                  # one configuration, term by term
 """
 
@@ -134,7 +134,7 @@ def explain_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="mop plan explain", description="Predict one configuration, term by term.",
                                 epilog="example: mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b "
-                                       "--model.n_layers=24 --parallel.seq=2 --training.seq_len=131072")
+                                       "--model.n_layers=24 --parallel.seq.degree=2 --training.seq_len=131072")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--calibration", default="h200")
     args, options = p.parse_known_args(argv)

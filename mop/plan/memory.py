@@ -168,7 +168,7 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
     if last != "none":
         recompute = N * (block_saved_bytes(step, last_moe, True) - kept_bytes(step, last, last_moe))
     recompute += 3 * N * H * a
-    chunks = step.ulysses_head_chunks if ly.seq > 1 else 1
+    chunks = step.head_chunks if ly.seq > 1 else 1
     q = Hq * Dh
     # Attention backward: dout, dq/dk/dv (expanded to the query heads on CUDA), K/V re-expanded,
     # cuDNN's fp32 dq accumulator; per head chunk under Ulysses.

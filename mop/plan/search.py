@@ -45,7 +45,7 @@ class Candidate:
 
     def label(self) -> str:
         s = self.step
-        disp = s.dispatcher + (f":{s.moe_chunk_tokens}" if s.dispatcher == "llep_pipelined" else "")
+        disp = s.dispatcher + (f":{s.chunk_tokens}" if s.dispatcher == "llep_pipelined" else "")
         return (f"D={s.layout.seq} Ep={s.layout.expert} P={s.layout.vocab} {disp} "
                 f"ac={policy_spec(s.policies)} opt={s.offload}"
                 + (f"@{s.device_fraction:.2f}" if s.offload != "none" else ""))
@@ -122,7 +122,7 @@ def _rank(c: Candidate):
     s = c.step
     return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
             FASTEST_FIRST.index(s.policies[-1]), s.policies, _OFFLOAD_PREFERENCE.index(s.offload), s.dispatcher,
-            -s.moe_chunk_tokens)
+            -s.chunk_tokens)
 
 
 def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95
@@ -193,8 +193,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                     for off in offloads:
                         base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
                                     policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
-                                    dispatcher=disp, ulysses_head_chunks=_head_chunks(model, D),
-                                    moe_chunk_tokens=int(chunk) if chunk else 16384)
+                                    dispatcher=disp, head_chunks=_head_chunks(model, D),
+                                    chunk_tokens=int(chunk) if chunk else 16384)
                         for cand in _policy_candidates(base, cal, cluster, device_bytes, headroom, policies):
                             key = (D, Ep, P)
                             if cand.fits:
@@ -294,10 +294,10 @@ def plan_for_job(job, world: int, gpus_per_node: int | None = None, calibration:
 
     Apply the result with `build_config(file, overrides + plan.best.step.overrides())`.
     """
-    t, p = job.training, job.parallel
-    tokens = (world // p.seq) * t.batch_size * t.grad_accum * t.seq_len if world % p.seq == 0 else None
+    t, D = job.training, job.parallel.seq.degree
+    tokens = (world // D) * t.batch_size * t.grad_accum * t.seq_len if world % D == 0 else None
     return choose(job.model, gpus=world, context=t.seq_len, gpus_per_node=gpus_per_node,
-                  tokens_per_step=tokens if tokens and tokens > (world // p.seq) * t.seq_len else None,
+                  tokens_per_step=tokens if tokens and tokens > (world // D) * t.seq_len else None,
                   calibration=calibration, **kwargs)
 
 
@@ -312,9 +312,10 @@ def check_step_fits(job, world: int, device_bytes: float, calibration: Calibrati
     from mop.plan.step import step_from_overrides
 
     t, p, o = job.training, job.parallel, job.optimizer
-    opts = [f"--parallel.seq={p.seq}", f"--parallel.expert={p.expert}", f"--parallel.vocab={p.vocab}",
-            f"--parallel.dispatcher={p.dispatcher}", f"--parallel.moe_chunk_tokens={p.moe_chunk_tokens}",
-            f"--parallel.moe_max_chunks={p.moe_max_chunks}", f"--parallel.ulysses_head_chunks={p.ulysses_head_chunks}",
+    opts = [f"--parallel.seq.degree={p.seq.degree}", f"--parallel.experts.degree={p.experts.degree}",
+            f"--parallel.vocab.degree={p.vocab.degree}", f"--parallel.experts.dispatcher={p.experts.dispatcher}",
+            f"--parallel.experts.chunk_tokens={p.experts.chunk_tokens}",
+            f"--parallel.experts.max_chunks={p.experts.max_chunks}", f"--parallel.seq.head_chunks={p.seq.head_chunks}",
             f"--training.seq_len={t.seq_len}", f"--training.batch_size={t.batch_size}",
             f"--training.grad_accum={t.grad_accum}", f"--optimizer.offload={o.offload}",
             f"--optimizer.device_fraction={o.device_fraction}",

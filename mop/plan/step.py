@@ -66,9 +66,9 @@ class Step:
     device_fraction: float = 0.0  # share of offloaded state on the device; -1: as much as fits (auto)
     overlap_update: bool = True  # the host optimizer's update runs beside the next forward
     dispatcher: str = "llep_pipelined"
-    moe_chunk_tokens: int = 16384
-    moe_max_chunks: int = 10
-    ulysses_head_chunks: int = 1
+    chunk_tokens: int = 16384  # llep_pipelined: tokens per chunk (parallel.experts.chunk_tokens)
+    max_chunks: int = 10  # llep_pipelined: at most this many chunks (parallel.experts.max_chunks)
+    head_chunks: int = 1  # Ulysses head chunks (parallel.seq.head_chunks)
     # Attention kernel forwards per step in a "full"/"offload" block: 2 (forward, recompute). Code
     # before 9eaa9cc ran 3 under Ulysses (its backward recomputed again); kept for old measurements.
     attention_forwards: int = 2
@@ -106,17 +106,17 @@ class Step:
         """K: chunks of the pipelined dispatcher (1 otherwise)."""
         if self.dispatcher != "llep_pipelined":
             return 1
-        return max(1, min(math.ceil(self.tokens / self.moe_chunk_tokens), self.moe_max_chunks))
+        return max(1, min(math.ceil(self.tokens / self.chunk_tokens), self.max_chunks))
 
     def overrides(self) -> list[str]:
         """The exact `mop train` options of this step (the model shape and cluster not included)."""
         ly = self.layout
-        out = [f"--parallel.seq={ly.seq}", f"--parallel.expert={ly.expert}", f"--parallel.vocab={ly.vocab}",
-               f"--parallel.dispatcher={self.dispatcher}"]
+        out = [f"--parallel.seq.degree={ly.seq}", f"--parallel.experts.degree={ly.expert}",
+               f"--parallel.vocab.degree={ly.vocab}", f"--parallel.experts.dispatcher={self.dispatcher}"]
         if self.dispatcher == "llep_pipelined":
-            out.append(f"--parallel.moe_chunk_tokens={self.moe_chunk_tokens}")
-        if self.ulysses_head_chunks > 1:
-            out.append(f"--parallel.ulysses_head_chunks={self.ulysses_head_chunks}")
+            out.append(f"--parallel.experts.chunk_tokens={self.chunk_tokens}")
+        if self.head_chunks > 1:
+            out.append(f"--parallel.seq.head_chunks={self.head_chunks}")
         out += [f"--training.seq_len={self.seq_len}", f"--training.batch_size={self.batch_size}",
                 f"--training.grad_accum={self.grad_accum}",
                 f"--training.activation_checkpoint={policy_spec(self.policies)}",
@@ -150,10 +150,13 @@ _TRUE = ("1", "true", "yes", "on")
 def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *, act_bytes: int = 2,
                         cpu: bool = False) -> Step:
     """A `Step` from `--section.key=value` options (a bench point's command line, or `mop train`'s)."""
+    from mop.config import RENAMED
+
     opts = {}
     for item in overrides:
         key, _, value = item.lstrip("-").partition("=")
-        opts[key] = value
+        # Recorded command lines (bench/results) may predate the nested names: read those too.
+        opts[RENAMED.get(key, key)] = value
     g = opts.get
     n_off = int(g("training.offload_checkpoints", "0"))
     spec = g("training.activation_checkpoint", "none")
@@ -163,16 +166,17 @@ def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *,
     if n_off:  # the older option: the first N checkpointed blocks (-1: all) keep their input on the host
         n = model.n_layers if n_off < 0 else min(n_off, model.n_layers)
         policies = ["offload" if i < n and p == "full" else p for i, p in enumerate(policies)]
-    layout = LayoutSpec(world, int(g("parallel.seq", 1)), int(g("parallel.expert", 1)), int(g("parallel.vocab", 1)))
+    layout = LayoutSpec(world, int(g("parallel.seq.degree", 1)), int(g("parallel.experts.degree", 1)),
+                        int(g("parallel.vocab.degree", 1)))
     return Step(model=model, layout=layout, seq_len=int(g("training.seq_len", 256)),
                 batch_size=int(g("training.batch_size", 4)), grad_accum=int(g("training.grad_accum", 1)),
                 policies=tuple(policies), offload=g("optimizer.offload", "none"),
                 device_fraction=float(g("optimizer.device_fraction", -1.0)),
                 overlap_update=g("optimizer.overlap_update", "true").lower() in _TRUE,
-                dispatcher=g("parallel.dispatcher", "alltoall"),
-                moe_chunk_tokens=int(g("parallel.moe_chunk_tokens", 16384)),
-                moe_max_chunks=int(g("parallel.moe_max_chunks", 10)),
-                ulysses_head_chunks=int(g("parallel.ulysses_head_chunks", 1)), act_bytes=act_bytes, cpu=cpu)
+                dispatcher=g("parallel.experts.dispatcher", "alltoall"),
+                chunk_tokens=int(g("parallel.experts.chunk_tokens", 16384)),
+                max_chunks=int(g("parallel.experts.max_chunks", 10)),
+                head_chunks=int(g("parallel.seq.head_chunks", 1)), act_bytes=act_bytes, cpu=cpu)
 
 
 def with_policy(step: Step, policy: str) -> Step:

@@ -147,7 +147,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         if ly.seq > 1:
             vol = a * N * (2 * q + 2 * kv) * (ly.seq - 1) / ly.seq * (attn_passes + 1)
             t = vol / _bw(cluster, cal, ly.seq > G, alltoall=True)
-            hidden = t * (1 - 1 / step.ulysses_head_chunks)
+            hidden = t * (1 - 1 / step.head_chunks)
             comm_exposed += t - hidden
             comm_hidden += hidden
         # Expert dispatch and combine over Ep, per expert pass.

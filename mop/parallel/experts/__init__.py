@@ -1,13 +1,23 @@
-"""Experts under MoP: hybrid expert parallelism x sharding, routed plainly, with LLEP, or pipelined."""
+"""Experts under MoP: hybrid expert parallelism x sharding, routed plainly, with LLEP, or pipelined.
 
-from mop.parallel.experts.dispatch import (AllToAllDispatcher, LayerPlan, LlepDispatcher, PipelinedLlepDispatcher,
-                                           Route, TokenDispatcher)
-from mop.parallel.experts.module import ExpertParallelConfig, ExpertParallelExperts, make_dispatcher
-from mop.parallel.experts.registry import DISPATCHERS
-from mop.parallel.experts.planner import LlepPlan, plain_plan, plan_llep, split_by_source
+The names below are imported on first use (PEP 562), so that reading the configuration
+(`mop.parallel.experts.config`, `.registry`) loads no torch code.
+"""
 
-__all__ = [
-    "AllToAllDispatcher", "DISPATCHERS", "ExpertParallelConfig", "ExpertParallelExperts", "LayerPlan",
-    "LlepDispatcher", "LlepPlan", "PipelinedLlepDispatcher", "Route", "TokenDispatcher", "make_dispatcher",
-    "plain_plan", "plan_llep", "split_by_source",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "AllToAllDispatcher": "dispatch", "LayerPlan": "dispatch", "LlepDispatcher": "dispatch",
+    "PipelinedLlepDispatcher": "dispatch", "Route": "dispatch", "TokenDispatcher": "dispatch",
+    "ExpertParallelConfig": "config", "ExpertParallelExperts": "module", "make_dispatcher": "module",
+    "DISPATCHERS": "registry", "LlepPlan": "planner", "plain_plan": "planner", "plan_llep": "planner",
+    "split_by_source": "planner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

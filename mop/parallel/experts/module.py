@@ -10,54 +10,15 @@ with SUM back into the shards, which sums the contributions of all Ep-groups' to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from mop.models.checkpointing import checkpoint_phase
+from mop.parallel.experts.config import ExpertParallelConfig
 from mop.parallel.experts.dispatch import ExpertActivation, TokenDispatcher
 from mop.parallel.experts.pipeline import MoELayerFunction, ShardSpec
-from mop.parallel.experts.registry import check_dispatcher, dispatcher_class
-
-
-@dataclass
-class ExpertParallelConfig:
-    """Options of the expert layer; validated on creation."""
-
-    dispatcher: str = "alltoall"          # a name in DISPATCHERS (mop.parallel.experts.registry)
-    llep_alpha: float = 1.1               # per-rank capacity = alpha * total / Ep
-    llep_min_chunk: int = 1024            # smallest spilled slice of an expert (tokens)
-    llep_imbalance_threshold: float = 1.3  # lambda: below this max/mean load, plain EP
-    # llep_pipelined: tokens per chunk (c). 16K, measured on an H200 (Ep=1, qwen3 widths, in a
-    # checkpointed block): at 64K tokens -50% peak for +13% time, where 4K chunks gave -72% for +37%
-    # (each chunk re-reads and accumulates every local expert's weight gradient).
-    chunk_tokens: int = 16384
-    max_chunks: int = 10                  # llep_pipelined: at most this many chunks (K_max)
-
-    def __post_init__(self) -> None:
-        check_dispatcher(self.dispatcher, "experts.dispatcher")
-        if not self.llep_alpha >= 1.0:
-            raise ValueError(f"experts.llep_alpha={self.llep_alpha} must be >= 1.0")
-        if self.llep_min_chunk < 1:
-            raise ValueError(f"experts.llep_min_chunk={self.llep_min_chunk} must be >= 1")
-        if not self.llep_imbalance_threshold > 0:
-            raise ValueError(f"experts.llep_imbalance_threshold={self.llep_imbalance_threshold} must be > 0")
-        if self.chunk_tokens < 1:
-            raise ValueError(f"experts.chunk_tokens={self.chunk_tokens} must be >= 1")
-        if self.max_chunks < 1:
-            raise ValueError(f"experts.max_chunks={self.max_chunks} must be >= 1")
-
-    @classmethod
-    def from_any(cls, cfg) -> "ExpertParallelConfig":
-        """Accept None (defaults), an instance, a dict, or any object carrying some of these field names."""
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
-        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+from mop.parallel.experts.registry import dispatcher_class
 
 
 def make_dispatcher(cfg: ExpertParallelConfig, n_experts: int, group) -> TokenDispatcher:
@@ -83,7 +44,7 @@ class ExpertParallelExperts(nn.Module):
         super().__init__()
         ep = layout.spec.expert
         if n_experts % ep:
-            raise ValueError(f"parallel.expert (Ep)={ep} must divide the number of experts {n_experts}")
+            raise ValueError(f"parallel.experts.degree (Ep)={ep} must divide the number of experts {n_experts}")
         self.n_experts, self.dim, self.hidden, self.cfg = n_experts, dim, hidden, cfg
         self.act = act or ExpertActivation()
         self.mesh = layout.expert_mesh

@@ -1,4 +1,4 @@
-"""`DISPATCHERS`: the one list of token dispatchers, by the name `parallel.dispatcher` takes.
+"""`DISPATCHERS`: the one list of token dispatchers, by the name `parallel.experts.dispatcher` takes.
 
 Each entry names its class as "module:Class" and is imported only when used, so validating a
 configuration imports no dispatcher code. The configuration, `ExpertParallelExperts` and the
@@ -16,7 +16,7 @@ DISPATCHERS: dict[str, str] = {
 }
 
 
-def check_dispatcher(name: str, option: str = "parallel.dispatcher") -> None:
+def check_dispatcher(name: str, option: str = "parallel.experts.dispatcher") -> None:
     """ValueError naming `option` and the valid names unless `name` is a registered dispatcher."""
     if name not in DISPATCHERS:
         raise ValueError(f"{option}: {name!r} is not one of {', '.join(repr(n) for n in DISPATCHERS)}")
