@@ -12,7 +12,7 @@ last = rows[-1]
 print("  ", {k: last[k] for k in last if any(w in k for w in ("tok", "mfu", "mem", "peak"))})
 PY
 tail -3 $OUT/$name.log | cut -c1-300; }
-run mla1 1 --model.shape=kimi-k2 --model.n_experts=32 --parallel.seq=1 --parallel.expert=1 --parallel.vocab=1
-run mla2 2 --model.shape=kimi-k2 --model.n_experts=32 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2
-run oss1 1 --model.shape=gpt-oss-20b --model.moe_bias=false --model.swiglu_limit=0 --parallel.seq=1 --parallel.expert=1 --parallel.vocab=1
-run oss2 2 --model.shape=gpt-oss-20b --model.moe_bias=false --model.swiglu_limit=0 --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2
+run mla1 1 --model.shape=kimi-k2 --model.n_experts=32 --parallel.seq.degree=1 --parallel.experts.degree=1 --parallel.vocab.degree=1
+run mla2 2 --model.shape=kimi-k2 --model.n_experts=32 --parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2
+run oss1 1 --model.shape=gpt-oss-20b --model.moe_bias=false --model.swiglu_limit=0 --parallel.seq.degree=1 --parallel.experts.degree=1 --parallel.vocab.degree=1
+run oss2 2 --model.shape=gpt-oss-20b --model.moe_bias=false --model.swiglu_limit=0 --parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2

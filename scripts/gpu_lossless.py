@@ -4,12 +4,16 @@ one GPU, against the one-GPU run's own run-to-run noise.
     python scripts/gpu_lossless.py                      # W=2: D=2, Ep=2, LLEP, P=2, host AdamW, 50 steps
     python scripts/gpu_lossless.py --gpus 4 --layout seq=2,expert=2,vocab=4,dispatcher=llep --steps 50
 
-Three runs of the same model, data and seed: the parallel run, and the one-GPU reference twice.
-bf16 rounds every GEMM's inputs to 8 bits of mantissa, and kernels that reduce with atomics (or in
-another order under another layout) change the rounding, so bit equality is not expected even
-between two identical one-GPU runs. The question is whether the parallel run differs from the
-reference by more than the reference differs from itself. Per step t, with
-noise(t) = max over s <= t of |ref2(s) - ref1(s)| (the reference's own band so far):
+Three runs of the same model, data and seed: the parallel run, the one-GPU reference, and the
+one-GPU reference perturbed at the rounding level only (`--perturb`, by default the expert layer
+run in chunks of 512 tokens by the pipelined dispatcher: the same sums in another order). bf16 rounds
+every GEMM's inputs to 8 bits of mantissa, and another layout reduces in another order, so bit
+equality is not expected; and training amplifies any rounding difference (a chaotic system: two
+runs that differ in one bit drift apart by 1e-2 in loss within ~20 steps at lr 1e-3). Two identical
+one-GPU runs are bit-identical on H200 (session 4), so they measure nothing; a rounding-level
+perturbation of the same computation is the honest noise band. The question is whether the parallel
+run differs from the reference by more than that perturbed reference does. Per step t, with
+noise(t) = max over s <= t of |ref2(s) - ref1(s)| (the perturbed reference's band so far):
 
     |par(t) - ref1(t)| <= 2 * max(noise(t), floor)
 
@@ -68,6 +72,9 @@ def main() -> int:
     ap.add_argument("--optimizer", default="cpu", help="optimizer.offload of both runs: none | cpu | gpu_stream")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per sequence group")
+    ap.add_argument("--perturb", default="experts.dispatcher=llep_pipelined,experts.chunk_tokens=512",
+                    help="parallel.* options of the second one-GPU run: the same math, summed in another "
+                         "order (empty: two identical runs)")
     ap.add_argument("--out", default=None, help="write every step and the verdict as JSON here")
     args = ap.parse_args()
     layout = dict(kv.split("=") for kv in args.layout.split(","))
@@ -79,7 +86,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         got = run(args.gpus, par, Path(tmp) / "par", args.steps)
         ref1 = run(1, ref, Path(tmp) / "ref1", args.steps)
-        ref2 = run(1, ref, Path(tmp) / "ref2", args.steps)
+        perturb = [f"--parallel.{kv}" for kv in args.perturb.split(",") if kv]
+        ref2 = run(1, ref + perturb, Path(tmp) / "ref2", args.steps)
     rows, ok = compare(got, ref1, ref2)
     for r in rows:
         print(f"step {r['step']:>3} loss {r['loss']:.5f} ref {r['ref_loss']:.5f} (diff {r['loss_diff']:.1e}, "
@@ -90,8 +98,9 @@ def main() -> int:
     print("max over steps:", ", ".join(f"{k} {v:.2e}" for k, v in summary.items()))
     if args.out:
         Path(args.out).write_text(json.dumps({"layout": layout, "gpus": args.gpus, "optimizer": args.optimizer,
-                                              "steps": args.steps, "rows": rows, "max": summary, "ok": ok}, indent=1))
-    print("bf16 lossless check:", "PASSED (within the reference's own noise)" if ok else "FAILED")
+                                              "perturb": args.perturb, "steps": args.steps, "rows": rows,
+                                              "max": summary, "ok": ok}, indent=1))
+    print("bf16 lossless check:", "PASSED (within the perturbed reference's band)" if ok else "FAILED")
     return 0 if ok else 1
 
 

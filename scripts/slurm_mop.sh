@@ -3,7 +3,7 @@
 # node, a run directory on a shared file system, and automatic resume after preemption or a crash.
 #
 #   sbatch --nodes=4 scripts/slurm_mop.sh --config configs/qwen3-30b-a3b.toml \
-#       --parallel.seq=8 --parallel.expert=8 --parallel.vocab=8
+#       --parallel.seq.degree=8 --parallel.experts.degree=8 --parallel.vocab.degree=8
 #
 # Anything after the script name is passed to `mop.train` (any --section.key=value option).
 # Re-submitting the same script with the same RUN_DIR continues the run from its newest checkpoint

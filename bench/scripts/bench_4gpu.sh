@@ -8,7 +8,7 @@ OUT=${OUT:-bench/results/run}
 EXTRA=$(mktemp -d)
 TR="python -m torch.distributed.run --standalone --nproc-per-node 4"
 python -m mop.cli bench --shape qwen3-30b-a3b --layers 4 --contexts 8K,32K,128K --gpus 4 --batch-setting paper \
-  --mop-overrides "--parallel.dispatcher=llep --training.activation_checkpoint=true" \
+  --mop-overrides "--parallel.experts.dispatcher=llep --training.activation_checkpoint=true" \
   --baseline-configs '[{"ep": 4}, {"ep": 4, "cp": 4}]' --warmup 1 --steps 2 --timeout 110 --out "$OUT/table" \
   > "$EXTRA/bench.log" 2>&1
 tail -25 "$EXTRA/bench.log"
@@ -21,7 +21,7 @@ fi
 if [ $SECONDS -lt ${LONG_BEFORE:-470} ]; then
   echo "== mop at 1M tokens (2 layers, D=4, head chunks 4, pipelined LLEP, host AdamW)"
   timeout $((585 - SECONDS)) $TR -m mop.train --config configs/qwen3-30b-a3b.toml --model.n_layers=2 \
-    --training.seq_len=1048576 --training.steps=2 --training.warmup_steps=1 --parallel.ulysses_head_chunks=4 \
+    --training.seq_len=1048576 --training.steps=2 --training.warmup_steps=1 --parallel.seq.head_chunks=4 \
     --optimizer.device_fraction=0 --logging.run_dir=/tmp/ctx1m > "$EXTRA/ctx_1048576.log" 2>&1
   echo "rc=$?" >> "$EXTRA/ctx_1048576.log"; grep -E "^mop|^step|rc=|OutOfMemory" "$EXTRA/ctx_1048576.log" | head -5
 fi

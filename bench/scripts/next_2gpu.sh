@@ -12,12 +12,12 @@
 # Usage: OUT=some/dir PART=a bash bench/scripts/next_2gpu.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }  # seconds left of this call's budget
-MOP="--parallel.dispatcher=llep --optimizer.offload=gpu_stream --training.param_dtype=bf16"
+MOP="--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream --training.param_dtype=bf16"
 B="python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --gpus 2"
 
 case ${PART:-a} in
 a)
-  timeout 200 python scripts/gpu_lossless.py --gpus 2 --layout seq=2,expert=2,vocab=2,dispatcher=llep \
+  timeout 200 python scripts/gpu_lossless.py --gpus 2 --layout seq.degree=2,experts.degree=2,vocab.degree=2,experts.dispatcher=llep \
     --optimizer cpu --steps 50 --out "$OUT/lossless_bf16.json" > "$OUT/lossless_bf16.log" 2>&1
   tail -3 "$OUT/lossless_bf16.log"
   for C in "" "--checkpointed"; do
@@ -34,7 +34,7 @@ a)
 b)
   timeout $(left 580) $B --contexts 8K,32K,64K --batch-setting paper --optimizer-ablation --warmup 1 --steps 2 \
     --timeout 150 --baseline-configs '[{"ep": 2}, {"ep": 2, "activation_checkpoint": false}]' \
-    --mop-overrides "--parallel.dispatcher=llep" --out "$OUT/bench_short" > "$OUT/bench_short.log" 2>&1
+    --mop-overrides "--parallel.experts.dispatcher=llep" --out "$OUT/bench_short" > "$OUT/bench_short.log" 2>&1
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_short/results.md"; rm -rf "$OUT/bench_short/work"
   ;;
 c)

@@ -7,12 +7,12 @@
 # Usage: OUT=some/dir PART=a bash bench/scripts/next_4gpu.sh
 NPROC=${NPROC:-4} source "$(dirname "$0")/common.sh"
 G=$NPROC
-MOP="--parallel.dispatcher=llep_pipelined --optimizer.offload=gpu_stream"
+MOP="--parallel.experts.dispatcher=llep_pipelined --optimizer.offload=gpu_stream"
 left() { echo $(( ${1:-570} - SECONDS )); }  # seconds left before this call's budget
 
 case ${PART:-a} in
 a)
-  timeout 150 python scripts/gpu_lossless.py --gpus $G --layout seq=2,expert=2,vocab=$G,dispatcher=llep \
+  timeout 150 python scripts/gpu_lossless.py --gpus $G --layout seq.degree=2,experts.degree=2,vocab.degree=$G,experts.dispatcher=llep \
     --out "$OUT/lossless_bf16.json" > "$OUT/lossless_bf16.log" 2>&1; tail -4 "$OUT/lossless_bf16.log"
   timeout 150 $TR -m mop.bench.experts --shape qwen3-30b-a3b --tokens 16384,65536 \
     --skew 0,0.3,0.5,0.8,0.95 --checkpointed --out "$OUT/experts_qwen3.jsonl" > "$OUT/experts_qwen3.log" 2>&1
@@ -37,14 +37,14 @@ c)
   for S in 262144 524288 1048576; do
     [ "$(left)" -gt 60 ] || break
     timeout $(left) $TR -m mop.train --config configs/qwen3-30b-a3b.toml --model.n_layers=2 --training.seq_len=$S \
-      --training.steps=2 --training.warmup_steps=1 --parallel.ulysses_head_chunks=4 --logging.run_dir=/tmp/ctx$S \
+      --training.steps=2 --training.warmup_steps=1 --parallel.seq.head_chunks=4 --logging.run_dir=/tmp/ctx$S \
       --logging.memory_step=2 > "$OUT/ctx_$S.log" 2>&1; echo "rc=$?" >> "$OUT/ctx_$S.log"
     cp /tmp/ctx$S/memory_rank0.txt "$OUT/memory_$S.txt" 2>/dev/null  # where the memory goes (issue #5)
     grep -E "^step|rc=|OutOfMemory" "$OUT/ctx_$S.log" | tail -3
   done
   if [ "$(left)" -gt 90 ]; then  # selective checkpoint offload (first GPU run of it): 1M, every block's input on the host
     timeout $(left) $TR -m mop.train --config configs/qwen3-30b-a3b.toml --model.n_layers=2 --training.seq_len=1048576 \
-      --training.steps=2 --training.warmup_steps=1 --parallel.ulysses_head_chunks=4 --training.activation_checkpoint=offload \
+      --training.steps=2 --training.warmup_steps=1 --parallel.seq.head_chunks=4 --training.activation_checkpoint=offload \
       --logging.run_dir=/tmp/ctx1m_off > "$OUT/ctx_1048576_offload.log" 2>&1; echo "rc=$?" >> "$OUT/ctx_1048576_offload.log"
     grep -E "^step|rc=|OutOfMemory" "$OUT/ctx_1048576_offload.log" | tail -3
   fi

@@ -8,8 +8,8 @@
 #    (FSDP2 + EP2 + CP2 ring attention + compiled loss + full AC, on the device).
 # Usage: OUT=dir bash bench/scripts/session3_a.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
-S2="--config configs/qwen3-30b-a3b.toml --parallel.seq=2 --parallel.expert=2 --parallel.vocab=2 \
-  --parallel.dispatcher=llep --model.n_layers=2 --training.seq_len=32768 --training.steps=6 \
+S2="--config configs/qwen3-30b-a3b.toml --parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2 \
+  --parallel.experts.dispatcher=llep --model.n_layers=2 --training.seq_len=32768 --training.steps=6 \
   --training.warmup_steps=2 --optimizer.offload=none --logging.progress=none --logging.log_every=1"
 for P in full selective; do
   timeout 70 $TR -m mop.train $S2 --training.activation_checkpoint=$P --logging.run_dir=/tmp/smoke_$P \
@@ -36,7 +36,7 @@ echo "== bench 24 layers, 128K, paper batch"
 timeout 480 python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --contexts 128K --gpus 2 \
   --batch-setting paper --warmup 1 --steps 2 --timeout 300 \
   --baseline-configs '[{"ep": 2, "cp": 2}]' \
-  --mop-overrides "--parallel.dispatcher=llep --optimizer.offload=gpu_stream" \
+  --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream" \
   --out "$OUT/bench_128k" > "$OUT/bench_128k.log" 2>&1
 cat "$OUT/bench_128k/results.md" | head -30
 grep -h "activation policy\|Error\|error" "$OUT/bench_128k.log" | head

@@ -20,7 +20,7 @@ timeout 250 python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --contexts
   --baseline-configs '[{"ep": 2, "cp": 2}]' --out "$B" > "$OUT/bench_128k_baseline.log" 2>&1
 timeout 330 python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --contexts 256K --gpus 2 \
   --batch-setting paper --warmup 1 --steps 1 --timeout 320 --systems mop --resume \
-  --mop-overrides "--parallel.dispatcher=llep --optimizer.offload=gpu_stream" \
+  --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream" \
   --out "$B" > "$OUT/bench_256k_mop.log" 2>&1
 cat "$B/results.md" | sed -n '/## Results/,/## Baseline/p'
 python - "$B/results.json" <<'PY'

@@ -9,7 +9,7 @@ B="$OUT/bench"
 mkdir -p "$B"; [ -n "$PREV" ] && cp "$PREV/results.json" "$B/results.json"
 timeout 420 python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --contexts 256K --gpus 2 \
   --batch-setting paper --warmup 1 --steps 1 --timeout 400 --systems mop --resume \
-  --mop-overrides "--parallel.dispatcher=llep --optimizer.offload=gpu_stream" \
+  --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream" \
   --out "$B" > "$OUT/bench_256k_mop.log" 2>&1
 cat "$B/results.md" | sed -n '/## Results/,/## Baseline/p'
 python - "$B/results.json" <<'PY'

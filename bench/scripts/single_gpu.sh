@@ -6,8 +6,8 @@ NPROC=1 source "$(dirname "$0")/common.sh"
 
 for S in 8192 32768; do
   echo "== profile: mop train, 1 GPU, qwen3-30b-a3b 4 layers, $S tokens, AC, step 4 profiled"
-  timeout 80 $TR -m mop.train --config configs/qwen3-30b-a3b.toml --parallel.seq=1 --parallel.expert=1 \
-    --parallel.vocab=1 --model.n_layers=4 --training.seq_len=$S --training.steps=4 --training.warmup_steps=1 \
+  timeout 80 $TR -m mop.train --config configs/qwen3-30b-a3b.toml --parallel.seq.degree=1 --parallel.experts.degree=1 \
+    --parallel.vocab.degree=1 --model.n_layers=4 --training.seq_len=$S --training.steps=4 --training.warmup_steps=1 \
     --optimizer.offload=none --logging.run_dir=/tmp/prof$S --logging.profile_step=4 --logging.progress=plain \
     > "$OUT/profile_$S.log" 2>&1; echo "rc=$?" >> "$OUT/profile_$S.log"
   cp /tmp/prof$S/profile_rank0.txt "$OUT/profile_$S.txt" 2>/dev/null

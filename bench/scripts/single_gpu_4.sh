@@ -5,7 +5,7 @@
 # 2. exposed optimizer time with the overlap, one sequence per step and 2^20 tokens per step.
 # Usage: OUT=some/dir bash bench/scripts/single_gpu_4.sh
 NPROC=1 source "$(dirname "$0")/common.sh"
-COMMON="--config configs/qwen3-30b-a3b.toml --parallel.seq=1 --parallel.expert=1 --parallel.vocab=1 \
+COMMON="--config configs/qwen3-30b-a3b.toml --parallel.seq.degree=1 --parallel.experts.degree=1 --parallel.vocab.degree=1 \
   --model.n_layers=2 --training.seq_len=8192 --training.steps=8 --training.warmup_steps=2 \
   --optimizer.offload=gpu_stream --optimizer.device_fraction=0 --logging.progress=none --logging.log_every=1"
 for RUN in on:true off:false off2:false; do
