@@ -2,7 +2,7 @@
 one GPU, against the one-GPU run's own run-to-run noise.
 
     python scripts/gpu_lossless.py                      # W=2: D=2, Ep=2, LLEP, P=2, host AdamW, 50 steps
-    python scripts/gpu_lossless.py --gpus 4 --layout seq=2,expert=2,vocab=4,dispatcher=llep --steps 50
+    python scripts/gpu_lossless.py --gpus 4 --layout seq.degree=2,experts.degree=2,vocab.degree=4,experts.dispatcher=llep --steps 50
 
 Three runs of the same model, data and seed: the parallel run, the one-GPU reference, and the
 one-GPU reference perturbed at the rounding level only (`--perturb`, by default the expert layer
