@@ -1,19 +1,26 @@
 """How the device memory left after weights and gradients is spent: memory buys time.
 
-Before step 1 (`training.activation_checkpoint = "auto"`), the trainer decides, in this order of
-value, what the memory that the model state leaves free holds:
+Before step 1 (`training.activation_checkpoint = "auto"`), the trainer decides what the memory that
+the model state leaves free holds. Two uses compete for it:
 
-1. activations kept, so blocks are not recomputed: each block moves up the ladder
-   offload -> full -> selective -> none (mop.models.checkpointing) while it fits, the upgrades
-   with the most recomputation avoided per byte first;
-2. then the host optimizer's device-resident share of the state (`optimizer.device_fraction`),
-   which buys the cheapest time to hide: the update already overlaps the next forward.
+- activations kept, so blocks are not recomputed: each block moves up the ladder
+  offload -> full -> selective -> none (mop.models.checkpointing);
+- the host optimizer's device-resident share of its state (`optimizer.device_fraction`): every
+  byte of fp32 state kept on the device is a byte the update does not stream over PCIe (or update
+  on the host) each step.
+
+They are ranked by the seconds each byte saves per optimizer step (`split_memory`). Which wins
+depends on the context: at 128K a block's attention costs ~0.1 s to recompute and the update hides
+behind a multi-second forward, so activations come first; at 8K a block recomputes in ~3 ms while
+streaming the state costs ~1 s per step that no forward hides (measured on 2 x H200, 24 layers:
+`bench/results/2026-11-29-session4-2xh200`), so the optimizer comes first.
 
 What each policy keeps per block is MEASURED, not modelled: `probe_block_bytes` runs one forward
 with a pattern of policies over the blocks and reads the allocator between blocks (CUDA). The
-recomputation each upgrade avoids is estimated from FLOPs (`recompute_seconds`): only its ratios
-between upgrades matter for the choice. `choose_policies` is a pure function of those numbers and
-the budget, so the choice is deterministic for a given memory budget.
+recomputation each upgrade avoids is estimated from FLOPs (`recompute_seconds`), the optimizer's
+cost per byte from the measured link and host-update rates (`optimizer_rival`). `split_memory` is a
+pure function of those numbers and the budget, so the choice is deterministic for a given memory
+budget.
 """
 
 from __future__ import annotations
@@ -58,37 +65,87 @@ def recompute_seconds(model_cfg, seq_len: int, tokens_per_rank: int, *,
     return {"none": 0.0, "selective": dense_s + expert_s, "full": full, "offload": 1.02 * full}
 
 
-def choose_policies(n_blocks: int, costs: BlockCosts, budget_bytes: float,
-                    allowed: tuple[str, ...] = LADDER) -> list[str]:
-    """Per-block policies whose kept bytes fit `budget_bytes`, avoiding the most recomputation.
+@dataclass(frozen=True)
+class OptimizerRival:
+    """The host optimizer's claim on the same memory. Each byte of its state kept on the device saves
+    `seconds_per_byte` of update time per optimizer step, but only the first `valuable_bytes` count:
+    beyond them the rest of the update hides behind the next forward anyway."""
+
+    seconds_per_byte: float
+    valuable_bytes: float
+
+
+# Seconds per step that one byte of fp32 optimizer state (master, m, v: 12 B/param) costs when it
+# lives on the host, by engine. gpu_stream moves it in and out over PCIe (pinned copies measured at
+# 55 GB/s each way on H200); cpu updates it on the host (2.21 Gparam/s measured, 12 B each).
+# Sources: bench/results/2026-11-28-session2-1xh200/SUMMARY.md section 5.
+STATE_SECONDS_PER_BYTE = {"gpu_stream": 2 / 55e9, "cpu": 1 / (12 * 2.21e9)}
+
+
+def optimizer_rival(engine: str, state_bytes: float, forward_seconds: float, overlap: bool) -> OptimizerRival:
+    """The rival of a host optimizer engine with `state_bytes` of offloadable state per rank.
+
+    With the update overlapped (`optimizer.overlap_update`), the first `forward_seconds` of it run
+    behind the next step's forward: the bytes beyond `state_bytes - forward_seconds / s_per_byte`
+    buy nothing on the device.
+    """
+    per_byte = STATE_SECONDS_PER_BYTE.get(engine, STATE_SECONDS_PER_BYTE["gpu_stream"])
+    hidden = forward_seconds / per_byte if overlap else 0.0
+    return OptimizerRival(per_byte, max(0.0, state_bytes - hidden))
+
+
+def split_memory(n_blocks: int, costs: BlockCosts, budget_bytes: float, allowed: tuple[str, ...] = LADDER,
+                 optimizer: OptimizerRival | None = None, accum: int = 1) -> tuple[list[str], float]:
+    """Per-block policies and the optimizer's reserved bytes that together fit `budget_bytes`, saving
+    the most seconds per optimizer step.
 
     Greedy by seconds saved per extra byte over every block's possible upgrades (any jump up the
-    ladder, so a cheap-but-useless step never blocks a valuable one behind it). Ties go to the
-    lower block index. Every block starts at the cheapest allowed policy; if even that exceeds the
-    budget the result is still that policy everywhere (the caller reports it).
+    ladder, so a cheap-but-useless step never blocks a valuable one behind it); a block's saving
+    recurs in each of the `accum` micro-batches of a step, the optimizer's once per step. The
+    optimizer's value per byte is flat up to its `valuable_bytes`, so: first every upgrade worth more
+    per byte than the optimizer, then the optimizer's valuable bytes, then the remaining upgrades.
+    Ties go to the lower block index. Every block starts at the cheapest allowed policy; if even that
+    exceeds the budget the result is still that policy everywhere (the caller reports it).
     """
     ladder = [p for p in LADDER if p in allowed]
     kept, secs = costs.kept_bytes, costs.recompute_seconds
     level = [0] * n_blocks
     used = n_blocks * kept[ladder[0]]
-    while True:
-        best = None
-        for i in range(n_blocks):
-            cur = ladder[level[i]]
-            for j in range(level[i] + 1, len(ladder)):
-                nxt = ladder[j]
-                extra = max(kept[nxt] - kept[cur], 1.0)
-                saved = secs[cur] - secs[nxt]
-                if saved <= 0 or used + extra > budget_bytes:
-                    continue
-                key = (saved / extra, -i, j)
-                if best is None or key > best[0]:
-                    best = (key, i, j, extra)
-        if best is None:
-            return [ladder[k] for k in level]
-        _, i, j, extra = best
-        level[i] = j
-        used += extra
+
+    def upgrade(limit: float, min_density: float) -> None:
+        nonlocal used
+        while True:
+            best = None
+            for i in range(n_blocks):
+                cur = ladder[level[i]]
+                for j in range(level[i] + 1, len(ladder)):
+                    nxt = ladder[j]
+                    extra = max(kept[nxt] - kept[cur], 1.0)
+                    saved = (secs[cur] - secs[nxt]) * accum
+                    if saved <= 0 or used + extra > limit or saved / extra <= min_density:
+                        continue
+                    key = (saved / extra, -i, j)
+                    if best is None or key > best[0]:
+                        best = (key, i, j, extra)
+            if best is None:
+                return
+            _, i, j, extra = best
+            level[i] = j
+            used += extra
+
+    reserve = 0.0
+    if optimizer is not None and optimizer.valuable_bytes > 0:
+        upgrade(budget_bytes, optimizer.seconds_per_byte)
+        reserve = max(0.0, min(optimizer.valuable_bytes, budget_bytes - used))
+    upgrade(budget_bytes - reserve, 0.0)
+    return [ladder[k] for k in level], reserve
+
+
+def choose_policies(n_blocks: int, costs: BlockCosts, budget_bytes: float,
+                    allowed: tuple[str, ...] = LADDER) -> list[str]:
+    """Per-block policies whose kept bytes fit `budget_bytes`, avoiding the most recomputation
+    (`split_memory` with nothing competing for the memory)."""
+    return split_memory(n_blocks, costs, budget_bytes, allowed)[0]
 
 
 def policies_bytes(policies: list[str], kept_bytes: dict[str, float]) -> float:
@@ -167,13 +224,15 @@ class ActivationPlan:
     base_bytes: float | None
     peak_bytes: float | None  # verified peak of a micro-batch under `policies` (None: not verified)
     notes: list[str]
+    optimizer_bytes: float = 0.0  # kept free for the host optimizer's device share (`split_memory`)
 
 
 _FINITE_MAX = 2.0**62  # "never chosen" travels through a float64 all-reduce as this
 
 
 def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, float], cap: float,
-                             tries: int = 3, margin: float = 0.95, shrink: int = 1) -> ActivationPlan:
+                             tries: int = 3, margin: float = 0.95, shrink: int = 1,
+                             optimizer: OptimizerRival | None = None, accum: int = 1) -> ActivationPlan:
     """Measure, choose, verify: per-block activation policies whose micro-batch peaks below `cap`.
 
     1. `probe_pattern` on one forward: the bytes each policy keeps per block (allocator between
@@ -185,8 +244,9 @@ def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, f
        weights are its constant part). Attention's cost grows with the square of the tokens, so at
        1/4 and 1/8 the probe costs a fraction of one full micro-batch; the verification (step 2)
        runs at full length and corrects what the extrapolation misses.
-    2. Choose for the budget `margin * (cap - base)` (`choose_policies`), run a micro-batch with the
-       choice; over `cap` or out of memory: the next budget is what that choice was predicted to keep
+    2. Split the budget `margin * (cap - base)` between kept activations and the host optimizer's
+       device share (`split_memory`), run a micro-batch with the chosen policies; over `cap` less
+       the optimizer's share, or out of memory: the next budget is what that choice was predicted to keep
        less the overshoot (or a quarter less after an OOM), `tries` times; then the least memory
        ("offload") everywhere.
     An OOM while probing the pattern drops "none" from the ladder (the pattern's one block kept
@@ -229,21 +289,21 @@ def plan_activation_policies(probe: Probe, n_blocks: int, recompute: dict[str, f
     costs = BlockCosts(kept, recompute)
     budget = margin * (cap - base)
     for _ in range(tries):
-        policies = choose_policies(n_blocks, costs, budget, allowed=allowed)
+        policies, reserve = split_memory(n_blocks, costs, budget, allowed=allowed, optimizer=optimizer, accum=accum)
         try:
             got = probe.micro_batch_peak(policies)
         except torch_oom():
             probe.recover()
             got = float("inf")
         got = probe.agree_max([min(got, _FINITE_MAX)])[0]
-        if got <= cap:
-            return ActivationPlan(policies, kept, base, got, notes)
+        if got <= cap - reserve:
+            return ActivationPlan(policies, kept, base, got, notes, reserve)
         notes.append(f"{describe(policies)} peaked above the cap" if got < _FINITE_MAX
                      else f"{describe(policies)} ran out of memory")
-        # Next budget: below what this choice was predicted to keep (the budget itself may have had
+        # Next budget: below what this choice was predicted to use (the budget itself may have had
         # room to spare), by the overshoot, or by a quarter after an OOM.
-        used = policies_bytes(policies, kept)
-        budget = used - 1.1 * (got - cap) if got < _FINITE_MAX else 0.75 * used
+        used = policies_bytes(policies, kept) + reserve
+        budget = used - 1.1 * (got - (cap - reserve)) if got < _FINITE_MAX else 0.75 * used
     return ActivationPlan(["offload"] * n_blocks, kept, base, None, notes + ["no choice verified; using offload"])
 
 

@@ -8,7 +8,8 @@ first batch (no update; the loader is rewound; gradients dropped), through a `De
   (`ActivationProbe` is its `Probe`: a forward with allocator readings between blocks, micro-batch
   peaks, OOMs caught and freed, every number agreed over ranks);
 - a host optimizer with `optimizer.device_fraction=-1`: the peak of one micro-batch, so the
-  optimizer's device share takes only what the step leaves.
+  optimizer's device share takes only what the step leaves. Under "auto" the optimizer competes
+  with the kept activations for that memory by seconds saved per byte (`memory_budget.split_memory`).
 
 The device budget (`cap`) is 90% of the device (allocator slack) less what the optimizer allocates
 later: AdamW's two moments on the device (8 B/param) or the host optimizer's staging slots.
@@ -145,13 +146,21 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
         tokens = t.batch_size * t.seq_len // spec.seq
         recompute = mb.recompute_seconds(job.model, t.seq_len, tokens,
                                          pipelined_experts=job.parallel.experts.dispatcher == "llep_pipelined")
-        plan = mb.plan_activation_policies(probe, len(probe.blocks), recompute, cap, shrink=mb.probe_shrink(tokens))
+        rival = None
+        if o.offload != "none" and o.device_fraction < 0:
+            # The host optimizer competes for the same bytes (mop.memory_budget.split_memory); its
+            # update overlaps roughly one micro-batch's forward, estimated like the recomputation.
+            rival = mb.optimizer_rival(o.offload, 12.0 * local_numel, len(probe.blocks) * recompute["full"],
+                                       overlap=o.overlap_update)
+        plan = mb.plan_activation_policies(probe, len(probe.blocks), recompute, cap, shrink=mb.probe_shrink(tokens),
+                                           optimizer=rival, accum=t.grad_accum)
         trainer.model.block_policies = plan.policies
         trainer.activation_plan = plan  # what was measured and why (bench records, tests)
         kept = ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in plan.kept_bytes.items() if b != float("inf"))
         gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731
         trainer._say(f"activation policy auto: {mb.describe(plan.policies)} (kept per block: {kept or '-'}; "
-                     f"base {gib(plan.base_bytes)} GiB; verified peak {gib(plan.peak_bytes)} of {cap / 2**30:.1f} GiB)"
+                     f"base {gib(plan.base_bytes)} GiB; verified peak {gib(plan.peak_bytes)} of {cap / 2**30:.1f} GiB; "
+                     f"kept free for the optimizer's device share {plan.optimizer_bytes / 2**30:.1f} GiB)"
                      + "".join(f"; {n}" for n in plan.notes))
         peak = plan.peak_bytes
     if peak is None and o.offload != "none" and o.device_fraction < 0:

@@ -178,3 +178,66 @@ def test_shrunk_probe_extrapolates_and_costs_one_full_micro_batch():
     assert b.base_bytes == pytest.approx(a.base_bytes)
     assert [c[2] for c in short.calls if c[0] in ("peak", "marks")] == [1 / 8, 1 / 8, 2 / 8, 1.0]
     assert mb.probe_shrink(65536) == 8 and mb.probe_shrink(16384) == 4 and mb.probe_shrink(8192) == 1
+
+
+# -- the host optimizer competes for the same memory -------------------------------------------------
+
+STATE_8K = 87 * GIB  # 12 B/param of a rank's 7.8 B parameters (24 layers of qwen3-30b-a3b over 2 ranks)
+
+
+def _rival(seq_len, tokens, state=STATE_8K, overlap=True):
+    fwd = 24 * mb.recompute_seconds(get_shape("qwen3-30b-a3b"), seq_len, tokens)["full"]
+    return mb.optimizer_rival("gpu_stream", state, fwd, overlap)
+
+
+def test_short_context_gives_the_optimizer_its_memory_first():
+    """At 8K a block recomputes in milliseconds while streaming the state costs ~1 s per step
+    (measured: the 8K profile of session 4): the optimizer's valuable bytes are reserved before any
+    block keeps more than it must, and the rest still buys the cheapest recomputation."""
+    costs = _costs(8192, 8192)
+    budget = 94 * GIB
+    rival = _rival(8192, 8192)
+    assert rival.valuable_bytes > 0.95 * STATE_8K  # a forward of ~0.1 s hides almost none of it
+    policies, reserve = mb.split_memory(24, costs, budget, optimizer=rival)
+    assert reserve == pytest.approx(rival.valuable_bytes)
+    assert mb.policies_bytes(policies, costs.kept_bytes) + reserve <= budget
+    alone = mb.choose_policies(24, costs, budget)  # without the rival the activations take it all
+    assert set(alone) == {"none"} and policies.count("none") < 12
+    assert mb.split_memory(24, costs, budget, optimizer=rival) == (policies, reserve)  # deterministic
+
+
+def test_long_context_keeps_activations_first_when_the_update_hides():
+    """At 128K the update hides behind a multi-second forward: nothing is reserved, and the choice
+    is the activation-only one."""
+    costs = _costs(131072, 65536)
+    rival = _rival(131072, 65536)
+    assert rival.valuable_bytes < 0.5 * STATE_8K
+    budget = 24 * costs.kept_bytes["selective"]
+    policies, reserve = mb.split_memory(24, costs, budget, optimizer=rival)
+    # Attention's recomputation is worth more per byte than streaming the state: selective first.
+    assert policies.count("selective") >= 20 and reserve <= budget - mb.policies_bytes(policies, costs.kept_bytes)
+
+
+def test_accumulation_makes_recomputation_worth_more_than_the_update():
+    """With 64 micro-batches per step a block's recomputation recurs 64 times, the update once."""
+    costs = _costs(8192, 8192)
+    budget = 94 * GIB
+    rival = _rival(8192, 8192)
+    _, reserve_1 = mb.split_memory(24, costs, budget, optimizer=rival, accum=1)
+    policies_64, reserve_64 = mb.split_memory(24, costs, budget, optimizer=rival, accum=64)
+    assert reserve_64 < reserve_1
+    assert mb.policies_bytes(policies_64, costs.kept_bytes) > 24 * costs.kept_bytes["selective"]
+
+
+def test_no_overlap_makes_every_state_byte_valuable():
+    rival = mb.optimizer_rival("cpu", 10 * GIB, forward_seconds=5.0, overlap=False)
+    assert rival.valuable_bytes == 10 * GIB
+    assert mb.optimizer_rival("cpu", 10 * GIB, forward_seconds=5.0, overlap=True).valuable_bytes == 0.0
+
+
+def test_plan_verifies_against_the_cap_less_the_optimizer_share():
+    probe = FakeProbe(total=140 * GIB, state=40 * GIB, true_kept=KEPT, transient=10 * GIB)
+    rival = mb.OptimizerRival(seconds_per_byte=1.0, valuable_bytes=50 * GIB)  # worth more than any block
+    plan = mb.plan_activation_policies(probe, 12, RECOMPUTE, cap=126 * GIB, optimizer=rival)
+    assert plan.optimizer_bytes == pytest.approx(50 * GIB)
+    assert plan.peak_bytes is not None and plan.peak_bytes <= 126 * GIB - plan.optimizer_bytes

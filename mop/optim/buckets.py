@@ -128,29 +128,32 @@ def adamw_flat_(
     """One decoupled AdamW step (torch.optim.AdamW semantics, bias-corrected) on flat fp32 state.
 
     `grad` is scratch: it may be overwritten. `clip_coef` multiplies the gradient; a tensor must be
-    on the grad's device or a 0-dim CPU tensor. On CPU this uses the one-pass fused kernel (about
-    10x faster than the op-by-op form, measured); on CUDA the op-by-op form keeps every scalar a
-    Python float, so nothing needs a device-side step counter. `fused` overrides that choice.
+    on the grad's device or a 0-dim CPU tensor. Both devices use the one-pass fused kernel: on CPU
+    it is about 10x faster than the op-by-op form (measured); on CUDA the op-by-op form made ~10
+    passes over the state (the 8K profile of session 4: 170 ms of mul_/lerp_/addcmul_/addcdiv_/sqrt
+    for 5.5 B parameters, against 66 ms for torch's fused AdamW on 7.8 B). The step counter and the
+    clip scale are filled on the device (a fill kernel, no host copy, no sync). `fused` overrides.
     """
     if fused is None:
-        fused = master.device.type == "cpu" and hasattr(torch, "_fused_adamw_")
+        fused = hasattr(torch, "_fused_adamw_")
     if fused:
         if grad.dtype != torch.float32:
             grad = grad.float()
+        dev = master.device
         grad_scale = None
         if clip_coef is not None:
             # The fused kernel divides by grad_scale, so pass the reciprocal of the clip coefficient.
             if isinstance(clip_coef, torch.Tensor):
-                grad_scale = torch.reciprocal(clip_coef.detach().to(torch.float32).reshape(()))
+                grad_scale = torch.reciprocal(clip_coef.detach().to(device=dev, dtype=torch.float32).reshape(()))
             else:
-                grad_scale = torch.tensor(1.0 / float(clip_coef), dtype=torch.float32)
+                grad_scale = torch.full((), 1.0 / float(clip_coef), dtype=torch.float32, device=dev)
         torch._fused_adamw_(
             [master],
             [grad],
             [exp_avg],
             [exp_avg_sq],
             [],
-            [torch.tensor(float(step), dtype=torch.float32)],
+            [torch.full((), float(step), dtype=torch.float32, device=dev)],
             lr=hyper.lr,
             beta1=hyper.beta1,
             beta2=hyper.beta2,
