@@ -8,7 +8,7 @@
 #   PART=c  issue #17: bf16 lossless at W=2 (every component, 50 steps, against the 1-GPU noise
 #           band); the expert layer at Ep=2; the vocabulary ring at P=2.
 #   PART=d  after the optimizer/activation memory split (mop.memory_budget.split_memory): 8K and 32K
-#           again, mop vs the same baseline config, one invocation; then the bf16 lossless check
+#           again, mop vs the baseline (EP2 as before, and plain FSDP: no all-to-all), one invocation; then the bf16 lossless check
 #           against a rounding-perturbed one-GPU reference.
 # (Parts a-c ran at commit f99e5f0, before the [parallel.*] sections were nested: their commands
 # used --parallel.dispatcher, --parallel.seq=2 etc.; the flags below are the nested ones.)
@@ -58,8 +58,8 @@ c)
     --out "$OUT/vocab.json" > "$OUT/vocab.log" 2>&1; grep "^|" "$OUT/vocab.log" | head -50
   ;;
 d)
-  timeout $(left 420) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 170 \
-    --baseline-configs '[{"ep": 2}]' --mop-overrides "$MOP" --out "$OUT/bench_short2" > "$OUT/bench_short2.log" 2>&1
+  timeout $(left 440) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 170 \
+    --baseline-configs '[{"ep": 2}, {"ep": 1}]' --mop-overrides "$MOP" --out "$OUT/bench_short2" > "$OUT/bench_short2.log" 2>&1
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_short2/results.md"; rm -rf "$OUT/bench_short2/work"
   grep -h "activation policy auto" "$OUT/bench_short2.log" | head -4
   timeout $(left 585) python scripts/gpu_lossless.py --gpus 2 --optimizer cpu --steps 50 \
