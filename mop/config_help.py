@@ -22,39 +22,6 @@ import textwrap
 import tokenize
 
 from mop.config import JobConfig, _is_section, _type_name, field_types
-from mop.models.config import ModelConfig
-
-# ModelConfig (mop/models/config.py) leaves the obvious fields without a comment, or with a terse
-# one; their help is here (and wins) until that file carries it.
-MODEL_HELP = {
-    "dim": "model width (H)",
-    "n_experts": "routed experts per MoE layer (E)",
-    "v_head_dim": "MLA: width of a value head (0: head_dim)",
-    "rope_mscale": "YaRN: attention-scale factor (0: not set)",
-    "rope_mscale_all_dim": "YaRN: attention-scale factor over all dimensions (0: not set)",
-    "vocab_size": "tokens in the vocabulary (rows of the embedding and the output head)",
-    "n_layers": "transformer blocks",
-    "n_heads": "query heads per attention layer",
-    "n_kv_heads": "key/value heads (GQA: divides n_heads)",
-    "head_dim": "width of one attention head",
-    "qk_norm": "RMSNorm on queries and keys (Qwen3)",
-    "rope_theta": "RoPE base frequency",
-    "norm_eps": "epsilon of the RMSNorms",
-    "top_k": "experts each token is routed to",
-    "n_shared_experts": "experts every token passes through, besides the routed ones",
-    "route_scale": "factor on the routing weights",
-    "expert_bias_rate": "step size of the aux-loss-free balancing bias",
-    "tie_embeddings": "the output head shares the embedding's weight",
-    "init_std": "standard deviation of the initial weights",
-    "kv_lora_rank": "MLA: rank of the compressed key/value projection",
-    "rope_factor": "YaRN: context extension factor",
-    "rope_original_max_len": "YaRN: the context the model was pre-trained with",
-    "rope_beta_fast": "YaRN: high-frequency boundary (rotations)",
-    "rope_beta_slow": "YaRN: low-frequency boundary (rotations)",
-    "rope_truncate": "YaRN: round the correction range to whole dimensions",
-    "hf_files": "files of the Hugging Face checkpoint this shape came from (set by hf:PATH)",
-}
-
 
 @functools.cache
 def field_help(cls) -> dict[str, str]:
@@ -84,7 +51,7 @@ def field_help(cls) -> dict[str, str]:
 
 def option_help(cls, name: str) -> str:
     """One option's help text ('' when its field has no comment)."""
-    return (MODEL_HELP.get(name) if cls is ModelConfig else None) or field_help(cls).get(name, "")
+    return field_help(cls).get(name, "")
 
 
 def options(job: JobConfig | None = None):

@@ -199,3 +199,30 @@ def test_help_lists_every_option_with_type_default_and_help(capsys):
     assert "--parallel.seq.degree  int  (default: 1)" in out
     assert "--optimizer.betas  float,float  (default: 0.9,0.95)" in out
     assert "[parallel.experts]" in out and "LLEP: per-rank capacity = alpha * total / Ep" in out
+
+
+def test_model_options_help_is_each_fields_own_comment(capsys):
+    """Every ModelConfig field carries its `mop train --help` line as a trailing comment on the field.
+
+    A field without one would take a section comment above it (`# MoE`) as its help.
+    """
+    import dataclasses
+    import inspect
+
+    from mop.config_help import field_help
+    from mop.models.config import ModelConfig
+    from mop.train import main as train_main
+
+    source = inspect.getsource(ModelConfig).splitlines()
+    help_by_field = field_help(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        line = next(s for s in source if s.lstrip().startswith(f"{f.name}:"))
+        assert "  # " in line and help_by_field[f.name] == line.split("  # ", 1)[1], f.name
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = capsys.readouterr().out.splitlines()
+    for i, row in enumerate(out):
+        if row.startswith("  --model."):
+            assert out[i + 1].startswith(" " * 8) and out[i + 1].strip(), row
+    assert "  --model.n_experts  int  (default: 8)" in out
+    assert out[out.index("  --model.n_experts  int  (default: 8)") + 1].strip() == "routed experts per MoE layer (E)"

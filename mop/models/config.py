@@ -17,62 +17,62 @@ class ModelConfig:
     """Shape and behaviour of a decoder-only MoE transformer. Validated on creation."""
 
     shape: str = "tiny"  # registry name this config started from (informational)
-    vocab_size: int = 258
-    dim: int = 64  # H
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 16
-    qk_norm: bool = True
+    vocab_size: int = 258  # tokens in the vocabulary (rows of the embedding and the output head)
+    dim: int = 64  # model width (H)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads per attention layer
+    n_kv_heads: int = 2  # key/value heads (GQA: divides n_heads)
+    head_dim: int = 16  # width of one attention head
+    qk_norm: bool = True  # RMSNorm on queries and keys (Qwen3)
     attn_bias: bool = False  # gpt-oss uses biases on q/k/v/o
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # epsilon of the RMSNorms
     # MoE
-    n_experts: int = 8
-    top_k: int = 2
-    expert_dim: int = 32  # I, width of each routed expert
-    n_shared_experts: int = 0
+    n_experts: int = 8  # routed experts per MoE layer (E)
+    top_k: int = 2  # experts each token is routed to
+    expert_dim: int = 32  # width of each routed expert (I)
+    n_shared_experts: int = 0  # experts every token passes through, besides the routed ones
     shared_expert_dim: int = 0  # width of one shared expert (defaults to expert_dim)
     score_func: str = "softmax"  # "softmax" | "sigmoid"
     norm_topk: bool = True  # renormalise the top-k weights to sum to 1
-    route_scale: float = 1.0
+    route_scale: float = 1.0  # factor on the routing weights
     aux_loss_coef: float = 0.0  # switch-style load-balancing loss; 0 disables
     expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3), used for selection only
-    expert_bias_rate: float = 1e-3
+    expert_bias_rate: float = 1e-3  # step size of the aux-loss-free balancing bias
     n_dense_layers: int = 0  # first layers with a dense FFN instead of MoE
     dense_dim: int = 0  # width of those dense FFNs
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    tie_embeddings: bool = False  # the output head shares the embedding's weight
+    init_std: float = 0.02  # standard deviation of the initial weights
     # -- attention variants --------------------------------------------------------------------
     attention: str = "gqa"  # "gqa" | "mla" (multi-head latent attention; then n_kv_heads == n_heads)
     # MLA: head_dim is the q/k head dim (nope + rope parts); v_head_dim the value head dim.
-    q_lora_rank: int = 0  # 0: q is one full-rank projection
-    kv_lora_rank: int = 0
-    qk_rope_head_dim: int = 0  # the decoupled RoPE part, shared by all heads on the key side
-    v_head_dim: int = 0  # 0: head_dim
+    q_lora_rank: int = 0  # MLA: rank of the compressed query projection (0: one full-rank projection)
+    kv_lora_rank: int = 0  # MLA: rank of the compressed key/value projection
+    qk_rope_head_dim: int = 0  # MLA: the decoupled RoPE part of head_dim, shared by all heads on the key side
+    v_head_dim: int = 0  # MLA: width of a value head (0: head_dim)
     rope_interleave: bool = False  # rotate pairs (x0, x1), (x2, x3), ... (DeepSeek) instead of halves
     # YaRN context extension (the Hugging Face `rope_parameters` of type "yarn").
     rope_scaling: str = "none"  # "none" | "yarn"
-    rope_factor: float = 1.0
-    rope_original_max_len: int = 0
-    rope_beta_fast: float = 32.0
-    rope_beta_slow: float = 1.0
-    rope_mscale: float = 0.0  # 0: not set
-    rope_mscale_all_dim: float = 0.0  # 0: not set
-    rope_truncate: bool = True
+    rope_factor: float = 1.0  # YaRN: context extension factor
+    rope_original_max_len: int = 0  # YaRN: the context the model was pre-trained with
+    rope_beta_fast: float = 32.0  # YaRN: high-frequency boundary (rotations)
+    rope_beta_slow: float = 1.0  # YaRN: low-frequency boundary (rotations)
+    rope_mscale: float = 0.0  # YaRN: attention-scale factor (0: not set)
+    rope_mscale_all_dim: float = 0.0  # YaRN: attention-scale factor over all dimensions (0: not set)
+    rope_truncate: bool = True  # YaRN: round the correction range to whole dimensions
     max_seq_len: int = 0  # positions the model was trained for (max_position_embeddings); 0: unchecked
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit in the softmax denominator
-    sliding_window: int = 0  # 0: full attention everywhere
+    sliding_window: int = 0  # gpt-oss: width of the attention window in tokens (0: full attention everywhere)
     sliding_window_layers: str = "even"  # layers with the window: "even" (0, 2, ...: gpt-oss) | "all"
     # -- MoE variants ----------------------------------------------------------------------------
-    n_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in n_groups groups,
-    topk_groups: int = 1  # a token's top-k chosen inside its best topk_groups groups
+    n_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in n_groups groups
+    topk_groups: int = 1  # group-limited routing: a token's top-k is chosen inside its best topk_groups groups
     moe_bias: bool = False  # gpt-oss: biases on the router and on every expert projection
     swiglu_limit: float = 0.0  # > 0: gpt-oss clamped SwiGLU (gate <= limit, |up| <= limit, (up + 1) * ...)
-    swiglu_alpha: float = 1.702  # its sigmoid gain (used when swiglu_limit > 0)
-    # The Hugging Face files this model was imported from (name -> parsed JSON: config.json,
-    # generation_config.json); `mop export` writes them back with only what the model changed.
-    hf_files: dict = field(default_factory=dict)
+    swiglu_alpha: float = 1.702  # gpt-oss: sigmoid gain of the clamped SwiGLU (used when swiglu_limit > 0)
+    # `mop export` writes these back with only what the model changed; name -> parsed JSON
+    # (config.json, generation_config.json).
+    hf_files: dict = field(default_factory=dict)  # files of the Hugging Face checkpoint it came from (set by hf:PATH)
 
     def __post_init__(self) -> None:
         def bad(option: str, msg: str) -> ValueError:
