@@ -130,7 +130,7 @@ class MoPStrategy:
         trainer.clip_coef = None
         if max_norm > 0 and grads:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on device: no host sync
-            if trainer.job.optimizer.offload != "none":
+            if trainer.job.optimizer.engine is not None:
                 trainer.clip_coef = coef  # folded into the host optimizer's update: no extra pass
             else:
                 torch._foreach_mul_(grads, coef)

@@ -155,13 +155,14 @@ class Trainer:
         start-up instead of taken from the prediction.
         """
         from mop.config import apply_overrides
+        from mop.optim.registry import offload_choices
         from mop.plan import Calibration, for_device, plan_for_job
 
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
-            cal, offloads, device_bytes = for_device(props.name), ("none", "cpu", "gpu_stream"), props.total_memory
+            cal, offloads, device_bytes = for_device(props.name), offload_choices(), props.total_memory
         else:
-            cal, offloads, device_bytes = Calibration.load("cpu"), ("none", "cpu"), None
+            cal, offloads, device_bytes = Calibration.load("cpu"), offload_choices(host_only=True), None
         plan = plan_for_job(job, self.proc.world, gpus_per_node=self.proc.local_world, calibration=cal,
                             offloads=offloads, device_bytes=device_bytes)
         overrides = plan.best.step.overrides() + ["--parallel.plan=none"]
@@ -252,13 +253,14 @@ class Trainer:
         for name, p in self.model.named_parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if o.offload != "none":
+        if o.engine is not None:
             from mop.optim import HostAdamW
 
             local_numel = sum(local_shard(p).numel() for p in self.model.parameters())
             fraction = o.device_fraction if o.device_fraction >= 0 else self._auto_device_fraction(local_numel)
-            # Reject a host state that cannot fit before allocating any of it.
-            extra = 4 if (o.offload == "cpu" and self.device.type == "cuda") else 0
+            # Reject a host state that cannot fit before allocating any of it (an engine that updates
+            # on the host also stages each gradient and cast weight there).
+            extra = 4 if (o.engine.grads_to_host and self.device.type == "cuda") else 0
             HostAdamW.check_host_memory(int(local_numel * (1 - fraction)), self.proc.local_world,
                                         bytes_per_param=12 + extra)
             self.device_fraction = fraction
@@ -268,14 +270,14 @@ class Trainer:
                             bucket_numel=o.bucket_numel, update_order=forward_order(self.model))
             # The update runs (step_async) while the next forward starts; each module waits for its own.
             self.update_overlap = UpdateOverlap(self.model, opt)
-            if o.offload == "cpu":
+            if o.engine.grads_to_host:
                 self._install_early_grad_offload(opt)
             return opt
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=not fused)
 
     def _install_early_grad_offload(self, opt) -> None:
-        """cpu engine: copy each gradient to the host as soon as it is final, during backward.
+        """Engines that update on the host: copy each gradient there as soon as it is final, during backward.
 
         A post-accumulate-grad hook fires when a parameter's gradient is complete: from autograd for
         the expert and vocabulary shards, and from FSDP2 right after the reduce-scatter for the dense
@@ -323,7 +325,7 @@ class Trainer:
         grad_norm = self.strategy.grad_norm_and_clip(self)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged with this step)
         update = self.guard.allow_update(self.step + 1, grad_norm, loss_sum, self.optimizer)
-        if update and self.job.optimizer.offload != "none":
+        if update and self.job.optimizer.engine is not None:
             self.optimizer.step_async(self.clip_coef)  # finished by the next forward's hooks (overlap.py)
             if not self.job.optimizer.overlap_update:
                 self.finish_update()

@@ -226,3 +226,18 @@ def test_model_options_help_is_each_fields_own_comment(capsys):
             assert out[i + 1].startswith(" " * 8) and out[i + 1].strip(), row
     assert "  --model.n_experts  int  (default: 8)" in out
     assert out[out.index("  --model.n_experts  int  (default: 8)") + 1].strip() == "routed experts per MoE layer (E)"
+
+
+def test_optimizer_offload_is_read_from_the_engine_registry():
+    """`optimizer.offload` names a registered engine; callers ask its class, not its name."""
+    from mop.config import OptimizerConfig
+    from mop.optim.registry import ENGINES, engine_class, offload_choices
+    from mop.optim.update_engines import CpuEngine
+
+    assert offload_choices() == ("none",) + tuple(n for n in ENGINES if not engine_class(n).device_resident)
+    assert offload_choices() == ("none", "cpu", "gpu_stream")
+    assert offload_choices(host_only=True) == ("none", "cpu")  # a CPU run: no device to stage state on
+    assert OptimizerConfig().engine is None
+    assert OptimizerConfig(offload="cpu").engine is CpuEngine and CpuEngine.grads_to_host
+    with pytest.raises(ValueError, match="optimizer.offload: 'device' is not one of 'none', 'cpu', 'gpu_stream'"):
+        OptimizerConfig(offload="device")

@@ -24,7 +24,10 @@ def engine_class(name: str) -> type:
     return getattr(import_module(module), cls)
 
 
-def offload_choices() -> tuple[str, ...]:
+def offload_choices(host_only: bool = False) -> tuple[str, ...]:
     """Values of `optimizer.offload`: "none" (torch AdamW on the device) and every engine that keeps
-    state in host memory."""
-    return ("none",) + tuple(n for n in ENGINES if not engine_class(n).device_resident)
+    state in host memory; `host_only` (a CPU run, whose "device" is host memory too) leaves out the
+    engines that stage state on the device, which there would only copy host memory to host memory."""
+    engines = (engine_class(n) for n in ENGINES)
+    return ("none",) + tuple(n for n, cls in zip(ENGINES, engines)
+                             if not cls.device_resident and not (host_only and cls.stages_on_device))
