@@ -22,6 +22,7 @@ CONFIGS = {
     "fsdp2": BaselineConfig(compile_loss=False),
     "fsdp2_ep2": BaselineConfig(ep=2, compile_loss=False),
     "fsdp2_ep2_sac": BaselineConfig(ep=2, compile_loss=False, selective=True),  # attention kept, rest recomputed
+    "fsdp2_ep2_cce": BaselineConfig(ep=2, chunked_loss=True),  # the model's strip-wise loss, no N x V logits
     "fsdp1_tp2": BaselineConfig(tp=2, compile_loss=False, activation_checkpoint=False),
     "hsdp2x1_ep1": BaselineConfig(dp_replicate=2, compile_loss=False),
 }

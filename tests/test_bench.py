@@ -151,6 +151,8 @@ def test_sweep_orders_selective_between_full_and_no_checkpointing():
 
     cfgs = [c for c in candidate_configs(get_shape("qwen3-30b-a3b"), 8192, 2, mode="full", cuda=True)
             if (c.tp, c.cp, c.ep) == (1, 1, 2)]
-    assert [c.label.split()[-1] for c in cfgs] == ["ac", "sac", "tp1"]  # full AC, selective, none
-    full, sel, none = cfgs
+    # The chunked loss (no N x V logits) comes first, with full AC: the most frugal of all.
+    assert [c.label.split()[-1] for c in cfgs] == ["cce", "ac", "sac", "tp1"]  # then full AC, selective, none
+    cce, full, sel, none = cfgs
+    assert _at_least_as_frugal(cce, full) and not _at_least_as_frugal(full, cce)
     assert _at_least_as_frugal(full, sel) and _at_least_as_frugal(sel, none) and not _at_least_as_frugal(none, sel)

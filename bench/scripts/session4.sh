@@ -8,7 +8,8 @@
 #   PART=c  issue #17: bf16 lossless at W=2 (every component, 50 steps, against the 1-GPU noise
 #           band); the expert layer at Ep=2; the vocabulary ring at P=2.
 #   PART=d  after the optimizer/activation memory split (mop.memory_budget.split_memory): 8K and 32K
-#           again, mop vs the baseline (EP2 as before, and plain FSDP: no all-to-all), one invocation; then the bf16 lossless check
+#           again, mop vs the same baseline config, one invocation; the baseline at 128K on the device
+#           with a chunked loss (BaselineConfig.chunked_loss: no N x V logits); then the bf16 lossless check
 #           against a rounding-perturbed one-GPU reference.
 # (Parts a-c ran at commit f99e5f0, before the [parallel.*] sections were nested: their commands
 # used --parallel.dispatcher, --parallel.seq=2 etc.; the flags below are the nested ones.)
@@ -58,11 +59,15 @@ c)
     --out "$OUT/vocab.json" > "$OUT/vocab.log" 2>&1; grep "^|" "$OUT/vocab.log" | head -50
   ;;
 d)
-  timeout $(left 440) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 170 \
-    --baseline-configs '[{"ep": 2}, {"ep": 1}]' --mop-overrides "$MOP" --out "$OUT/bench_short2" > "$OUT/bench_short2.log" 2>&1
+  # Budget: the whole call within ~470 s (what this session's device time leaves after a machine start).
+  timeout $(left 290) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 150 \
+    --baseline-configs '[{"ep": 2}]' --mop-overrides "$MOP" --out "$OUT/bench_short2" > "$OUT/bench_short2.log" 2>&1
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_short2/results.md"; rm -rf "$OUT/bench_short2/work"
   grep -h "activation policy auto" "$OUT/bench_short2.log" | head -4
-  timeout $(left 585) python scripts/gpu_lossless.py --gpus 2 --optimizer cpu --steps 50 \
+  timeout $(left 375) $B --contexts 128K --batch-setting paper --systems baseline --warmup 1 --steps 1 --timeout 120 \
+    --baseline-configs '[{"ep": 2, "cp": 2, "chunked_loss": true}]' --out "$OUT/bench_128k_base" > "$OUT/bench_128k_base.log" 2>&1
+  sed -n '/## Results/,/## Baseline/p' "$OUT/bench_128k_base/results.md"; rm -rf "$OUT/bench_128k_base/work"
+  timeout $(left 470) python scripts/gpu_lossless.py --gpus 2 --optimizer cpu --steps 50 \
     --out "$OUT/lossless_bf16.json" > "$OUT/lossless_bf16.log" 2>&1
   tail -3 "$OUT/lossless_bf16.log"
   ;;

@@ -23,6 +23,11 @@ class BaselineConfig:
     ep: int = 1
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads and AdamW state on the host
     compile_loss: bool = True  # torch.compile of cross_entropy(hidden @ W.T): the fp32 logits copy fuses away
+    # Never build the N x V logits: the model's own strip-wise cross-entropy (mop.ops.cross_entropy,
+    # one device, no vocabulary parallelism), as public stacks do with a fused linear-cross-entropy
+    # kernel (Liger's FLCE, torchtune's chunked loss). At 128K under CP2 the plain head's bf16 logits
+    # and their gradient are ~40 GB per rank: the difference between fitting on the device and not.
+    chunked_loss: bool = False
     compile_blocks: bool = False  # torch.compile of each transformer block (nn.Module.compile, FQNs kept)
     activation_checkpoint: bool = True
     # With activation_checkpoint: recompute every block except attention, which keeps its kernel's
@@ -91,6 +96,8 @@ class BaselineConfig:
                  f"ep{self.ep}", f"cp{self.cp}", f"tp{self.tp}"]
         if self.activation_checkpoint:
             parts.append("sac" if self.selective else "ac")
+        if self.chunked_loss:
+            parts.append("cce")
         if self.cpu_offload:
             parts.append("offload")
         if self.compile_blocks:

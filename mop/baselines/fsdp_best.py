@@ -4,7 +4,8 @@
 (mop.strategies): data placement, loss normaliser, gradient norm and micro-batch context are the
 baseline's, and its model is sharded by `parallelize_baseline`, in this order on the meta device:
 
-1. `apply_loss_head`   output projection + loss as one (compiled) `cross_entropy(hidden @ W.T)`
+1. `apply_loss_head`   output projection + loss as one (compiled) `cross_entropy(hidden @ W.T)`, or
+                        with `chunked_loss` the model's own strip-wise loss (no N x V logits)
 2. `apply_tp`          `parallelize_module`: attention wq/wk/wv colwise, wo rowwise; dense FFN and
                         shared experts w1/w3 colwise, w2 rowwise (the model infers local head counts)
 3. `apply_ep`          routed experts -> `AllToAllExperts` (DTensor Shard(0) over the EP dim)
@@ -174,7 +175,8 @@ def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job
     from mop.parallel.parallelize import AllReduceSum
 
     cfg.validate_model(model.cfg, job.training.seq_len)
-    apply_loss_head(model, cfg.compile_loss)
+    if not cfg.chunked_loss:
+        apply_loss_head(model, cfg.compile_loss)
     partial = apply_tp(model, meshes.tp) if meshes.tp is not None else []
     if meshes.ep is not None:
         apply_ep(model, meshes.ep)
@@ -250,7 +252,8 @@ class FSDPBestStrategy(MoPStrategy):
             if not trainer.sharded:
                 model = trainer._build_model()
                 model.block_policies = [self.config.block_policy] * len(model.layers)
-                apply_loss_head(model, self.config.compile_loss)
+                if not self.config.chunked_loss:
+                    apply_loss_head(model, self.config.compile_loss)
                 return model
             return None
         from mop.models.transformer import Transformer

@@ -28,9 +28,12 @@ def candidate_configs(model_cfg, seq_len: int, gpus: int, *, mode: str = "quick"
                 continue  # context_parallel needs CUDA SDPA kernels
             eps = [ep for ep in divisors(gpus // tp) if model_cfg.n_experts % ep == 0]
             for ep in eps:
-                for ac, selective in ((True, False), (True, True), (False, False)):
+                for ac, selective, chunked in ((True, False, False), (True, True, False), (False, False, False),
+                                               (True, False, True)):
+                    # The chunked loss only in the most frugal recomputation: where the logits decide
+                    # whether a config fits at all (long context), not as a speed variant.
                     cfg = BaselineConfig(tp=tp, cp=cp, ep=ep, activation_checkpoint=ac, selective=selective,
-                                         compile_loss=compile_loss)
+                                         compile_loss=compile_loss, chunked_loss=chunked)
                     try:
                         cfg = cfg.resolved(gpus)
                         cfg.validate_model(model_cfg, seq_len)
@@ -52,13 +55,13 @@ def _in_quick(cfg: BaselineConfig, gpus: int, eps: list[int]) -> bool:
 
 
 def _frugality(cfg: BaselineConfig) -> tuple:
-    return (cfg.cpu_offload, cfg.recompute_level, cfg.cp * cfg.tp, cfg.ep, cfg.cp)
+    return (cfg.cpu_offload, cfg.recompute_level, cfg.chunked_loss, cfg.cp * cfg.tp, cfg.ep, cfg.cp)
 
 
 def _at_least_as_frugal(a: BaselineConfig, b: BaselineConfig) -> bool:
     """a saves at least as much memory as b on every axis (so b cannot fit where a did not)."""
     return (a.tp >= b.tp and a.cp >= b.cp and a.ep >= b.ep and a.recompute_level >= b.recompute_level
-            and a.cpu_offload >= b.cpu_offload)
+            and a.cpu_offload >= b.cpu_offload and a.chunked_loss >= b.chunked_loss)
 
 
 def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dict], *, offload: str = "auto",
