@@ -85,8 +85,9 @@ def test_memory_model_reproduces_the_exact_state():
         step = Step(model=cfg, layout=LayoutSpec(W), seq_len=8192, offload=offload, device_fraction=frac)
         mem = estimate_memory(step, Calibration.load("h200"))
         exact = state_memory(cfg, W, offload, frac)
-        assert (mem.weights, mem.grads, mem.optimizer, mem.host_pinned_state) == (
-            exact.weights, exact.grads, exact.optimizer_device, exact.optimizer_host)
+        assert (mem.weights, mem.optimizer, mem.host_pinned_state) == (
+            exact.weights, exact.optimizer_device, exact.optimizer_host)
+        assert 0 < mem.grads <= exact.grads  # the gradients alive at the peak (backward_peak)
 
 
 def test_search_is_deterministic_and_its_overrides_run_in_mop_train():

@@ -18,7 +18,7 @@ from pathlib import Path
 from mop.config import build_config
 from mop.plan.calibration import Calibration
 from mop.plan.memory import estimate_memory
-from mop.plan.search import FASTEST_FIRST, _policy_candidates
+from mop.plan.search import FASTEST_FIRST, _policy_candidates, split_candidate
 from mop.plan.step import GIB, Cluster, policy_spec, step_from_overrides
 from mop.plan.timing import estimate_time
 
@@ -52,6 +52,11 @@ EXTRA_POINTS = [
 # Sources measured before 9eaa9cc, whose Ulysses attention (D > 1) ran forward 3x per checkpointed block.
 LEGACY_ULYSSES = ("2026-11-28-qwen3-30b-a3b-4xh200", "2xH200 report")
 
+# Sources measured before a271e05: activation_checkpoint=auto gave the kept activations all the
+# memory and the host optimizer's device share what was left (no `optimizer_rival` in the split).
+LEGACY_SPLIT = ("2026-11-28-", "2026-11-29-qwen3-30b-a3b-24l-2xh200", "2026-11-29-session4-2xh200", "2xH200 report",
+                "session-2")
+
 # Known differences between the measured code and the modelled one, by results directory.
 NOTES = {
     "2026-11-28-qwen3-30b-a3b-4xh200": "session 1 code: before the kernel fixes (1.24x slower at 32K on 1 GPU), "
@@ -71,11 +76,13 @@ def _options(command: str) -> list[str]:
 
 
 def predict(options: list[str], world: int, cal: Calibration, chosen: str | None = None,
-            device_fraction: float | None = None, attention_forwards: int = 2):
+            device_fraction: float | None = None, attention_forwards: int = 2, optimizer_competes: bool = True):
     """(step, memory, time, note) for the run described by `--section.key=value` options.
 
     `activation_checkpoint=auto`: the policies the run chose (`chosen`, recorded by newer bench
-    results) or else the planner's own choice for this layout (the trainer probes; we predict).
+    results) or else the planner's own choice for this layout (the trainer probes; we predict):
+    with a host optimizer, the memory split of `mop.memory_budget` (`search.split_candidate`;
+    `optimizer_competes=False` for code before a271e05).
     """
     model = build_config(None, [o for o in options if o.startswith("--model.")]).model
     note = ""
@@ -92,11 +99,15 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
         note = f"attention forward {attention_forwards}x in full blocks (the Ulysses code measured)"
     if auto and not chosen:
         cluster = Cluster(gpus_per_node=world)
-        cands = _policy_candidates(replace(step, device_fraction=-1.0 if step.offload != "none" else 0.0), cal,
-                                   cluster, cal.device_bytes, 0.95, FASTEST_FIRST)
-        fitting = [c for c in cands if c.fits] or cands
-        step = replace(step, policies=max(fitting, key=lambda c: c.time.tokens_per_s_per_gpu).step.policies)
-        note = f"ac=auto, policies not recorded: modelled as the planner's {policy_spec(step.policies)}"
+        if step.offload != "none":
+            cand = split_candidate(step, cal, cluster, cal.device_bytes, optimizer_competes=optimizer_competes)
+            step = replace(step, policies=cand.step.policies)
+        else:
+            cands = _policy_candidates(replace(step, device_fraction=0.0), cal, cluster, cal.device_bytes, 0.95,
+                                       FASTEST_FIRST)
+            fitting = [c for c in cands if c.fits] or cands
+            step = replace(step, policies=max(fitting, key=lambda c: c.time.tokens_per_s_per_gpu).step.policies)
+        note = f"ac=auto, policies not recorded: modelled as the trainer's split, {policy_spec(step.policies)}"
     mem = estimate_memory(step, cal)
     return step, mem, estimate_time(step, cal, device_fraction=mem.device_fraction), note
 
@@ -105,7 +116,8 @@ def _points(paths):
     """Measured points as dicts: where from, world, options, measured peak/step/throughput/host, what auto chose."""
     for path in paths:
         data = json.loads(Path(path).read_text())
-        label = "/".join(Path(path).parts[-3:-1]) if "results" in Path(path).parts else str(path)
+        parts = Path(path).parts
+        label = "/".join(parts[parts.index("results") + 1:-1]) if "results" in parts else str(path)
         note = next((n for key, n in NOTES.items() if key in str(path)), "")
         for p in data["points"]:
             if p.get("system") != "mop" or p.get("status") != "ok":
@@ -143,7 +155,9 @@ def oom_rows(paths=None, calibration: str | Calibration = "h200") -> list[dict]:
             step, mem, _, _ = predict(opts, world, cal)
             if step.offload != "none":  # judge the configuration with none of the optional device share
                 mem = estimate_memory(replace(step, device_fraction=0.0), cal)
-            rows.append(dict(source="/".join(Path(path).parts[-3:-1]), world=world, layers=step.model.n_layers,
+            parts = Path(path).parts
+            rows.append(dict(source="/".join(parts[parts.index("results") + 1:-1]) if "results" in parts else str(path),
+                             world=world, layers=step.model.n_layers,
                              context=step.seq_len, config=f"D{step.layout.seq} Ep{step.layout.expert} "
                              f"P{step.layout.vocab} {step.dispatcher} ac={policy_spec(step.policies)} "
                              f"opt={step.offload}", predicted=mem.reserved / GIB,
@@ -167,7 +181,8 @@ def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[d
             continue
         seen.add(key)
         legacy = 3 if any(k in label for k in LEGACY_ULYSSES) else 2
-        step, mem, t, auto_note = predict(pt["opts"], world, cal, pt["chosen"], pt["frac"], legacy)
+        competes = not any(k in label for k in LEGACY_SPLIT)
+        step, mem, t, auto_note = predict(pt["opts"], world, cal, pt["chosen"], pt["frac"], legacy, competes)
         note = "; ".join(n for n in (pt["note"], auto_note) if n)
         if step_s is None and pt["tps"]:
             step_s = step.tokens_per_step / world / pt["tps"]

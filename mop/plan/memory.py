@@ -23,6 +23,14 @@ from mop.plan.step import GIB, Step
 
 ADAM_STATE_BYTES = 12  # fp32 master, m, v per parameter of the host optimizer
 
+# On CUDA the attention state of a block holds 2 x a x Hq x Dh bytes per token more than the
+# tensors listed in `attention_state_bytes` (the trainer's allocator probe, session 4 on H200,
+# qwen3-30b-a3b: "selective" kept 39.3 KB/token at 8K and 32K (D=1) and 47.5 KB at 128K (D=2),
+# where those tensors and the block input make 22.7 / 30.8 KB: 16.7 KB more at every point, 2.04
+# x a x Hq x Dh). Which tensor it is (an expanded K/V pair or a contiguous q/out copy made by the
+# fused kernel's path) is not pinned down; the size is measured, and CPU runs (exact) do not have it.
+CUDA_ATTENTION_STATE_EXTRA = 2.0
+
 
 def _norm_saved(H: int, a: int, cpu: bool) -> float:
     """RMSNorm: rstd (fp32) and the output (saved by the next linear); CPU's composite adds the normalised x."""
@@ -36,7 +44,13 @@ def attention_state_bytes(step: Step) -> float:
     if step.layout.seq > 1:  # Ulysses pads MLA's v (and so the output) to the q/k head dim (mop.models.mla)
         dv = max(dv, m.head_dim)
     q, k, v, out = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.n_kv_heads * dv, m.n_heads * dv
-    return a * (q + k + v + out) + 4 * m.n_heads
+    return a * (q + k + v + out) + 4 * m.n_heads + cuda_attention_extra_bytes(step)
+
+
+def cuda_attention_extra_bytes(step: Step) -> float:
+    """Per token: the measured CUDA-only part of the attention state (`CUDA_ATTENTION_STATE_EXTRA`)."""
+    m = step.model
+    return 0.0 if step.cpu else CUDA_ATTENTION_STATE_EXTRA * step.act_bytes * m.n_heads * m.head_dim
 
 
 def attention_saved_bytes(step: Step) -> float:
@@ -64,9 +78,21 @@ def ffn_saved_bytes(step: Step, is_moe: bool, experts_recompute: bool) -> float:
     b += (0 if a == 4 else 4 * m.dim) + 4 * m.n_experts + 12 * k + 4  # router: fp32 input, scores, top-k
     b += 4 * m.shared_dim * a
     if not experts_recompute:
-        # routed input, w1/silu/w3/product, expert output and its weighted copy; sort indices
-        b += k * (3 * m.dim + 4 * m.expert_dim) * a + 20 * k
+        # routed input, w1/silu/w3/product, expert output (on the rank that computes the expert: the
+        # most loaded one holds `routed_load_factor` x the mean), its weighted copy; sort indices
+        load = routed_load_factor(step)
+        b += k * ((2 * m.dim + 4 * m.expert_dim) * load + m.dim) * a + 20 * k
     return b
+
+
+def routed_load_factor(step: Step) -> float:
+    """Routed rows on the most loaded rank / the mean. LLEP (Ep > 1) caps every rank at
+    `llep_alpha` x the mean once the experts' home ranks are imbalanced beyond its threshold (the
+    session-4 probes: "none" kept 1.07-1.10 x the balanced routed bytes at 8K-128K); plain
+    all-to-all is modelled balanced (its imbalance is the routing's)."""
+    if step.layout.expert > 1 and step.dispatcher.startswith("llep"):
+        return step.llep_alpha
+    return 1.0
 
 
 def block_saved_bytes(step: Step, is_moe: bool, experts_recompute: bool) -> float:
@@ -104,11 +130,17 @@ def loss_grad_weight_bytes(step: Step) -> float:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Per-rank device bytes at the step's peak, by term; host bytes per rank."""
+    """Per-rank device bytes at the step's peak, by term; host bytes per rank.
+
+    `grads` and `activations_kept` are what is alive at the peak: backward frees a block's kept
+    activations as it forms that block's gradients, so a step that keeps much (no checkpoint) peaks
+    as backward starts, with few gradients, and one that keeps little peaks as it ends, with all.
+    """
 
     weights: float
     grads: float
     optimizer: float
+    optimizer_staging: float  # gpu_stream: the device slots offloaded buckets are updated in
     activations_kept: float
     recompute: float  # the backward block's recomputed activations
     attention_ws: float
@@ -146,28 +178,63 @@ class MemoryEstimate:
         return f"{name} {value / GIB:.1f} GiB"
 
 
+def _gathered_experts_kept(step: Step) -> float:
+    """Bytes an expert layer that keeps its activations (no checkpoint, no pipelining) also keeps:
+    the expert weights it gathered (or cast to the compute dtype) until its backward (measured on 2
+    gloo ranks). Unsharded experts already in the compute dtype (bf16 parameters) are used as they are."""
+    m, a, ly = step.model, step.act_bytes, step.layout
+    if step.expert_recompute or not (ly.expert_shard > 1 or a < step.param_bytes):
+        return 0.0
+    return (m.n_experts // ly.expert) * 3 * m.dim * m.expert_dim * a
+
+
+def block_kept_bytes(step: Step) -> list[float]:
+    """Device bytes each block keeps from its forward to its backward (all its tokens), in block order."""
+    m, N = step.model, step.tokens
+    per: dict[tuple[str, bool], float] = {}
+    out = []
+    gathered = _gathered_experts_kept(step)
+    for i, p in enumerate(step.policies):
+        e = i >= m.n_dense_layers
+        if (p, e) not in per:
+            per[(p, e)] = N * kept_bytes(step, p, e) + (gathered if p == "none" and e else 0.0)
+        out.append(per[(p, e)])
+    return out
+
+
+def block_recompute_bytes(step: Step, i: int) -> float:
+    """Bytes alive while block i is backpropagated beyond what it kept: a checkpointed block's
+    recomputed activations (its experts excepted: they are their own checkpoint), plus the gradient
+    stream (dx, residual grad, a temporary)."""
+    m, N, a = step.model, step.tokens, step.act_bytes
+    p, e = step.policies[i], i >= m.n_dense_layers
+    recompute = 0.0
+    if p != "none":
+        recompute = N * (block_saved_bytes(step, e, True) - kept_bytes(step, p, e))
+    return recompute + 3 * N * m.dim * a
+
+
+def outside_kept_bytes(step: Step) -> float:
+    """Kept outside the blocks until the loss's backward: the final norm and loss inputs, and the
+    loss's weight gradient formed in forward (P = 1)."""
+    return step.tokens * outside_blocks_bytes(step) + loss_grad_weight_bytes(step)
+
+
+def offload_in_flight_bytes(step: Step) -> float:
+    """An offloaded block input is back on the device one block ahead (two in flight at most)."""
+    n_off = sum(p == "offload" for p in step.policies)
+    return min(n_off, 2) * step.tokens * step.model.dim * step.act_bytes
+
+
 def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
-    """Device bytes of activations and transient working sets at the peak (the backward of the last block)."""
+    """Device bytes of activations and transient working sets as backward starts (the last block):
+    every block's kept activations, that block's recomputation, and each working set."""
     m, a, ly = step.model, step.act_bytes, step.layout
     N = step.tokens
     H, Hq, Dh, k, I = m.dim, m.n_heads, m.head_dim, m.top_k, m.expert_dim
     moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
-    kept = N * sum(n * kept_bytes(step, p, e) for (p, e), n in Counter(zip(step.policies, moe)).items())
-    if not step.expert_recompute and (ly.expert_shard > 1 or a < 4):
-        # An expert layer that keeps its activations (no checkpoint, no pipelining) also keeps the
-        # expert weights it gathered (or cast to bf16) until its backward (measured on 2 gloo ranks).
-        n_keep = sum(p == "none" and e for p, e in zip(step.policies, moe))
-        kept += n_keep * (m.n_experts // ly.expert) * 3 * H * I * a
-    n_off = sum(p == "offload" for p in step.policies)
-    kept += min(n_off, 2) * N * H * a  # an offloaded input is back on the device one block ahead
-    kept += N * outside_blocks_bytes(step) + loss_grad_weight_bytes(step)
-    last, last_moe = step.policies[-1], moe[-1]
-    # The last block is backpropagated first: a checkpointed one is recomputed (its experts excepted:
-    # they are their own checkpoint), plus the gradient stream (dx, residual grad, a temporary).
-    recompute = 0.0
-    if last != "none":
-        recompute = N * (block_saved_bytes(step, last_moe, True) - kept_bytes(step, last, last_moe))
-    recompute += 3 * N * H * a
+    kept = sum(block_kept_bytes(step)) + offload_in_flight_bytes(step) + outside_kept_bytes(step)
+    recompute = block_recompute_bytes(step, m.n_layers - 1)
     chunks = step.head_chunks if ly.seq > 1 else 1
     q = Hq * Dh
     # Attention backward: dout, dq/dk/dv (expanded to the query heads on CUDA), K/V re-expanded,
@@ -185,7 +252,7 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
             token_term = N * cal.expert_token_factor * k * H * a
         else:
             live, token_term = N, 0.0
-        alpha = 1.1 if step.dispatcher != "alltoall" and ly.expert > 1 else 1.0
+        alpha = routed_load_factor(step)
         per_slot = cal.expert_slot_factor * (H + 3 * I) * a
         if ly.expert == 1:  # the all-to-all over a group of one is the identity: no send/receive copies
             per_slot -= 2 * H * a
@@ -214,11 +281,82 @@ def _largest_working_set(act: dict[str, float]) -> dict[str, float]:
     return {k: (act[k] if k in groups[top] else 0.0) for keys in groups.values() for k in keys}
 
 
+def block_params(step: Step) -> list[float]:
+    """Parameters of each block (its routed experts included), in block order."""
+    m = step.model
+    n_moe = sum(i >= m.n_dense_layers for i in range(m.n_layers))
+    expert = m.param_counts()["experts"] / max(n_moe, 1)
+    dense = dense_block_params(step)
+    return [dense + (expert if i >= m.n_dense_layers else 0.0) for i in range(m.n_layers)]
+
+
+def backward_peak(step: Step, grad_bytes: float, working_set: float) -> dict[str, float]:
+    """Kept activations, recomputation and gradients alive at the step's peak, over backward.
+
+    Backward runs the loss, then blocks L-1 .. 0, then the embedding. As block j is backpropagated,
+    blocks 0..j still hold what they kept, block j its recomputation, and the gradients of the output
+    layer and of blocks j..L-1 exist (the reduce-scatter makes each block's gradient shard as its
+    backward ends; set to None after every step, so none exist as backward starts). The same shape
+    holds, mirrored, in the next forward while an overlapped host update still reads the previous
+    step's gradients (a block's forward waits for its bucket's update, which frees its gradients).
+    `grad_bytes` are all of this rank's gradients, `working_set` the largest transient one.
+    """
+    m = step.model
+    counts = m.param_counts()
+    per_param = grad_bytes / counts["total"]
+    params = block_params(step)
+    kept = block_kept_bytes(step)
+    steady = offload_in_flight_bytes(step)
+    best = None
+    kept_below = sum(kept)
+    grads = per_param * (counts["output"] + m.dim)  # the output layer (and final norm) first
+    for j in range(m.n_layers - 1, -1, -1):
+        grads += per_param * params[j]
+        alive = dict(activations_kept=kept_below + steady + (outside_kept_bytes(step) if j == m.n_layers - 1 else 0.0),
+                     recompute=block_recompute_bytes(step, j), grads=grads)
+        total = sum(alive.values()) + working_set
+        if best is None or total > best[0]:
+            best = (total, alive)
+        kept_below -= kept[j]
+    end = dict(activations_kept=0.0, recompute=0.0, grads=grad_bytes)  # after the embedding: every gradient
+    if grad_bytes > best[0]:
+        best = (grad_bytes, end)
+    return best[1]
+
+
+def staging_device_bytes(step: Step) -> float:
+    """gpu_stream: two device slots of (master, exp_avg, exp_avg_sq) fp32 for offloaded buckets."""
+    if step.offload != "gpu_stream":
+        return 0.0
+    local = step.model.param_counts()["total"] / step.layout.world
+    return 2 * ADAM_STATE_BYTES * min(step.bucket_numel, local)
+
+
+def trainer_memory_cap(step: Step, device_bytes: float) -> float:
+    """The device bytes `mop train` lets one micro-batch peak at before the first step
+    (`mop.memory_probe.plan_memory`): 90% of the device, less AdamW's moments (device optimizer) or
+    the gpu_stream staging slots; what the step leaves below it is the host optimizer's device share."""
+    local = step.model.param_counts()["total"] / step.layout.world
+    cap = 0.9 * device_bytes
+    if step.offload == "none":
+        return cap - 8 * local
+    return cap - 2 * ADAM_STATE_BYTES * min(step.bucket_numel, local)
+
+
+def auto_device_fraction(step: Step, step_peak: float, device_bytes: float) -> float:
+    """`optimizer.device_fraction = -1` as the trainer resolves it: the share of the offloaded state
+    that fits between the micro-batch's peak (no optimizer state) and `trainer_memory_cap`."""
+    local = step.model.param_counts()["total"] / step.layout.world
+    room = trainer_memory_cap(step, device_bytes) - step_peak
+    return max(0.0, min(1.0, room / (ADAM_STATE_BYTES * local)))
+
+
 def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = None) -> MemoryEstimate:
     """Peak device memory and host memory of `step` per rank.
 
-    `step.device_fraction = -1` (auto) resolves like the trainer does: the offloaded state takes
-    what is left of 90% of the device after the step's peak without it.
+    `step.device_fraction = -1` (auto) resolves like the trainer does (`auto_device_fraction`).
+    The allocator's slack is taken on everything but the optimizer state, which is allocated once,
+    in whole buckets, and never freed.
     """
     W = step.layout.world
     a = step.act_bytes
@@ -226,26 +364,28 @@ def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = N
     act = activation_peak(step, cal)
     ws = _largest_working_set(act)
     gather_dense = (2 if W > 1 else 1) * dense_block_params(step) * a  # current block + prefetched next
-    step_bytes = act["activations_kept"] + act["recompute"] + sum(ws.values()) + gather_dense
+    state0 = state_memory(step.model, W, step.offload, 0.0, step.param_bytes)
+    alive = backward_peak(step, state0.grads, sum(ws.values()))
+    step_bytes = alive["activations_kept"] + alive["recompute"] + sum(ws.values()) + gather_dense
     frac = step.device_fraction
     if step.offload == "none":
         frac = 1.0
     elif frac < 0:
-        without = state_memory(step.model, W, step.offload, 0.0).device + step_bytes
-        local = step.model.param_counts()["total"] / W
-        frac = max(0.0, min(1.0, (0.9 * device_bytes - without) / (ADAM_STATE_BYTES * local)))
-    state = state_memory(step.model, W, step.offload, frac)
-    allocated = state.device + step_bytes
+        frac = auto_device_fraction(step, state0.weights + alive["grads"] + step_bytes, device_bytes)
+    state = state_memory(step.model, W, step.offload, frac, step.param_bytes)
+    staging = staging_device_bytes(step) if frac < 1 else 0.0
+    allocated = state.weights + alive["grads"] + state.optimizer_device + staging + step_bytes
     host_state = state.optimizer_host
-    staging = 0.0
+    host_staging = 0.0
     if step.offload == "gpu_stream":
-        staging = 2 * step.bucket_numel * 16  # two pinned slots of master, m, v, grad
+        host_staging = 2 * step.bucket_numel * 16  # two pinned slots of master, m, v, grad
     elif step.offload == "cpu":
-        staging = 2 * state.weights / 4 * 2  # bf16 gradients in and bf16 weights out, per parameter
+        host_staging = 2 * state.weights / step.param_bytes * 2  # bf16 gradients in and bf16 weights out
     n_off = sum(p == "offload" for p in step.policies)
     host_ckpt = n_off * step.tokens * step.model.dim * a
-    return MemoryEstimate(weights=state.weights, grads=state.grads, optimizer=state.optimizer_device,
-                          activations_kept=act["activations_kept"], recompute=act["recompute"], **ws,
-                          param_gather=gather_dense, slack=cal.allocator_slack * allocated,
-                          host_pinned_state=host_state, host_staging=staging, host_checkpoints=host_ckpt,
+    return MemoryEstimate(weights=state.weights, grads=alive["grads"], optimizer=state.optimizer_device,
+                          optimizer_staging=staging, activations_kept=alive["activations_kept"],
+                          recompute=alive["recompute"], **ws, param_gather=gather_dense,
+                          slack=cal.allocator_slack * (allocated - state.optimizer_device),
+                          host_pinned_state=host_state, host_staging=host_staging, host_checkpoints=host_ckpt,
                           host_process=cal.host_process_bytes, device_fraction=frac)

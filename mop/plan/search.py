@@ -21,7 +21,10 @@ from dataclasses import dataclass, replace
 from mop.models.config import ModelConfig
 from mop.parallel.layout import LayoutSpec, divisors
 from mop.plan.calibration import Calibration, for_device
-from mop.plan.memory import ADAM_STATE_BYTES, MemoryEstimate, estimate_memory
+from mop import memory_budget as mb
+from mop.memory_budget import BlockCosts, OptimizerRival
+from mop.plan.memory import (ADAM_STATE_BYTES, MemoryEstimate, block_kept_bytes, estimate_memory,
+                             trainer_memory_cap)
 from mop.plan.state import state_memory
 from mop.plan.step import GIB, OFFLOADS, Cluster, Step, policy_spec
 from mop.plan.timing import TimeEstimate, estimate_time
@@ -122,29 +125,70 @@ def _rank(c: Candidate):
     s = c.step
     return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
             FASTEST_FIRST.index(s.policies[-1]), s.policies, _OFFLOAD_PREFERENCE.index(s.offload), s.dispatcher,
-            -s.chunk_tokens)
+            -s.chunk_tokens, s.param_dtype)
 
 
 def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95
              ) -> Candidate:
-    """Predict `step` and say whether it fits (device: reserved <= headroom x device; host: per node)."""
+    """Predict `step` and say whether it fits (device: reserved <= headroom x device; host: per node).
+
+    A host optimizer with an automatic device share (`device_fraction < 0`) gets the share the
+    trainer gives it (`memory.auto_device_fraction`: what the step leaves below the trainer's cap);
+    the step fits when it fits without that share, which only fills the room that is left.
+    """
+    judged = None
     if step.offload != "none" and step.device_fraction < 0:
-        # As much optimizer state on the device as keeps the reserved peak under the limit.
-        zero = estimate_memory(replace(step, device_fraction=0.0), cal, device_bytes)
-        local = step.model.param_counts()["total"] / step.layout.world
-        room = headroom * device_bytes / (1 + cal.allocator_slack) - zero.allocated
-        frac = max(0.0, min(1.0, room / (ADAM_STATE_BYTES * local)))
-        step = replace(step, device_fraction=int(frac * 100) / 100)
+        judged = estimate_memory(replace(step, device_fraction=0.0), cal, device_bytes)
+        step = replace(step, device_fraction=estimate_memory(step, cal, device_bytes).device_fraction)
     mem = estimate_memory(step, cal, device_bytes)
+    judged = judged or mem
     t = estimate_time(step, cal, cluster, device_fraction=mem.device_fraction)
     reason = ""
     limit = headroom * device_bytes
-    if mem.reserved > limit:
-        reason = (f"device {mem.reserved / GIB:.1f} GiB > {limit / GIB:.1f} GiB (largest term: {mem.largest()})")
+    if judged.reserved > limit:
+        reason = (f"device {judged.reserved / GIB:.1f} GiB > {limit / GIB:.1f} GiB (largest term: {judged.largest()})")
     elif cluster.host_bytes is not None and mem.host * cluster.gpus_per_node > cluster.host_bytes:
         reason = (f"host {mem.host * cluster.gpus_per_node / GIB:.1f} GiB per node > "
                   f"{cluster.host_bytes / GIB:.1f} GiB (pinned state {mem.host_pinned_state / GIB:.1f} GiB per rank)")
     return Candidate(step, mem, t, reason)
+
+
+def split_inputs(step: Step, cal: Calibration, device_bytes: float
+                 ) -> tuple[BlockCosts, float, OptimizerRival | None]:
+    """What `mop train` hands `mop.memory_budget.split_memory` for `step` under
+    `training.activation_checkpoint=auto` (`mop.memory_probe.plan_memory`), predicted instead of
+    probed: per-block kept bytes by policy (a routed-expert block), `recompute_seconds` from the same
+    function, the budget `0.95 x (cap - base)` (base: the step's peak less what its blocks keep, as
+    the probe measures it), and the host optimizer's rival when its device share is automatic."""
+    m = step.model
+    i = m.n_layers - 1  # a routed-expert block (the probe measures interior blocks of the same kind)
+    kept = {p: block_kept_bytes(replace(step, policies=(p,) * m.n_layers))[i] for p in mb.LADDER}
+    recompute = mb.recompute_seconds(m, step.seq_len, step.tokens,
+                                     pipelined_experts=step.dispatcher == "llep_pipelined")
+    full = replace(step, policies=("full",) * m.n_layers, device_fraction=0.0)
+    zero = estimate_memory(full, cal, device_bytes)
+    # (AdamW's moments, or the staging slots, come off the trainer's cap instead)
+    base = zero.allocated - zero.optimizer - zero.optimizer_staging - sum(block_kept_bytes(full))
+    budget = 0.95 * (trainer_memory_cap(step, device_bytes) - base)
+    rival = None
+    if step.offload != "none" and step.device_fraction < 0:
+        local = m.param_counts()["total"] / step.layout.world
+        rival = mb.optimizer_rival(step.offload, ADAM_STATE_BYTES * local, m.n_layers * recompute["full"],
+                                   overlap=step.overlap_update)
+    return mb.BlockCosts(kept, recompute), budget, rival
+
+
+def split_candidate(base: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95,
+                    allowed: tuple[str, ...] = mb.LADDER, optimizer_competes: bool = True) -> Candidate:
+    """The configuration `mop train` reaches with `activation_checkpoint=auto`: per-block policies and
+    the optimizer's device share split by `mop.memory_budget.split_memory` (seconds saved per byte),
+    from the predicted kept bytes instead of the probe's. `optimizer_competes=False`: the trainer
+    before a271e05, which gave the activations everything and the optimizer what was left."""
+    costs, budget, rival = split_inputs(base, cal, device_bytes)
+    rival = rival if optimizer_competes else None
+    policies, _ = mb.split_memory(base.model.n_layers, costs, budget, allowed=allowed, optimizer=rival,
+                                  accum=base.grad_accum)
+    return evaluate(replace(base, policies=tuple(policies)), cal, cluster, device_bytes, headroom)
 
 
 def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | None = None,
@@ -153,13 +197,15 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
            headroom: float = 0.95, offloads=OFFLOADS,
            dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
-           runners_up: int = 4, suggest: bool = True) -> Plan:
+           param_dtypes=("fp32",), runners_up: int = 4, suggest: bool = True) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
     `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
     `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
-    sequences). Raises `NoPlan` with the numbers when nothing fits, and (`suggest`) the smallest
+    sequences). `param_dtypes` ("fp32", "bf16"): the `training.param_dtype` values to consider (bf16
+    only with a host optimizer). With a host optimizer the policies and its device share are those
+    `mop train` reaches with `activation_checkpoint=auto` (`split_candidate`). Raises `NoPlan` with the numbers when nothing fits, and (`suggest`) the smallest
     larger cluster that would (whole nodes: 2x, 4x, 8x, and 1x and 2x what the state alone needs).
     """
     cal = calibration or for_device(None)
@@ -191,20 +237,28 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                 for disp_spec in dispatchers:  # "name" or "name:chunk_tokens" (pipelined chunk size)
                     disp, _, chunk = disp_spec.partition(":")
                     for off in offloads:
-                        base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
-                                    policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
-                                    dispatcher=disp, head_chunks=_head_chunks(model, D),
-                                    chunk_tokens=int(chunk) if chunk else 16384)
-                        for cand in _policy_candidates(base, cal, cluster, device_bytes, headroom, policies):
-                            key = (D, Ep, P)
-                            if cand.fits:
-                                fitting.append(cand)
-                                continue
-                            faster_rejected.append(cand)
-                            if key not in closest or cand.memory.reserved < closest[key].memory.reserved:
-                                closest[key] = cand
+                        for dtype in param_dtypes:
+                            if dtype != "fp32" and off == "none":
+                                continue  # bf16 weights need the host optimizer's fp32 master
+                            base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
+                                        policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
+                                        dispatcher=disp, head_chunks=_head_chunks(model, D),
+                                        chunk_tokens=int(chunk) if chunk else 16384, param_dtype=dtype)
+                            if off == "none":
+                                cands = _policy_candidates(base, cal, cluster, device_bytes, headroom, policies)
+                            else:  # what `mop train` does with activation_checkpoint=auto: the memory split
+                                cands = [split_candidate(base, cal, cluster, device_bytes, headroom,
+                                                         tuple(p for p in mb.LADDER if p in policies))]
+                            for cand in cands:
+                                key = (D, Ep, P)
+                                if cand.fits:
+                                    fitting.append(cand)
+                                    continue
+                                faster_rejected.append(cand)
+                                if key not in closest or cand.memory.reserved < closest[key].memory.reserved:
+                                    closest[key] = cand
     if not fitting:
-        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest))
+        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest, param_dtypes))
     fitting.sort(key=_rank)
     best = fitting[0]
     seen, ups = {best.label()}, []
@@ -256,7 +310,8 @@ def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policie
     return out
 
 
-def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest: bool) -> str:
+def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest: bool,
+             param_dtypes=("fp32",)) -> str:
     counts = model.param_counts()
     state = state_memory(model, W, "gpu_stream", 0.0)
     lines = [f"no configuration of {model.shape} ({counts['total'] / 1e9:.1f}B parameters, {model.n_layers} layers) "
@@ -277,7 +332,8 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, s
             try:  # the smallest larger cluster that fits (whole nodes), with its plan
                 plan = choose(model, gpus=more, context=context, gpus_per_node=G, host_bytes=cluster.host_bytes,
                               intra_bw=cluster.intra_bw, inter_bw=cluster.inter_bw, calibration=cal,
-                              device_bytes=device_bytes, headroom=headroom, suggest=False)
+                              device_bytes=device_bytes, headroom=headroom, param_dtypes=param_dtypes,
+                              suggest=False)
             except NoPlan:
                 continue
             lines.append(f"{more} GPUs would fit: {plan.best.summary()}")
@@ -296,6 +352,9 @@ def plan_for_job(job, world: int, gpus_per_node: int | None = None, calibration:
     """
     t, D = job.training, job.parallel.seq.degree
     tokens = (world // D) * t.batch_size * t.grad_accum * t.seq_len if world % D == 0 else None
+    kwargs.setdefault("param_dtypes", (t.param_dtype,))
+    if t.param_dtype != "fp32":  # bf16 weights need the host optimizer's fp32 master
+        kwargs.setdefault("offloads", tuple(o for o in OFFLOADS if o != "none"))
     return choose(job.model, gpus=world, context=t.seq_len, gpus_per_node=gpus_per_node,
                   tokens_per_step=tokens if tokens and tokens > (world // D) * t.seq_len else None,
                   calibration=calibration, **kwargs)
@@ -318,7 +377,7 @@ def check_step_fits(job, world: int, device_bytes: float, calibration: Calibrati
             f"--parallel.experts.max_chunks={p.experts.max_chunks}", f"--parallel.seq.head_chunks={p.seq.head_chunks}",
             f"--training.seq_len={t.seq_len}", f"--training.batch_size={t.batch_size}",
             f"--training.grad_accum={t.grad_accum}", f"--optimizer.offload={o.offload}",
-            f"--optimizer.device_fraction={o.device_fraction}",
+            f"--optimizer.device_fraction={o.device_fraction}", f"--training.param_dtype={t.param_dtype}",
             "--training.activation_checkpoint=" + ("full" if t.activation_checkpoint == "auto"
                                                    else t.activation_checkpoint)]
     cal = calibration or for_device(None)

@@ -2,9 +2,10 @@
 
 Every parameter is sharded exactly once over all W ranks (FSDP2 for the dense weights, EP x
 sharding for the experts, vocabulary blocks), so these numbers follow from the parameter count
-alone and are exact up to the allocator: fp32 weight shards and fp32 gradient shards on the device,
-AdamW's two fp32 moments on the device, or (host-resident optimizer) fp32 master weights and both
-moments in pinned host memory. `mop train` checks them before it allocates anything, so a layout
+alone and are exact up to the allocator: weight shards and gradient shards on the device in the
+parameter dtype (fp32, or bf16 with `training.param_dtype=bf16`: 2 + 2 B/param), AdamW's two fp32
+moments on the device, or (host-resident optimizer) fp32 master weights and both moments (12 B/param)
+in pinned host memory, of which the first `device_fraction` stays on the device. `mop train` checks them before it allocates anything, so a layout
 that can never fit fails at once with the numbers, not after minutes of start-up with an OOM.
 
 Activations are not included here: they depend on the context, the layout and recomputation, and
@@ -35,15 +36,25 @@ class StateMemory:
         return self.weights + self.grads + self.optimizer_device
 
 
-def state_memory(cfg: ModelConfig, world: int, offload: str = "none", device_fraction: float = 0.0) -> StateMemory:
-    """Per-rank bytes of weights, gradients and AdamW state for `cfg` sharded over `world` ranks."""
+def state_memory(cfg: ModelConfig, world: int, offload: str = "none", device_fraction: float = 0.0,
+                 param_bytes: int = FP32) -> StateMemory:
+    """Per-rank bytes of weights, gradients and AdamW state for `cfg` sharded over `world` ranks.
+
+    `param_bytes`: 4 (fp32 parameters) or 2 (`training.param_dtype=bf16`, host optimizer only: the
+    fp32 master copy lives with the moments, so the host state is 12 B/param either way).
+    """
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
+    if param_bytes not in (2, FP32):
+        raise ValueError(f"param_bytes must be 2 (bf16) or 4 (fp32), got {param_bytes}")
+    if param_bytes != FP32 and offload == "none":
+        raise ValueError("bf16 parameters need a host optimizer (it keeps the fp32 master): set an optimizer offload")
     local = cfg.param_counts()["total"] / world
+    w = param_bytes * local
     if offload == "none":
-        return StateMemory(FP32 * local, FP32 * local, 2 * FP32 * local, 0.0)
+        return StateMemory(w, w, 2 * FP32 * local, 0.0)
     frac = min(max(device_fraction, 0.0), 1.0)
-    return StateMemory(FP32 * local, FP32 * local, 3 * FP32 * local * frac, 3 * FP32 * local * (1 - frac))
+    return StateMemory(w, w, 3 * FP32 * local * frac, 3 * FP32 * local * (1 - frac))
 
 
 def check_state_fits(cfg: ModelConfig, world: int, device_bytes: float, offload: str = "none",

@@ -15,6 +15,7 @@ from mop.parallel.layout import LayoutSpec
 
 POLICIES = ("none", "selective", "full", "offload")
 OFFLOADS = ("none", "cpu", "gpu_stream")
+PARAM_DTYPES = {"fp32": 4, "bf16": 2}  # training.param_dtype -> bytes per weight and per gradient
 GIB = 2**30
 
 
@@ -65,9 +66,11 @@ class Step:
     offload: str = "none"  # optimizer state: "none" (device AdamW) | "cpu" | "gpu_stream"
     device_fraction: float = 0.0  # share of offloaded state on the device; -1: as much as fits (auto)
     overlap_update: bool = True  # the host optimizer's update runs beside the next forward
+    param_dtype: str = "fp32"  # training.param_dtype: "bf16" keeps weights and gradients in bf16 (host optimizer)
     dispatcher: str = "llep_pipelined"
     chunk_tokens: int = 16384  # llep_pipelined: tokens per chunk (parallel.experts.chunk_tokens)
     max_chunks: int = 10  # llep_pipelined: at most this many chunks (parallel.experts.max_chunks)
+    llep_alpha: float = 1.1  # LLEP: per-rank capacity / mean load (parallel.experts.llep_alpha)
     head_chunks: int = 1  # Ulysses head chunks (parallel.seq.head_chunks)
     # Attention kernel forwards per step in a "full"/"offload" block: 2 (forward, recompute). Code
     # before 9eaa9cc ran 3 under Ulysses (its backward recomputed again); kept for old measurements.
@@ -84,8 +87,18 @@ class Step:
             raise ValueError(f"policies must name one of {POLICIES} per block ({self.model.n_layers} blocks)")
         if self.offload not in OFFLOADS:
             raise ValueError(f"optimizer offload {self.offload!r} is not one of {OFFLOADS}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype {self.param_dtype!r} is not one of {tuple(PARAM_DTYPES)}")
+        if self.param_dtype == "bf16" and self.offload == "none":
+            raise ValueError("param_dtype=bf16 needs a host optimizer (optimizer.offload=gpu_stream or cpu) for the "
+                             "fp32 master weights")
         if self.seq_len % self.layout.seq:
             raise ValueError(f"seq_len={self.seq_len} must be divisible by D={self.layout.seq}")
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per weight and per gradient on the device (4: fp32, 2: bf16)."""
+        return PARAM_DTYPES[self.param_dtype]
 
     @property
     def tokens(self) -> int:
@@ -121,6 +134,8 @@ class Step:
                 f"--training.grad_accum={self.grad_accum}",
                 f"--training.activation_checkpoint={policy_spec(self.policies)}",
                 f"--optimizer.offload={self.offload}"]
+        if self.param_dtype != "fp32":
+            out.append(f"--training.param_dtype={self.param_dtype}")
         if self.offload != "none":
             out.append(f"--optimizer.device_fraction={round(self.device_fraction, 3)}")
         if not self.overlap_update:
@@ -173,9 +188,11 @@ def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *,
                 policies=tuple(policies), offload=g("optimizer.offload", "none"),
                 device_fraction=float(g("optimizer.device_fraction", -1.0)),
                 overlap_update=g("optimizer.overlap_update", "true").lower() in _TRUE,
+                param_dtype=g("training.param_dtype", "fp32"),
                 dispatcher=g("parallel.experts.dispatcher", "alltoall"),
                 chunk_tokens=int(g("parallel.experts.chunk_tokens", 16384)),
                 max_chunks=int(g("parallel.experts.max_chunks", 10)),
+                llep_alpha=float(g("parallel.experts.llep_alpha", 1.1)),
                 head_chunks=int(g("parallel.seq.head_chunks", 1)), act_bytes=act_bytes, cpu=cpu)
 
 
@@ -184,5 +201,5 @@ def with_policy(step: Step, policy: str) -> Step:
     return replace(step, policies=(policy,) * step.model.n_layers)
 
 
-__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "GIB", "parse_policy_spec", "policy_spec",
+__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "PARAM_DTYPES", "GIB", "parse_policy_spec", "policy_spec",
            "step_from_overrides", "with_policy"]

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 
 from mop.plan.calibration import Calibration
-from mop.plan.memory import block_saved_bytes, dense_block_params
+from mop.plan.memory import block_saved_bytes, cuda_attention_extra_bytes, dense_block_params
 from mop.plan.step import Cluster, Step
 
 
@@ -117,7 +117,9 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             if chunks > 1:  # each chunk reads and accumulates the local experts' fp32 weight gradients
                 exp += chunks * E_local * 3 * H * I * 12 / cal.hbm_bw
         passes = (2 if ckpt else 1) + 2
-        t_mem = cal.elementwise_factor * N * block_saved_bytes(step, is_moe, True) / cal.hbm_bw
+        # (elementwise_factor was fitted on the modelled saved bytes, before the measured CUDA extra)
+        saved = block_saved_bytes(step, is_moe, True) - cuda_attention_extra_bytes(step)
+        t_mem = cal.elementwise_factor * N * saved / cal.hbm_bw
         mem += t_mem * passes / 3
         over += cal.layer_overhead_s * passes
         fwd_time += t_dense_f + t_attn_f + t_exp_f + t_mem / 3 + cal.layer_overhead_s
