@@ -71,6 +71,7 @@ class Step:
     chunk_tokens: int = 16384  # llep_pipelined: tokens per chunk (parallel.experts.chunk_tokens)
     max_chunks: int = 10  # llep_pipelined: at most this many chunks (parallel.experts.max_chunks)
     llep_alpha: float = 1.1  # LLEP: per-rank capacity / mean load (parallel.experts.llep_alpha)
+    llep_threshold: float = 1.3  # LLEP: plain EP below this home-rank imbalance (parallel.experts.llep_imbalance_threshold)
     head_chunks: int = 1  # Ulysses head chunks (parallel.seq.head_chunks)
     # Attention kernel forwards per step in a "full"/"offload" block: 2 (forward, recompute). Code
     # before 9eaa9cc ran 3 under Ulysses (its backward recomputed again); kept for old measurements.
@@ -193,6 +194,7 @@ def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *,
                 chunk_tokens=int(g("parallel.experts.chunk_tokens", 16384)),
                 max_chunks=int(g("parallel.experts.max_chunks", 10)),
                 llep_alpha=float(g("parallel.experts.llep_alpha", 1.1)),
+                llep_threshold=float(g("parallel.experts.llep_imbalance_threshold", 1.3)),
                 head_chunks=int(g("parallel.seq.head_chunks", 1)), act_bytes=act_bytes, cpu=cpu)
 
 
