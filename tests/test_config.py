@@ -62,17 +62,18 @@ def test_layout_validation_messages():
 
 @pytest.mark.parametrize("W,D,Ep,P", [(4, 2, 2, 4), (8, 4, 2, 8), (8, 8, 1, 2), (6, 3, 2, 1)])
 def test_layout_group_membership(W, D, Ep, P):
+    """The rank grids Layout.build makes its meshes from: contiguous groups, strided complements."""
     s = LayoutSpec(W, seq=D, expert=Ep, vocab=P)
+    for deg in (D, Ep, P):
+        grid = s.rank_grid(deg)
+        assert grid.shape == (W // deg, deg) and sorted(grid.flatten().tolist()) == list(range(W))
+        for r in range(W):
+            g, p = r // deg, r % deg
+            assert grid[g].tolist() == list(range(g * deg, (g + 1) * deg))  # contiguous blocks
+            assert grid[:, p].tolist() == list(range(p, W, deg))  # the complementary strided group
+            assert grid[g, p] == r  # the two groups meet in r
     for r in range(W):
-        assert r in s.seq_ranks(r) and len(s.seq_ranks(r)) == D
-        assert s.seq_ranks(r) == list(range(r // D * D, r // D * D + D))  # contiguous blocks
-        assert len(s.expert_ranks(r)) == Ep and len(s.expert_shard_ranks(r)) == W // Ep
-        assert set(s.expert_ranks(r)) & set(s.expert_shard_ranks(r)) == {r}  # complementary groups meet in r
-        assert set(s.vocab_ranks(r)) & set(s.vocab_shard_ranks(r)) == {r}
-        assert s.seq_ranks(r)[s.seq_rank(r)] == r
-    # Groups partition the ranks.
-    for groups in ({tuple(s.seq_ranks(r)) for r in range(W)}, {tuple(s.expert_shard_ranks(r)) for r in range(W)}):
-        assert sorted(x for g in groups for x in g) == list(range(W))
+        assert s.rank_grid(D)[s.dp_rank(r), s.seq_rank(r)] == r
     assert s.data_parallel == W // D and s.expert_shard == W // Ep
 
 

@@ -329,7 +329,7 @@ def _init_from_full(param, full):
 
 def _modules_worker(rank, world, V, H, P, tied):
     from mop.parallel.layout import Layout, LayoutSpec
-    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead, build_vocab_block_mesh
+    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead
 
     layout = Layout.build(LayoutSpec(world, vocab=P), torch.device("cpu"))
     gen = torch.Generator().manual_seed(11)
@@ -358,11 +358,11 @@ def _modules_worker(rank, world, V, H, P, tied):
     # The vocab-parallel modules, built from meta-device originals.
     with torch.device("meta"):
         meta_emb, meta_head = nn.Embedding(V, H), OutputHead(H, V)
-    mesh = build_vocab_block_mesh(layout)
-    emb = VocabParallelEmbedding.from_module(meta_emb, layout, mesh=mesh).to_empty(device="cpu")
-    head = VocabParallelOutputHead.from_module(meta_head, layout, schedule="auto", mesh=mesh,
+    emb = VocabParallelEmbedding.from_module(meta_emb, layout).to_empty(device="cpu")
+    head = VocabParallelOutputHead.from_module(meta_head, layout, schedule="auto",
                                                weight=emb.weight if tied else None)
     head.to_empty(device="cpu")
+    assert emb.shards.mesh is head.shards.mesh is layout.vocab_mesh  # the layout's mesh: one set of groups
     head.max_strip_elements = 64  # several strips per block
     if tied:
         head.weight = emb.weight  # to_empty re-creates parameters; tie again before init (as a model would)

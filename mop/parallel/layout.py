@@ -55,33 +55,18 @@ class LayoutSpec:
         return self.world // self.expert
 
     @property
-    def vocab_shard(self) -> int:
-        """Ranks each vocabulary block is sharded over at rest (W / P)."""
-        return self.world // self.vocab
-
-    @property
     def data_parallel(self) -> int:
         """Number of distinct sequence streams (W / D): each sequence group reads its own sequences."""
         return self.world // self.seq
 
     # -- membership (pure functions of the rank) ------------------------------------------------
-    def seq_ranks(self, rank: int) -> list[int]:
-        g = rank // self.seq
-        return list(range(g * self.seq, (g + 1) * self.seq))
+    def rank_grid(self, degree: int) -> torch.Tensor:
+        """[W/degree, degree] ranks of an axis of `degree`, as `Layout.build` lays out its mesh.
 
-    def expert_ranks(self, rank: int) -> list[int]:
-        g = rank // self.expert
-        return list(range(g * self.expert, (g + 1) * self.expert))
-
-    def expert_shard_ranks(self, rank: int) -> list[int]:
-        return list(range(rank % self.expert, self.world, self.expert))
-
-    def vocab_ranks(self, rank: int) -> list[int]:
-        g = rank // self.vocab
-        return list(range(g * self.vocab, (g + 1) * self.vocab))
-
-    def vocab_shard_ranks(self, rank: int) -> list[int]:
-        return list(range(rank % self.vocab, self.world, self.vocab))
+        Row g is the contiguous group ``[g*degree, (g+1)*degree)``; column p the complementary
+        strided group ``{p, p+degree, p+2*degree, ...}``.
+        """
+        return torch.arange(self.world).view(self.world // degree, degree)
 
     def seq_rank(self, rank: int) -> int:
         """Position of `rank` in its sequence group: which chunk of the sequence it holds."""
@@ -110,15 +95,15 @@ class LayoutSpec:
 class Layout:
     """Process groups and DeviceMeshes of a `LayoutSpec` for this rank. Build with `Layout.build`.
 
-    Meshes (all over the same W ranks, rank r at mesh coordinate derived from r):
-      world_mesh   1-D [W]                     dense-path FSDP
-      seq_mesh     2-D [W/D, D]  ("dp", "seq")   Ulysses all-to-all along "seq"
-      expert_mesh  2-D [W/Ep, Ep] ("expert_shard", "expert")
-      vocab_mesh   2-D [W/P, P]  ("vocab_shard", "vocab")
+    Meshes (all over the same W ranks, laid out by `LayoutSpec.rank_grid`):
+      world_mesh   1-D [W]                              dense-path FSDP
+      seq_mesh     2-D [W/D, D]   ("dp", "seq")           Ulysses all-to-all along "seq"
+      expert_mesh  2-D [W/Ep, Ep] ("expert_shard", "expert") routed experts (mop.parallel.experts)
+      vocab_mesh   2-D [P, W/P]   ("vocab", "vocab_shard")   the vocabulary modules' weights (mop.parallel.vocab):
+                   the vocabulary is cut into P blocks first, so "vocab" is the outer dimension
     """
 
     spec: LayoutSpec
-    rank: int
     device: torch.device
     world_mesh: object = field(repr=False)
     seq_mesh: object = field(repr=False)
@@ -136,22 +121,13 @@ class Layout:
         if dist.get_world_size() != spec.world:
             raise ValueError(f"layout world size {spec.world} != number of launched ranks {dist.get_world_size()}")
         dev_type = device.type
-        W = spec.world
-        ranks = torch.arange(W)
-
-        def mesh2d(deg: int, names: tuple[str, str]) -> DeviceMesh:
-            # Row g = contiguous block of `deg` ranks; column p = the complementary strided group.
-            return DeviceMesh(dev_type, ranks.view(W // deg, deg), mesh_dim_names=names)
-
-        world_mesh = DeviceMesh(dev_type, ranks, mesh_dim_names=("world",))
         return Layout(
             spec=spec,
-            rank=dist.get_rank(),
             device=device,
-            world_mesh=world_mesh,
-            seq_mesh=mesh2d(spec.seq, ("dp", "seq")),
-            expert_mesh=mesh2d(spec.expert, ("expert_shard", "expert")),
-            vocab_mesh=mesh2d(spec.vocab, ("vocab_shard", "vocab")),
+            world_mesh=DeviceMesh(dev_type, torch.arange(spec.world), mesh_dim_names=("world",)),
+            seq_mesh=DeviceMesh(dev_type, spec.rank_grid(spec.seq), mesh_dim_names=("dp", "seq")),
+            expert_mesh=DeviceMesh(dev_type, spec.rank_grid(spec.expert), mesh_dim_names=("expert_shard", "expert")),
+            vocab_mesh=DeviceMesh(dev_type, spec.rank_grid(spec.vocab).t(), mesh_dim_names=("vocab", "vocab_shard")),
         )
 
     # Process groups, by role.
@@ -170,19 +146,3 @@ class Layout:
     @property
     def expert_shard_group(self):
         return self.expert_mesh.get_group("expert_shard")
-
-    @property
-    def vocab_group(self):
-        return self.vocab_mesh.get_group("vocab")
-
-    @property
-    def vocab_shard_group(self):
-        return self.vocab_mesh.get_group("vocab_shard")
-
-    @property
-    def seq_rank(self) -> int:
-        return self.spec.seq_rank(self.rank)
-
-    @property
-    def dp_rank(self) -> int:
-        return self.spec.dp_rank(self.rank)

@@ -73,13 +73,11 @@ def apply_vocab_parallel(model, layout: Layout, cfg: VocabParallelConfig, param_
     """Embedding and output head as vocabulary blocks over the P-group (sharded over W at rest)."""
     if layout.spec.vocab == 1:
         return  # one block: FSDP over W is the same data movement
-    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead, build_vocab_block_mesh
+    from mop.parallel.vocab import VocabParallelEmbedding, VocabParallelOutputHead
 
-    mesh = build_vocab_block_mesh(layout)  # collective: once, shared by both modules
-    model.tok_embeddings = VocabParallelEmbedding.from_module(model.tok_embeddings, layout, mesh=mesh)
+    model.tok_embeddings = VocabParallelEmbedding.from_module(model.tok_embeddings, layout)
     tied = model.tok_embeddings.weight if model.cfg.tie_embeddings else None
-    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=cfg.schedule, mesh=mesh,
-                                                       weight=tied)
+    model.output = VocabParallelOutputHead.from_module(model.output, layout, schedule=cfg.schedule, weight=tied)
     model.tok_embeddings.param_dtype = model.output.param_dtype = param_dtype
 
 

@@ -1,7 +1,7 @@
 """Data-tensor-parallel vocabulary: output head + loss and token embedding (the MoP paper, §3.4).
 
-Both modules keep the original parameter name and full shape: `weight` is a DTensor [V, H] on a
-[P, W/P] ("vocab", "vocab_shard") DeviceMesh with placements (Shard(0), Shard(0)). So the
+Both modules keep the original parameter name and full shape: `weight` is a DTensor [V, H] on the
+layout's [P, W/P] ("vocab", "vocab_shard") `vocab_mesh` with placements (Shard(0), Shard(0)). So the
 vocabulary is first cut into P contiguous blocks (one per position in the vocabulary group, the
 contiguous rank block [g*P, (g+1)*P)), and each block is cut again over the W/P ranks of the strided
 vocab-shard group. At rest a rank holds H x V/W; on use it all-gathers its block over the vocab-shard
@@ -43,21 +43,10 @@ from mop.parallel.vocab_ring import (
 __all__ = [
     "VocabParallelEmbedding",
     "VocabParallelOutputHead",
-    "build_vocab_block_mesh",
     "vocab_parallel_cross_entropy",
 ]
 
 _PLACEMENTS = (Shard(0), Shard(0))
-
-
-def build_vocab_block_mesh(layout) -> DeviceMesh:
-    """The [P, W/P] ("vocab", "vocab_shard") mesh over the layout's ranks (same groups as `layout.vocab_mesh`).
-
-    Collective (creates process groups): call it on every rank, once, and share it between modules.
-    """
-    W, P = layout.spec.world, layout.spec.vocab
-    ranks = torch.arange(W).view(W // P, P).t()
-    return DeviceMesh(layout.device.type, ranks, mesh_dim_names=("vocab", "vocab_shard"))
 
 
 class VocabBlockShards:
@@ -145,12 +134,6 @@ def _check_shared_weight(weight, mesh: DeviceMesh, shape) -> None:
         raise ValueError("weight= must live on the same ('vocab', 'vocab_shard') mesh as this module")
 
 
-def _resolve_mesh(layout, mesh: DeviceMesh | None, weight) -> DeviceMesh:
-    if weight is not None and mesh is None:
-        mesh = weight.device_mesh
-    return build_vocab_block_mesh(layout) if mesh is None else mesh
-
-
 class VocabParallelOutputHead(nn.Module):
     """Output projection + loss with the vocabulary split over the P-group (same forward as `OutputHead`).
 
@@ -174,16 +157,15 @@ class VocabParallelOutputHead(nn.Module):
         self.schedule = schedule
 
     @classmethod
-    def from_module(cls, orig: nn.Module, layout, schedule: str = "auto", *, mesh: DeviceMesh | None = None,
+    def from_module(cls, orig: nn.Module, layout, schedule: str = "auto", *,
                     weight: nn.Parameter | None = None) -> "VocabParallelOutputHead":
-        """Replace a (meta-device) `OutputHead`: same V, H, dtype and loss kernels.
+        """Replace a (meta-device) `OutputHead` on `layout.vocab_mesh`: same V, H, dtype and loss kernels.
 
-        `mesh`: a shared `build_vocab_block_mesh(layout)` (built here if omitted); `weight`: share an
-        existing vocab-parallel DTensor parameter (tied embeddings).
+        `weight`: share an existing vocab-parallel DTensor parameter (tied embeddings).
         """
         V, H = orig.weight.shape
-        head = cls(V, H, _resolve_mesh(layout, mesh, weight), schedule=schedule, dtype=orig.weight.dtype,
-                   device=layout.device, weight=weight)
+        head = cls(V, H, layout.vocab_mesh, schedule=schedule, dtype=orig.weight.dtype, device=layout.device,
+                   weight=weight)
         head.loss_kernels = getattr(orig, "loss_kernels", "auto")
         return head
 
@@ -277,14 +259,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _vocab_weight(self.shards, dim, dtype, device, weight)
 
     @classmethod
-    def from_module(cls, orig: nn.Module, layout, *, mesh: DeviceMesh | None = None,
-                    weight: nn.Parameter | None = None) -> "VocabParallelEmbedding":
-        """Replace a (meta-device) `nn.Embedding`-like module with param `weight` [V, H]."""
+    def from_module(cls, orig: nn.Module, layout, *, weight: nn.Parameter | None = None) -> "VocabParallelEmbedding":
+        """Replace a (meta-device) `nn.Embedding`-like module with param `weight` [V, H] on `layout.vocab_mesh`."""
         if getattr(orig, "padding_idx", None) is not None or getattr(orig, "max_norm", None) is not None:
             raise ValueError("VocabParallelEmbedding supports plain embeddings only (padding_idx=None, max_norm=None)")
         V, H = orig.weight.shape
-        return cls(V, H, _resolve_mesh(layout, mesh, weight), dtype=orig.weight.dtype, device=layout.device,
-                   weight=weight)
+        return cls(V, H, layout.vocab_mesh, dtype=orig.weight.dtype, device=layout.device, weight=weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dtype not in (torch.int64, torch.int32):
