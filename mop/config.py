@@ -243,6 +243,8 @@ RENAMED = {
     "parallel.moe_chunk_tokens": "parallel.experts.chunk_tokens",
     "parallel.moe_max_chunks": "parallel.experts.max_chunks",
     "parallel.vocab_schedule": "parallel.vocab.schedule",
+    "parallel.reduce_dtype": "parallel.fsdp.reduce_dtype",
+    "parallel.reshard_after_forward": "parallel.fsdp.reshard_after_forward",
 }
 
 

@@ -91,12 +91,13 @@ def test_option_set_is_frozen():
         "model.rope_truncate", "model.max_seq_len", "model.attn_sinks", "model.sliding_window",
         "model.sliding_window_layers", "model.n_groups", "model.topk_groups", "model.moe_bias", "model.swiglu_limit",
         "model.swiglu_alpha", "model.hf_files",
-        "parallel.nproc", "parallel.reduce_dtype", "parallel.reshard_after_forward", "parallel.plan",
+        "parallel.nproc", "parallel.plan",
         "parallel.seq.degree", "parallel.seq.head_chunks",
         "parallel.experts.degree", "parallel.experts.dispatcher", "parallel.experts.llep_alpha",
         "parallel.experts.llep_min_chunk", "parallel.experts.llep_imbalance_threshold",
         "parallel.experts.chunk_tokens", "parallel.experts.max_chunks",
         "parallel.vocab.degree", "parallel.vocab.schedule",
+        "parallel.fsdp.reduce_dtype", "parallel.fsdp.reshard_after_forward",
         "optimizer.lr", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.offload",
         "optimizer.device_fraction", "optimizer.bucket_numel", "optimizer.overlap_update",
         "data.dataset", "data.cache_dir", "data.synthetic_doc_len",
@@ -113,14 +114,14 @@ def test_nested_sections_from_toml_and_overrides(tmp_path):
     """[parallel.experts] tables and --parallel.experts.key=value overrides, at any depth; the
     command line wins over the file, and untouched options keep the file's or the default value."""
     f = tmp_path / "run.toml"
-    f.write_text('[parallel]\nnproc = 2\nreduce_dtype = "bf16"\n'
+    f.write_text('[parallel]\nnproc = 2\n[parallel.fsdp]\nreduce_dtype = "bf16"\n'
                  '[parallel.seq]\ndegree = 2\nhead_chunks = 2\n'
                  '[parallel.experts]\ndegree = 2\ndispatcher = "llep"\nllep_alpha = 1.5\n'
                  '[parallel.vocab]\nschedule = "weights"\n')
     job = build_config(f, ["--parallel.experts.dispatcher=llep_pipelined", "--parallel.experts.chunk-tokens=64",
                            "--parallel.vocab.degree=2"])
     p = job.parallel
-    assert (p.nproc, p.reduce_dtype) == (2, "bf16")
+    assert (p.nproc, p.fsdp.reduce_dtype, p.fsdp.reshard_after_forward) == (2, "bf16", True)
     assert (p.seq.degree, p.seq.head_chunks) == (2, 2)
     assert (p.experts.degree, p.experts.dispatcher, p.experts.llep_alpha, p.experts.chunk_tokens) == \
         (2, "llep_pipelined", 1.5, 64)
@@ -154,6 +155,8 @@ def test_apply_overrides_nested():
     ("parallel.moe_max_chunks", "parallel.experts.max_chunks"),
     ("parallel.ulysses_head_chunks", "parallel.seq.head_chunks"),
     ("parallel.vocab_schedule", "parallel.vocab.schedule"),
+    ("parallel.reduce_dtype", "parallel.fsdp.reduce_dtype"),
+    ("parallel.reshard_after_forward", "parallel.fsdp.reshard_after_forward"),
 ])
 def test_old_flat_name_suggests_the_new_one(old, new, tmp_path):
     """No aliases: an old flat name fails in one line that names the new spelling (CLI and TOML)."""
@@ -172,6 +175,8 @@ def test_option_types_and_sections_are_checked():
         build_config(overrides=["--parallel.experts.dispatcher=foo"])
     with pytest.raises(ValueError, match="parallel.vocab.schedule: 'rows' is not one of"):
         build_config(overrides=["--parallel.vocab.schedule=rows"])
+    with pytest.raises(ValueError, match="parallel.fsdp.reduce_dtype: 'fp16' is not one of 'fp32', 'bf16'"):
+        build_config(overrides=["--parallel.fsdp.reduce_dtype=fp16"])
     with pytest.raises(ValueError, match="parallel.seq.head_chunks: must be >= 1, got 0"):
         build_config(overrides=["--parallel.seq.head_chunks=0"])
     with pytest.raises(ValueError, match="parallel.experts.degree: expected int, got 'two'"):

@@ -187,7 +187,7 @@ def parallelize_baseline(model, meshes: BaselineMeshes, cfg: BaselineConfig, job
     if cfg.compile_blocks:
         for block in model.layers.values():
             block.compile()  # in place: parameter names unchanged
-    apply_fsdp(model, meshes, param_dtype, reduce_dtype, job.parallel.reshard_after_forward, cfg.cpu_offload)
+    apply_fsdp(model, meshes, param_dtype, reduce_dtype, job.parallel.fsdp.reshard_after_forward, cfg.cpu_offload)
     return partial
 
 

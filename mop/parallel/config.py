@@ -1,8 +1,8 @@
 """`[parallel]`: the MoP layout's section of the job configuration.
 
 Each component owns its options, validation and defaults beside its code; this section only
-gathers them (`[parallel.seq]`, `[parallel.experts]`, `[parallel.vocab]`) with the options that
-belong to no one component: the local worker count, FSDP's, and the planner switch. It imports no
+gathers them (`[parallel.seq]`, `[parallel.experts]`, `[parallel.vocab]`, `[parallel.fsdp]`) with the
+options that belong to no one component: the local worker count and the planner switch. It imports no
 torch code, so validating a configuration loads no kernels.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mop.parallel.experts.config import ExpertParallelConfig
+from mop.parallel.fsdp_config import FSDPConfig
 from mop.parallel.ulysses_config import SeqParallelConfig
 from mop.parallel.vocab_config import VocabParallelConfig
 
@@ -20,20 +21,17 @@ class ParallelConfig:
     """How the W ranks split the work: one section per component, each degree dividing W."""
 
     nproc: int = 1  # `mop train --nproc N` launches N local workers (ignored under torchrun)
-    reduce_dtype: str = "fp32"  # FSDP: dtype of the gradient reduce-scatter on GPU: "fp32" | "bf16"
-    reshard_after_forward: bool = True  # FSDP: free the gathered dense weights after each block's forward
     # "auto": `mop plan` chooses the degrees, the dispatcher, the activation policies and the
     # optimizer's placement for this model, context, tokens per step and machine (replacing those options).
     plan: str = "none"
     seq: SeqParallelConfig = field(default_factory=SeqParallelConfig)
     experts: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
     vocab: VocabParallelConfig = field(default_factory=VocabParallelConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ValueError(f"parallel.nproc: must be >= 1, got {self.nproc}")
-        if self.reduce_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"parallel.reduce_dtype: {self.reduce_dtype!r} is not one of 'fp32', 'bf16'")
         if self.plan not in ("none", "auto"):
             raise ValueError(f"parallel.plan: {self.plan!r} is not one of 'none', 'auto'")
 

@@ -157,4 +157,4 @@ def parallelize(model, layout: Layout, parallel: ParallelConfig, activation_chec
     apply_vocab_parallel(model, layout, parallel.vocab, param_dtype)
     apply_router_stats(model, layout)
     apply_activation_policy(model, activation_checkpoint)
-    apply_fsdp(model, layout, param_dtype, reduce_dtype, parallel.reshard_after_forward)
+    apply_fsdp(model, layout, param_dtype, reduce_dtype, parallel.fsdp.reshard_after_forward)
