@@ -221,7 +221,7 @@ class FSDPBestStrategy(MoPStrategy):
         if p.seq.degree != 1 or p.experts.degree != 1 or p.vocab.degree != 1:
             raise ValueError("the baseline takes its degrees from BaselineConfig; leave parallel.seq.degree, "
                              "parallel.experts.degree and parallel.vocab.degree at 1")
-        if job.optimizer.offload != "none":
+        if job.optimizer.engine is not None:
             raise ValueError("the baseline offloads with FSDP2's CPUOffloadPolicy (baseline.cpu_offload); "
                              "set optimizer.offload=none")
         if job.training.param_dtype != "fp32":
