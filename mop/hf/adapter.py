@@ -49,6 +49,23 @@ def require(hf: dict, key: str, what: str = "") -> object:
     return value
 
 
+def gqa_fields(hf: dict) -> dict:
+    """mop's size fields of a grouped-query-attention config.json: vocabulary, width, depth, heads."""
+    heads = require(hf, "num_attention_heads")
+    return {"vocab_size": require(hf, "vocab_size"), "dim": require(hf, "hidden_size"),
+            "n_layers": require(hf, "num_hidden_layers"), "n_heads": heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or heads,
+            "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads}
+
+
+def expert_count(hf: dict, key: str, other: str) -> int:
+    """The routed expert count, `hf[key]` or else `hf[other]` (the families name it either way)."""
+    n_experts = hf.get(key, hf.get(other))
+    if n_experts is None:
+        raise ValueError(f"config.json: the expert count {key!r} is missing or null")
+    return n_experts
+
+
 def rope_fields(hf: dict, refuse_scaling: bool = False) -> dict:
     """mop rope_* fields of `rope_parameters` (or the older `rope_scaling` + `rope_theta`)."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from mop.hf.adapter import COMMON_LAYER_NAMES, GQA_NAMES, FamilyAdapter, Getter, require, rope_fields, rope_to_hf
+from mop.hf.adapter import (COMMON_LAYER_NAMES, GQA_NAMES, FamilyAdapter, Getter, expert_count, gqa_fields, require,
+                            rope_fields, rope_to_hf)
 from mop.models.config import ModelConfig
 
 
@@ -32,14 +33,9 @@ class GptOssAdapter(FamilyAdapter):
             raise ValueError(f"config.json: layer_types {types} is not supported (sliding on even layers, or on all)")
         if all(t == "full_attention" for t in types):
             window = 0
-        heads = require(hf, "num_attention_heads")
-        n_experts = hf.get("num_local_experts", hf.get("num_experts"))
-        if n_experts is None:
-            raise ValueError("config.json: the expert count 'num_local_experts' is missing or null")
+        n_experts = expert_count(hf, "num_local_experts", "num_experts")
         return ModelConfig(
-            shape=f"hf:{self.model_type}", vocab_size=require(hf, "vocab_size"), dim=require(hf, "hidden_size"),
-            n_layers=n_layers, n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, qk_norm=False,
+            shape=f"hf:{self.model_type}", **gqa_fields(hf), qk_norm=False,
             attn_bias=bool(hf.get("attention_bias", True)), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             **rope_fields(hf), max_seq_len=hf.get("max_position_embeddings") or 0, attn_sinks=True,
             sliding_window=window, sliding_window_layers=layers, n_experts=n_experts,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mop.hf.adapter import COMMON_LAYER_NAMES, GQA_NAMES, FamilyAdapter, require, rope_fields, rope_to_hf
+from mop.hf.adapter import (COMMON_LAYER_NAMES, GQA_NAMES, FamilyAdapter, expert_count, gqa_fields, require,
+                            rope_fields, rope_to_hf)
 from mop.models.config import ModelConfig
 
 
@@ -22,14 +23,9 @@ class Qwen3MoeAdapter(FamilyAdapter):
         dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(n_layers) if (i + 1) % step})
         if dense != list(range(len(dense))):
             raise ValueError(f"config.json: dense (MLP-only) layers {dense} must be the first layers")
-        heads = require(hf, "num_attention_heads")
-        n_experts = hf.get("num_experts", hf.get("num_local_experts"))
-        if n_experts is None:
-            raise ValueError("config.json: the expert count 'num_experts' is missing or null")
+        n_experts = expert_count(hf, "num_experts", "num_local_experts")
         return ModelConfig(
-            shape=f"hf:{self.model_type}", vocab_size=require(hf, "vocab_size"), dim=require(hf, "hidden_size"),
-            n_layers=n_layers, n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, qk_norm=True,
+            shape=f"hf:{self.model_type}", **gqa_fields(hf), qk_norm=True,
             attn_bias=bool(hf.get("attention_bias", False)), **rope_fields(hf, refuse_scaling=True),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)), n_experts=n_experts,
             top_k=require(hf, "num_experts_per_tok"), expert_dim=require(hf, "moe_intermediate_size"),
