@@ -59,15 +59,17 @@ c)
     --out "$OUT/vocab.json" > "$OUT/vocab.log" 2>&1; grep "^|" "$OUT/vocab.log" | head -50
   ;;
 d)
-  # Budget: the whole call within ~470 s (what this session's device time leaves after a machine start).
+  # Budget: the whole call within ~450 s (what this session's device time leaves after a machine start).
   timeout $(left 290) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 150 \
     --baseline-configs '[{"ep": 2}]' --mop-overrides "$MOP" --out "$OUT/bench_short2" > "$OUT/bench_short2.log" 2>&1
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_short2/results.md"; rm -rf "$OUT/bench_short2/work"
   grep -h "activation policy auto" "$OUT/bench_short2.log" | head -4
+  pack session4_d  # after each stage: a call cut short by the device budget still returns what ran
   timeout $(left 375) $B --contexts 128K --batch-setting paper --systems baseline --warmup 1 --steps 1 --timeout 120 \
     --baseline-configs '[{"ep": 2, "cp": 2, "chunked_loss": true}]' --out "$OUT/bench_128k_base" > "$OUT/bench_128k_base.log" 2>&1
   sed -n '/## Results/,/## Baseline/p' "$OUT/bench_128k_base/results.md"; rm -rf "$OUT/bench_128k_base/work"
-  timeout $(left 470) python scripts/gpu_lossless.py --gpus 2 --optimizer cpu --steps 50 \
+  pack session4_d
+  timeout $(left 440) python scripts/gpu_lossless.py --gpus 2 --optimizer cpu --steps 50 \
     --out "$OUT/lossless_bf16.json" > "$OUT/lossless_bf16.log" 2>&1
   tail -3 "$OUT/lossless_bf16.log"
   ;;
