@@ -11,6 +11,8 @@
 #   PART=c  #17 item 4 and the 2^20 batch setting: the host optimizer's exposed share at W=2
 #           (--optimizer-ablation) at 32K, paper batch, both engines; then 8K with 2^20 tokens per
 #           step (64 micro-batches) for both systems; then `mop plan calibrate` on this machine.
+#   PART=d  the baseline's sweep at 8K and 32K (session 4 ran one config: its ratios are an upper
+#           bound), mop included again so that each context is one invocation.
 # Usage: OUT=dir PART=a bash bench/scripts/session5.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }
@@ -53,6 +55,11 @@ c)
   pack session5_c
   timeout $(left 570) $TR -m mop.cli plan calibrate --out "$OUT/calibration.json" > "$OUT/calibrate.log" 2>&1
   tail -8 "$OUT/calibrate.log"
+  ;;
+d)
+  timeout $(left 570) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 120 \
+    --sweep quick --sweep-max 4 --mop-overrides "$MOP" --out "$OUT/sweep_short" > "$OUT/sweep_short.log" 2>&1
+  sed -n '/## Results/,$p' "$OUT/sweep_short/results.md" | head -40; rm -rf "$OUT/sweep_short/work"
   ;;
 esac
 pack session5_${PART:-a}
