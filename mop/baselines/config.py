@@ -81,6 +81,9 @@ class BaselineConfig:
         if cfg.n_experts % self.ep:
             raise ValueError(f"baseline.ep={self.ep} must divide model.n_experts={cfg.n_experts}")
         if self.tp > 1:
+            if cfg.attention == "mla" and cfg.n_heads % self.tp:
+                raise ValueError(f"baseline.tp={self.tp} must divide model.n_heads={cfg.n_heads} (MLA splits "
+                                 f"whole heads of its up-projections wq_b / wkv_b over the TP ranks)")
             for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads),
                                ("dense_dim", cfg.dense_dim if cfg.n_dense_layers else 0), ("shared_dim", cfg.shared_dim)):
                 if size % self.tp:

@@ -6,8 +6,9 @@ baseline's, and its model is sharded by `parallelize_baseline`, in this order on
 
 1. `apply_loss_head`   output projection + loss as one (compiled) `cross_entropy(hidden @ W.T)`, or
                         with `chunked_loss` the model's own strip-wise loss (no N x V logits)
-2. `apply_tp`          `parallelize_module`: attention wq/wk/wv colwise, wo rowwise; dense FFN and
-                        shared experts w1/w3 colwise, w2 rowwise (the model infers local head counts)
+2. `apply_tp`          `parallelize_module`: attention's head projections colwise (GQA wq/wk/wv; MLA
+                        the up-projections wq_b or wq, wkv_b), wo rowwise; dense FFN and shared
+                        experts w1/w3 colwise, w2 rowwise (the model infers local head counts)
 3. `apply_ep`          routed experts -> `AllToAllExperts` (DTensor Shard(0) over the EP dim)
 4. router statistics summed over the ranks that hold distinct tokens (global aux loss)
 5. activation checkpointing, optional `torch.compile` of each block
@@ -19,25 +20,30 @@ SDPA), which shards tokens / positions / labels along the sequence in place (hea
 
 Exactness: the Trainer divides each rank's summed loss by the global target count, and FSDP sums
 (never averages) gradients. tp x cp ranks share a sequence, so the target count is divided by that
-replication; q/k-norm weights see only the local heads under TP, so their gradients are summed over
-the TP group; the gradient norm counts each replicated shard once.
+replication; GQA's q/k-norm weights see only the local heads under TP, so their gradients are summed
+over the TP group (MLA's replicated RoPE key has its activation gradient summed instead, see
+`SharedRopeKeyParallel`); the gradient norm counts each replicated shard once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from mop.baselines.config import BaselineConfig
 from mop.baselines.expert_parallel import AllToAllExperts
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo
+from mop.models.layers import Attention
+from mop.models.mla import MultiHeadLatentAttention
 from mop.parallel.layout import LayoutSpec
 from mop.parallel.parallelize import configure_fsdp_units
 from mop.distributed import local_shard
@@ -113,25 +119,75 @@ def apply_loss_head(model, compile: bool) -> None:
     model.output = LinearCrossEntropyHead(model.output.weight, compile)
 
 
+def sum_grad_over(x: torch.Tensor, mesh) -> torch.Tensor:
+    """Identity forward; backward sums the gradient over `mesh` (Megatron's "copy to the TP region").
+
+    For a replicated activation that feeds rank-local computations outside a DTensor-aware layer:
+    each rank's gradient is a partial sum. Stock DTensor says so: a Replicate tensor whose local
+    gradient is Partial is all-reduced on the way back.
+    """
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+class SharedRopeKeyParallel(ParallelStyle):
+    """MLA's `wkv_a` under TP: weights replicated; the decoupled RoPE key (its last `rope_dim` output
+    columns, one per token, shared by every head) gets its gradient summed over the TP group.
+
+    The latent columns need nothing: they feed `wkv_b`, whose ColwiseParallel input already sums their
+    gradient. The RoPE key instead is broadcast to this rank's heads only, so without the sum its
+    gradient, `wkv_a`'s and the residual stream's would miss the other ranks' heads.
+    """
+
+    def __init__(self, rope_dim: int):
+        self.rope_dim = rope_dim
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        module.register_forward_hook(functools.partial(self._sum_rope_key_grad, self.rope_dim, device_mesh))
+        return module
+
+    @staticmethod
+    def _sum_rope_key_grad(rope_dim, mesh, module, inputs, out):
+        latent, k_rope = out.split([out.shape[-1] - rope_dim, rope_dim], dim=-1)
+        return torch.cat([latent, sum_grad_over(k_rope, mesh)], dim=-1)
+
+
+def attention_tp_plan(attention: nn.Module) -> dict:
+    """Megatron-style TP plan of one attention module (names relative to the block); heads are split.
+
+    GQA: wq/wk/wv colwise, wo rowwise. MLA (as torchtitan's deepseek_v3 and Megatron's MLA): the
+    down-projections wq_a / wkv_a and their norms q_norm / kv_norm stay replicated (every head needs
+    the whole latent), the up-projections wq_b (or wq when q_lora_rank = 0) and wkv_b colwise (whole
+    heads: their output columns are laid out head by head), wo rowwise; `SharedRopeKeyParallel` sums
+    the gradient of the replicated RoPE key. The model infers local head counts from the widths.
+    """
+    if not isinstance(attention, MultiHeadLatentAttention):
+        plan = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
+    else:
+        q_up = "wq_b" if "wq_b" in attention._modules else "wq"
+        plan = {f"attention.{q_up}": ColwiseParallel(), "attention.wkv_b": ColwiseParallel(),
+                "attention.wkv_a": SharedRopeKeyParallel(attention.rope_dim)}
+    plan["attention.wo"] = RowwiseParallel()
+    return plan
+
+
 def apply_tp(model, tp_mesh) -> list[nn.Module]:
     """Megatron-style TP of attention and dense FFNs; returns the modules whose grads are TP-partial.
 
     (Modules, not parameters: FSDP later replaces each parameter object by its sharded DTensor.)
+    Every replicated parameter before a colwise layer gets its whole gradient (the colwise input sums
+    it), except GQA's q/k norms, which act on this rank's heads only. MLA has none partial: its norms
+    act on the latents, and `SharedRopeKeyParallel` sums the one per-head broadcast (the RoPE key).
     """
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
     partial = []
     for block in model.layers.values():
-        plan = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
-        plan["attention.wo"] = RowwiseParallel()
+        plan = attention_tp_plan(block.attention)
         ffn = "feed_forward" if not block.is_moe else ("moe.shared_experts" if block.moe.shared_experts else None)
         if ffn:
             plan.update({f"{ffn}.w1": ColwiseParallel(), f"{ffn}.w3": ColwiseParallel(), f"{ffn}.w2": RowwiseParallel()})
         parallelize_module(block, tp_mesh, plan)
-        # q/k norms are replicated but only see this rank's heads: their gradients are partial sums.
-        for norm in (block.attention.q_norm, block.attention.k_norm):
-            if norm is not None:
-                partial.append(norm)
+        # GQA's q/k norms are replicated but only see this rank's heads: their gradients are partial sums.
+        if isinstance(block.attention, Attention):
+            partial += [norm for norm in (block.attention.q_norm, block.attention.k_norm) if norm is not None]
     return partial
 
 
