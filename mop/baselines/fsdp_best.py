@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from mop.baselines.config import BaselineConfig
@@ -151,10 +151,25 @@ class SharedRopeKeyParallel(ParallelStyle):
         return torch.cat([latent, sum_grad_over(k_rope, mesh)], dim=-1)
 
 
+class HeadSinksParallel(ParallelStyle):
+    """gpt-oss' per-head sink logits under TP: the parameter sharded by heads like wq's output, and
+    handed to the attention core as this rank's heads (the core sees local tensors only)."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        sinks = distribute_tensor(module.sinks.data, device_mesh, [Shard(0)])
+        module.register_parameter("sinks", nn.Parameter(sinks, requires_grad=module.sinks.requires_grad))
+        module.core.register_forward_pre_hook(self._local_sinks, with_kwargs=True)
+        return module
+
+    @staticmethod
+    def _local_sinks(core, args, kwargs):
+        return args, {**kwargs, "sinks": kwargs["sinks"].to_local()}
+
+
 def attention_tp_plan(attention: nn.Module) -> dict:
     """Megatron-style TP plan of one attention module (names relative to the block); heads are split.
 
-    GQA: wq/wk/wv colwise, wo rowwise. MLA (as torchtitan's deepseek_v3 and Megatron's MLA): the
+    GQA: wq/wk/wv colwise, wo rowwise, gpt-oss' sinks split by heads. MLA (as torchtitan's deepseek_v3 and Megatron's MLA): the
     down-projections wq_a / wkv_a and their norms q_norm / kv_norm stay replicated (every head needs
     the whole latent), the up-projections wq_b (or wq when q_lora_rank = 0) and wkv_b colwise (whole
     heads: their output columns are laid out head by head), wo rowwise; `SharedRopeKeyParallel` sums
@@ -162,6 +177,8 @@ def attention_tp_plan(attention: nn.Module) -> dict:
     """
     if not isinstance(attention, MultiHeadLatentAttention):
         plan = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
+        if attention.sinks is not None:
+            plan["attention"] = HeadSinksParallel()
     else:
         q_up = "wq_b" if "wq_b" in attention._modules else "wq"
         plan = {f"attention.{q_up}": ColwiseParallel(), "attention.wkv_b": ColwiseParallel(),

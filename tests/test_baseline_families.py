@@ -1,8 +1,9 @@
-"""The FSDP-best baseline's tensor parallelism of MLA trains exactly like one process (fp32, CPU, gloo).
+"""The FSDP-best baseline's tensor parallelism of the families' attention trains exactly like one
+process (fp32, CPU, gloo): MLA (DeepSeek-V3 / Kimi-K2) and gpt-oss (sinks, windows, biases).
 
 The TP plan (mop.baselines.fsdp_best.attention_tp_plan) keeps MLA's down-projections and latent norms
 replicated and splits the heads of the up-projections; the shared RoPE key's gradient is summed over
-the TP group. Losses, gradients and weights after a few AdamW steps are compared with `Trainer` on one
+the TP group. gpt-oss' sink logits are split by heads with wq. Losses, gradients and weights after a few AdamW steps are compared with `Trainer` on one
 process, as in tests/test_baseline.py.
 """
 
@@ -25,6 +26,7 @@ CASES = {
     # Recomputation re-runs the RoPE key's gradient hook inside the checkpointed block.
     "mla_fsdp1_tp2_ac_full_rank_q": (2, BaselineConfig(tp=2, compile_loss=False), MLA_FULL_RANK_Q),
     "mla_fsdp2_tp2_ep2": (4, BaselineConfig(tp=2, ep=2, compile_loss=False), MLA),
+    "gpt_oss_fsdp1_tp2": (2, BaselineConfig(tp=2, compile_loss=False), ["--model.shape=debug-gpt-oss"]),
 }
 
 
@@ -49,7 +51,7 @@ def runs(tmp_path_factory):
     from mop.distributed import ProcessInfo
     from mop.trainer import Trainer
 
-    tmp = tmp_path_factory.mktemp("baseline_mla")
+    tmp = tmp_path_factory.mktemp("baseline_families")
     got = {}
     for world in sorted({w for w, _, _ in CASES.values()}):
         cases = {name: case for name, case in CASES.items() if case[0] == world}
@@ -66,7 +68,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_baseline_mla_tp_equals_single_process(runs, name):
+def test_baseline_tp_equals_single_process(runs, name):
     got, refs = runs
     world, cfg, extra = CASES[name]
     _assert_same(got[name], refs[(world // cfg.replicas, tuple(extra))])
