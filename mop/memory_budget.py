@@ -75,21 +75,18 @@ class OptimizerRival:
     valuable_bytes: float
 
 
-# Seconds per step that one byte of fp32 optimizer state (master, m, v: 12 B/param) costs when it
-# lives on the host, by engine. gpu_stream moves it in and out over PCIe (pinned copies measured at
-# 55 GB/s each way on H200); cpu updates it on the host (2.21 Gparam/s measured, 12 B each).
-# Sources: bench/results/2026-11-28-session2-1xh200/SUMMARY.md section 5.
-STATE_SECONDS_PER_BYTE = {"gpu_stream": 2 / 55e9, "cpu": 1 / (12 * 2.21e9)}
-
-
 def optimizer_rival(engine: str, state_bytes: float, forward_seconds: float, overlap: bool) -> OptimizerRival:
-    """The rival of a host optimizer engine with `state_bytes` of offloadable state per rank.
+    """The rival of the host optimizer engine registered as `engine` (mop.optim.registry), with
+    `state_bytes` of offloadable state per rank; each byte costs the engine's measured
+    `host_state_seconds_per_byte`.
 
     With the update overlapped (`optimizer.overlap_update`), the first `forward_seconds` of it run
     behind the next step's forward: the bytes beyond `state_bytes - forward_seconds / s_per_byte`
     buy nothing on the device.
     """
-    per_byte = STATE_SECONDS_PER_BYTE.get(engine, STATE_SECONDS_PER_BYTE["gpu_stream"])
+    from mop.optim.registry import engine_class  # lazily: this module's pure part needs no torch
+
+    per_byte = engine_class(engine).host_state_seconds_per_byte
     hidden = forward_seconds / per_byte if overlap else 0.0
     return OptimizerRival(per_byte, max(0.0, state_bytes - hidden))
 

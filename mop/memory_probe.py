@@ -136,7 +136,7 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
     o = job.optimizer
     local_numel = _local_numel(trainer.model)
     cap = 0.9 * memory.total()  # allocator slack and fragmentation
-    if o.offload == "none":
+    if o.engine is None:
         cap -= 8 * local_numel  # AdamW's two fp32 moments, allocated at the first step
     else:
         cap -= 2 * 3 * 4 * min(o.bucket_numel, local_numel)  # gpu_stream staging slots (fp32 master, m, v)
@@ -147,7 +147,7 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
         recompute = mb.recompute_seconds(job.model, t.seq_len, tokens,
                                          pipelined_experts=job.parallel.experts.dispatcher == "llep_pipelined")
         rival = None
-        if o.offload != "none" and o.device_fraction < 0:
+        if o.engine is not None and o.device_fraction < 0:
             # The host optimizer competes for the same bytes (mop.memory_budget.split_memory); its
             # update overlaps roughly one micro-batch's forward, estimated like the recomputation.
             rival = mb.optimizer_rival(o.offload, 12.0 * local_numel, len(probe.blocks) * recompute["full"],
@@ -163,7 +163,7 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
                      f"kept free for the optimizer's device share {plan.optimizer_bytes / 2**30:.1f} GiB)"
                      + "".join(f"; {n}" for n in plan.notes))
         peak = plan.peak_bytes
-    if peak is None and o.offload != "none" and o.device_fraction < 0:
+    if peak is None and o.engine is not None and o.device_fraction < 0:
         peak = probe.agree_max([probe.step_peak()])[0]
     _drop_grads(trainer.model)
     return peak, cap - (peak or 0.0)

@@ -50,12 +50,16 @@ class UpdateEngine(ABC):
     `grads_to_host`: the update reads gradients from host memory (`offload_grads` copies them).
     `stages_on_device`: an offloaded bucket's state is staged on the device during its update.
     `link_bytes_per_bf16_param`: host<->device bytes each way per offloaded bf16 parameter and step.
+    `host_state_seconds_per_byte`: seconds per step that one byte of fp32 state (master, m, v) costs
+    when it lives on the host instead of the device; what `mop.memory_budget.split_memory` weighs
+    the device share against kept activations by.
     """
 
     device_resident = False
     grads_to_host = False
     stages_on_device = False
     link_bytes_per_bf16_param = 0
+    host_state_seconds_per_byte = 0.0
 
     def __init__(self, opt):
         self.opt = opt
@@ -118,6 +122,9 @@ class GpuStreamEngine(UpdateEngine):
 
     stages_on_device = True
     link_bytes_per_bf16_param = 12  # master, exp_avg and exp_avg_sq in fp32
+    # In and out over PCIe: pinned copies measured at 55 GB/s each way on H200
+    # (bench/results/2026-11-28-session2-1xh200/SUMMARY.md section 5).
+    host_state_seconds_per_byte = 2 / 55e9
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -182,6 +189,8 @@ class CpuEngine(UpdateEngine):
 
     grads_to_host = True
     link_bytes_per_bf16_param = 2  # the gradient down, the cast weight up
+    # Updated on the host: 2.21 Gparam/s measured on a 16-core H200 host, 12 B of state each (same source).
+    host_state_seconds_per_byte = 1 / (12 * 2.21e9)
 
     def __init__(self, opt):
         super().__init__(opt)
