@@ -3,8 +3,8 @@ process (fp32, CPU, gloo): MLA (DeepSeek-V3 / Kimi-K2) and gpt-oss (sinks, windo
 
 The TP plan (mop.baselines.fsdp_best.attention_tp_plan) keeps MLA's down-projections and latent norms
 replicated and splits the heads of the up-projections; the shared RoPE key's gradient is summed over
-the TP group. gpt-oss' sink logits are split by heads with wq. Losses, gradients and weights after a few AdamW steps are compared with `Trainer` on one
-process, as in tests/test_baseline.py.
+the TP group; gpt-oss' sink logits are split by heads with wq. Losses, gradients and weights after a
+few AdamW steps are compared with `Trainer` on one process, as in tests/test_baseline.py.
 """
 
 from __future__ import annotations

@@ -169,11 +169,12 @@ class HeadSinksParallel(ParallelStyle):
 def attention_tp_plan(attention: nn.Module) -> dict:
     """Megatron-style TP plan of one attention module (names relative to the block); heads are split.
 
-    GQA: wq/wk/wv colwise, wo rowwise, gpt-oss' sinks split by heads. MLA (as torchtitan's deepseek_v3 and Megatron's MLA): the
-    down-projections wq_a / wkv_a and their norms q_norm / kv_norm stay replicated (every head needs
-    the whole latent), the up-projections wq_b (or wq when q_lora_rank = 0) and wkv_b colwise (whole
-    heads: their output columns are laid out head by head), wo rowwise; `SharedRopeKeyParallel` sums
-    the gradient of the replicated RoPE key. The model infers local head counts from the widths.
+    GQA: wq/wk/wv colwise, wo rowwise, gpt-oss' sinks split by heads. MLA (as torchtitan's
+    deepseek_v3 and Megatron's MLA): the down-projections wq_a / wkv_a and their norms q_norm /
+    kv_norm stay replicated (every head needs the whole latent); the up-projections wq_b (or wq when
+    q_lora_rank = 0) and wkv_b colwise (whole heads: their output columns are laid out head by
+    head); wo rowwise; `SharedRopeKeyParallel` sums the gradient of the replicated RoPE key. The
+    model infers local head counts from the widths.
     """
     if not isinstance(attention, MultiHeadLatentAttention):
         plan = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
