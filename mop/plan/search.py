@@ -179,16 +179,33 @@ def split_inputs(step: Step, cal: Calibration, device_bytes: float
 
 
 def split_candidate(base: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95,
-                    allowed: tuple[str, ...] = mb.LADDER, optimizer_competes: bool = True) -> Candidate:
+                    allowed: tuple[str, ...] = mb.LADDER, optimizer_competes: bool = True, tries: int = 3
+                    ) -> Candidate:
     """The configuration `mop train` reaches with `activation_checkpoint=auto`: per-block policies and
     the optimizer's device share split by `mop.memory_budget.split_memory` (seconds saved per byte),
     from the predicted kept bytes instead of the probe's. `optimizer_competes=False`: the trainer
-    before a271e05, which gave the activations everything and the optimizer what was left."""
+    before a271e05, which gave the activations everything and the optimizer what was left.
+
+    As `memory_budget.plan_activation_policies` does, each split is verified: the predicted
+    micro-batch peak against the trainer's cap less the optimizer's reserve, and against this
+    planner's own limit (`headroom` x device with the allocator's slack, which is stricter); one that
+    peaks above gets a budget smaller by the overshoot, `tries` times, then "offload" on every block.
+    (The budget assumes every block's kept bytes are alive at the peak; a checkpointed step peaks as
+    backward ends, when most are freed, so the first split can keep more than fits.)"""
     costs, budget, rival = split_inputs(base, cal, device_bytes)
     rival = rival if optimizer_competes else None
-    policies, _ = mb.split_memory(base.model.n_layers, costs, budget, allowed=allowed, optimizer=rival,
-                                  accum=base.grad_accum)
-    return evaluate(replace(base, policies=tuple(policies)), cal, cluster, device_bytes, headroom)
+    cap = trainer_memory_cap(base, device_bytes)
+    for _ in range(tries):
+        policies, reserve = mb.split_memory(base.model.n_layers, costs, budget, allowed=allowed, optimizer=rival,
+                                            accum=base.grad_accum)
+        step = replace(base, policies=tuple(policies))
+        zero = estimate_memory(replace(step, device_fraction=0.0), cal, device_bytes)
+        got = zero.allocated - zero.optimizer_staging  # what the trainer's probe measures (staging comes later)
+        limit = min(cap - reserve, headroom * device_bytes / (1 + cal.allocator_slack) - zero.optimizer_staging)
+        if got <= limit:
+            return evaluate(step, cal, cluster, device_bytes, headroom)
+        budget = mb.policies_bytes(policies, costs.kept_bytes) + reserve - 1.1 * (got - limit)
+    return evaluate(replace(base, policies=("offload",) * base.model.n_layers), cal, cluster, device_bytes, headroom)
 
 
 def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | None = None,
