@@ -100,7 +100,7 @@ class DataConfig:
 def _activation_spec(value) -> str:
     """Normalise training.activation_checkpoint: booleans map to "full"/"none"; the syntax is checked
     here (the block count only once the model is known)."""
-    from mop.models.checkpointing import parse_policies
+    from mop.models.activation_policy import parse_policies
 
     text = str(value).strip().lower()
     text = {"true": "full", "1": "full", "yes": "full", "on": "full",
@@ -129,7 +129,7 @@ class TrainingConfig:
     seed: int = 0  # seeds the initial weights and the data order
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
-    # Per-block activation policy (mop.models.checkpointing): "none" | "selective" (recompute all
+    # Per-block activation policy (mop.models.activation_policy): "none" | "selective" (recompute all
     # but attention) | "full" | "offload" (full, block input in host memory) | "auto" (chosen before
     # step 1 by a measured probe: memory buys the least recomputation) | per block, in order, e.g.
     # "none*4,selective*12,full". true/false mean "full"/"none".

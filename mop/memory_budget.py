@@ -4,7 +4,7 @@ Before step 1 (`training.activation_checkpoint = "auto"`), the trainer decides w
 the model state leaves free holds. Two uses compete for it:
 
 - activations kept, so blocks are not recomputed: each block moves up the ladder
-  offload -> full -> selective -> none (mop.models.checkpointing);
+  offload -> full -> selective -> none (mop.models.activation_policy);
 - the host optimizer's device-resident share of its state (`optimizer.device_fraction`): every
   byte of fp32 state kept on the device is a byte the update does not stream over PCIe (or update
   on the host) each step.

@@ -178,7 +178,7 @@ class Trainer:
         return apply_overrides(job, overrides)
 
     def _build_model(self) -> Transformer:
-        from mop.parallel.init import init_weights_sharded
+        from mop.parallel.weight_init import init_weights_sharded
 
         job = self.job
         with torch.device("meta"):

@@ -223,7 +223,7 @@ def test_world4_ep2_and_ep4():
 
 def _checkpoint_worker(rank: int, world: int):
     """One step through a checkpointed block `x + experts(tanh(x))`, with and without checkpointing."""
-    from mop.models.checkpointing import checkpoint_block
+    from mop.models.activation_policy import checkpoint_block
     from mop.parallel.layout import Layout, LayoutSpec
 
     layout = Layout.build(LayoutSpec(world, expert=2), torch.device("cpu"))
@@ -310,7 +310,7 @@ def _graph_names(fn) -> set[str]:
 
 def _mixed_precision_worker(rank: int, world: int):
     """fp32 and bf16 compute (param_dtype) with fp32 shards, top-3, a rank without tokens, +/- checkpointing."""
-    from mop.models.checkpointing import checkpoint_block
+    from mop.models.activation_policy import checkpoint_block
     from mop.parallel.layout import Layout, LayoutSpec
 
     data = _mp_data(world)

@@ -63,7 +63,7 @@ def test_more_budget_never_means_more_recomputation():
 
 
 def test_describe_round_trips_through_parse():
-    from mop.models.checkpointing import parse_policies
+    from mop.models.activation_policy import parse_policies
 
     p = ["selective"] * 3 + ["full"] * 2 + ["offload"]
     assert mb.describe(p) == "selective*3,full*2,offload*1"

@@ -273,7 +273,7 @@ def test_activation_policies_are_bit_identical_and_run_attention_as_planned(docs
 
 
 def test_parse_policies():
-    from mop.models.checkpointing import parse_policies
+    from mop.models.activation_policy import parse_policies
 
     assert parse_policies("full", 3) == ["full"] * 3
     assert parse_policies("none*1,selective*1,offload", 4) == ["none", "selective", "offload", "offload"]

@@ -37,7 +37,7 @@ class BaselineConfig:
 
     @property
     def block_policy(self) -> str:
-        """The per-block activation policy of the shared model code (mop.models.checkpointing)."""
+        """The per-block activation policy of the shared model code (mop.models.activation_policy)."""
         if not self.activation_checkpoint:
             return "none"
         return "selective" if self.selective else "full"

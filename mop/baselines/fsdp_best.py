@@ -331,7 +331,7 @@ class FSDPBestStrategy(MoPStrategy):
                 return model
             return None
         from mop.models.transformer import Transformer
-        from mop.parallel.init import init_weights_sharded
+        from mop.parallel.weight_init import init_weights_sharded
 
         with torch.device("meta"):
             model = Transformer(trainer.job.model)

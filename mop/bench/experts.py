@@ -43,7 +43,7 @@ def skewed_routing(n_tokens: int, n_experts: int, top_k: int, skew: float, n_hot
 
 def run_case(layout, shape, dispatcher: str, n_tokens: int, skew: float, args, device) -> dict:
     """Time fwd+bwd of one layer configuration on this rank; returns local metrics (may raise OOM)."""
-    from mop.models.checkpointing import checkpoint_block
+    from mop.models.activation_policy import checkpoint_block
     from mop.models.moe import GroupedExperts
     from mop.parallel.experts import ExpertParallelExperts
 

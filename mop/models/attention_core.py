@@ -5,7 +5,7 @@ activation checkpointing runs the attention kernel forward twice (forward, then 
 recompute pass); a hand-written backward that recomputes (as Ulysses' used to) adds a third.
 `AttentionFunction` runs it forward once per backward it needs, whatever the block's policy:
 
-| block policy (mop.models.checkpointing) | forward pass              | recompute pass                  | backward            |
+| block policy (mop.models.activation_policy) | forward pass              | recompute pass                  | backward            |
 |------------------------------------------|---------------------------|---------------------------------|---------------------|
 | none (no checkpoint)                     | kernel, state kept        | -                               | from the kept state |
 | selective (checkpoint, keep attention)   | kernel, state kept        | returns the forward's output    | from the kept state |
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mop.models.checkpointing import checkpoint_keeps_attention, checkpoint_phase
+from mop.models.activation_policy import checkpoint_keeps_attention, checkpoint_phase
 from mop.ops.attention import causal_attention
 
 

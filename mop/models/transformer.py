@@ -18,13 +18,13 @@ import zlib
 import torch
 import torch.nn as nn
 
-from mop.models.checkpointing import checkpoint_block
+from mop.models.activation_policy import checkpoint_block
 from mop.models.config import ModelConfig
 from mop.models.layers import Attention, FeedForward, RMSNorm
 from mop.models.mla import MultiHeadLatentAttention
 from mop.models.moe import MoE
 from mop.models.rope import Rotary
-from mop.models.offload import HostStash, checkpoint_block_offloaded
+from mop.models.activation_offload import HostStash, checkpoint_block_offloaded
 from mop.ops.cross_entropy import OutputHead
 
 
@@ -72,7 +72,7 @@ class Transformer(nn.Module):
         self.output = OutputHead(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Per-block activation policy (mop.models.checkpointing.POLICIES), set by parallelize() or
+        # Per-block activation policy (mop.models.activation_policy.POLICIES), set by parallelize() or
         # the trainer: "none", "selective" (recompute all but attention), "full", "offload".
         self.block_policies: list[str] = ["none"] * cfg.n_layers
         self._stashes: dict[int, HostStash] = {}

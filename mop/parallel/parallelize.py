@@ -11,7 +11,7 @@ Steps, in this fixed order (each a small `apply_*` function; later steps see ear
 
 Steps 2 and 3 turn their parameters into DTensors on their own meshes; step 6 shards everything
 that is still a plain tensor, so each parameter is sharded exactly once. The model must still be on
-the meta device; materialise with `to_empty()` and `mop.parallel.init.init_weights_sharded` after.
+the meta device; materialise with `to_empty()` and `mop.parallel.weight_init.init_weights_sharded` after.
 """
 
 from __future__ import annotations
@@ -89,12 +89,12 @@ def apply_router_stats(model, layout: Layout) -> None:
 
 
 def apply_activation_policy(model, spec: str) -> None:
-    """Per-block activation policies from `training.activation_checkpoint` (mop.models.checkpointing).
+    """Per-block activation policies from `training.activation_checkpoint` (mop.models.activation_policy).
 
     "auto" starts as "full" everywhere; the trainer replaces it before step 1 by a measured choice
     (mop.memory_budget).
     """
-    from mop.models.checkpointing import parse_policies
+    from mop.models.activation_policy import parse_policies
 
     model.block_policies = parse_policies("full" if spec == "auto" else spec, len(model.layers))
 

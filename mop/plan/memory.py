@@ -2,7 +2,7 @@
 
 The state (weights, gradients, optimizer) is the exact arithmetic of `mop.plan.state`. The rest is
 first principles: what each op of a block saves for backward (per token, from the model code), what
-each activation policy keeps (mop.models.checkpointing), and the largest transient working set of
+each activation policy keeps (mop.models.activation_policy), and the largest transient working set of
 one block (attention kernel, all-to-all buffers, one expert chunk, one loss strip). The peak is
 reached at the start of the backward of the last block: every block's kept activations, plus that
 block's recomputed activations, plus the largest working set, plus the gathered parameters.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from mop.models.checkpointing import checkpoint_phase
+from mop.models.activation_policy import checkpoint_phase
 from mop.parallel.experts.config import ExpertParallelConfig
 from mop.parallel.experts.dispatch import ExpertActivation, TokenDispatcher
 from mop.parallel.experts.pipeline import MoELayerFunction, ShardSpec

@@ -22,7 +22,7 @@ Per-block policies (`POLICIES`; chosen per block by `Transformer.block_policies`
   experts are recomputed. At long context attention is most of the FLOPs; this avoids redoing it
   (and, under Ulysses, its all-to-alls) for about 5 tensors of N x heads x head_dim per block.
 * "full": checkpointed; only the block input is kept; attention runs forward twice.
-* "offload": "full" with the block input in pinned host memory (mop.models.offload).
+* "offload": "full" with the block input in pinned host memory (mop.models.activation_offload).
 """
 
 from __future__ import annotations

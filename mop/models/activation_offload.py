@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from mop.models.checkpointing import checkpoint_block, checkpoint_phase
+from mop.models.activation_policy import checkpoint_block, checkpoint_phase
 
 
 class HostStash:
