@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, fields
 
+from mop.optim.registry import engine_class
 from mop.plan.calibration import Calibration
 from mop.plan.state import state_memory
 from mop.plan.step import GIB, Step
@@ -141,7 +142,7 @@ class MemoryEstimate:
     weights: float
     grads: float
     optimizer: float
-    optimizer_staging: float  # gpu_stream: the device slots offloaded buckets are updated in
+    optimizer_staging: float  # an engine that stages on the device: the slots offloaded buckets are updated in
     activations_kept: float
     recompute: float  # the backward block's recomputed activations
     attention_ws: float
@@ -326,8 +327,9 @@ def backward_peak(step: Step, grad_bytes: float, working_set: float) -> dict[str
 
 
 def staging_device_bytes(step: Step) -> float:
-    """gpu_stream: two device slots of (master, exp_avg, exp_avg_sq) fp32 for offloaded buckets."""
-    if step.offload != "gpu_stream":
+    """An engine that stages state on the device (gpu_stream): two device slots of (master,
+    exp_avg, exp_avg_sq) fp32 for offloaded buckets."""
+    if step.offload == "none" or not engine_class(step.offload).stages_on_device:
         return 0.0
     local = step.model.param_counts()["total"] / step.layout.world
     return 2 * ADAM_STATE_BYTES * min(step.bucket_numel, local)
@@ -378,10 +380,11 @@ def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = N
     allocated = state.weights + alive["grads"] + state.optimizer_device + staging + step_bytes
     host_state = state.optimizer_host
     host_staging = 0.0
-    if step.offload == "gpu_stream":
+    engine = engine_class(step.offload) if step.offload != "none" else None
+    if engine is not None and engine.stages_on_device:
         host_staging = 2 * step.bucket_numel * 16  # two pinned slots of master, m, v, grad
-    elif step.offload == "cpu":
-        host_staging = 2 * state.weights / step.param_bytes * 2  # bf16 gradients in and bf16 weights out
+    elif engine is not None and engine.grads_to_host:  # gradients in and weights out, each way's bytes
+        host_staging = 2 * state.weights / step.param_bytes * engine.link_bytes_per_bf16_param
     n_off = sum(p == "offload" for p in step.policies)
     host_ckpt = n_off * step.tokens * step.model.dim * a
     return MemoryEstimate(weights=state.weights, grads=alive["grads"], optimizer=state.optimizer_device,

@@ -26,11 +26,15 @@ from mop.memory_budget import BlockCosts, OptimizerRival
 from mop.plan.memory import (ADAM_STATE_BYTES, MemoryEstimate, block_kept_bytes, estimate_memory,
                              trainer_memory_cap)
 from mop.plan.state import state_memory
+from mop.optim.registry import engine_class
 from mop.plan.step import GIB, OFFLOADS, Cluster, Step, policy_spec
 from mop.plan.timing import TimeEstimate, estimate_time
 
 FASTEST_FIRST = ("none", "selective", "full", "offload")
-_OFFLOAD_PREFERENCE = ("none", "gpu_stream", "cpu")  # ties: the faster engine, then less host memory
+# Ties: the device optimizer, then the host engines by what a byte of host state costs them per step
+# (UpdateEngine.host_state_seconds_per_byte: gpu_stream before cpu).
+_OFFLOAD_PREFERENCE = ("none",) + tuple(sorted((o for o in OFFLOADS if o != "none"),
+                                               key=lambda o: engine_class(o).host_state_seconds_per_byte))
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,7 @@ def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policie
 def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest: bool,
              param_dtypes=("fp32",)) -> str:
     counts = model.param_counts()
-    state = state_memory(model, W, "gpu_stream", 0.0)
+    state = state_memory(model, W, _OFFLOAD_PREFERENCE[1], 0.0)  # any host engine: all state on the host
     lines = [f"no configuration of {model.shape} ({counts['total'] / 1e9:.1f}B parameters, {model.n_layers} layers) "
              f"fits on {W} GPU(s) of {device_bytes / GIB:.0f} GiB at {context:,} tokens per sequence."]
     if closest:

@@ -11,10 +11,13 @@ import math
 from dataclasses import dataclass, replace
 
 from mop.models.config import ModelConfig
+from mop.optim.registry import offload_choices
 from mop.parallel.layout import LayoutSpec
 
 POLICIES = ("none", "selective", "full", "offload")
-OFFLOADS = ("none", "cpu", "gpu_stream")
+# optimizer.offload: "none" (torch AdamW on the device) and every registered host-state engine
+# (mop.optim.registry): a new engine is planned without an edit here.
+OFFLOADS = offload_choices()
 PARAM_DTYPES = {"fp32": 4, "bf16": 2}  # training.param_dtype -> bytes per weight and per gradient
 GIB = 2**30
 
@@ -63,7 +66,7 @@ class Step:
     batch_size: int = 1  # sequences per sequence-parallel group per micro-batch
     grad_accum: int = 1
     policies: tuple[str, ...] | str = "full"  # per block, or one policy for every block
-    offload: str = "none"  # optimizer state: "none" (device AdamW) | "cpu" | "gpu_stream"
+    offload: str = "none"  # optimizer state: "none" (device AdamW) or a host engine (OFFLOADS)
     device_fraction: float = 0.0  # share of offloaded state on the device; -1: as much as fits (auto)
     overlap_update: bool = True  # the host optimizer's update runs beside the next forward
     param_dtype: str = "fp32"  # training.param_dtype: "bf16" keeps weights and gradients in bf16 (host optimizer)
