@@ -38,7 +38,12 @@ class Calibration:
     expert_half_rows: float = 256.0  # routed rows per expert at half `expert_flops`
     hbm_bw: float = 4.2e12  # device memory bandwidth (elementwise work)
     elementwise_factor: float = 42.0  # memory-bound bytes moved per step / bytes a "none" block saves (fitted)
-    layer_overhead_s: float = 0.004  # fixed seconds per block per pass (launches, host syncs; fitted)
+    # Device idle (host-bound: launches, the dispatcher's host syncs) per block and pass, and per step
+    # (the step boundary: loss and grad-norm syncs, the optimizer's launches). Session 4's 8K profile
+    # after the split (e-8k-profile-after) has ~99 ms idle in a 0.81 s step of 96 block-passes; the
+    # 1xH200 8K points (16 block-passes) leave 64 ms: 0.44 ms per block-pass and 57 ms per step.
+    layer_overhead_s: float = 0.00044
+    step_overhead_s: float = 0.057
     intra_bw: float = 330e9  # NVLink collective bus bandwidth per GPU (all-gather)
     alltoall_bw: float = 250e9  # NVLink all-to-all per GPU
     inter_bw: float = 50e9  # across nodes per GPU (400 Gb/s InfiniBand)
@@ -47,6 +52,10 @@ class Calibration:
     host_adam_cpu: float = 2.2e9  # params/s, cpu engine (host AdamW, 16 cores)
     host_adam_stream: float = 3.95e9  # params/s, gpu_stream engine, one GPU
     device_adam_bytes: float = 36.0  # bytes of device traffic per parameter of fused AdamW (fitted: 26 ms/3.1B)
+    # The host optimizer's update of its device share, in bytes per parameter at `hbm_bw`: gradients
+    # gathered to fp32, fused AdamW on (master, m, v), weights written back (~40 B moved); measured
+    # 81.4 ms of _fused_adamw_ + 35.4 ms of copies for 7.79 B parameters (e-8k-profile-after).
+    device_master_update_bytes: float = 63.0
     allocator_slack: float = 0.10  # reserved / allocated - 1 (expandable segments; measured 0.03-0.11)
     # live bytes per routed slot / ((H + 3I) * act_bytes), all-to-all send/receive copies included
     # (fitted on the 1xH200 expert-layer benchmark before Ep = 1 became the identity; memory.py

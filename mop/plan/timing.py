@@ -12,14 +12,19 @@ Compute (per micro-batch, per rank):
   backward; recomputed forward in any checkpointed block.
 * vocabulary: 6 * N * H * V on one block (gradients formed in forward), 8 * N * H * V in the ring
   (backward recomputes each strip), plus the softmax strips at memory bandwidth.
-* memory-bound work (norms, RoPE, SiLU, permutations, casts) as bytes over HBM bandwidth, and a
-  fixed cost per block and pass (launches, host syncs): both fitted on the 1xH200 points.
+* memory-bound work (norms, RoPE, SiLU, permutations, casts) as bytes over HBM bandwidth (fitted
+  on the 1xH200 points), and the device's host-bound idle: a fixed cost per block and pass
+  (launches, the dispatcher's host syncs) and one per step (the step boundary's syncs and the
+  optimizer's launches), measured as the idle of session 4's 8K profile and the 1xH200 8K points.
 
 Communication: every collective's bytes per rank over the bandwidth of its group (intra-node when
 the group fits in a node, else inter-node). Parameter all-gathers and reduce-scatters are prefetched,
 so only what exceeds a block's compute is exposed; Ulysses all-to-alls are exposed except for the
 overlap of head chunks; expert dispatch is exposed except for the overlap of pipelined chunks.
-The host optimizer update overlaps the next step's first forward (optimizer.overlap_update).
+Optimizer: device work is exposed in full (torch's AdamW, and a host optimizer's update of its
+device share: the next forward waits for it and it shares the device); what a host engine moves
+over the host link, or computes on host cores, overlaps the next step's first forward
+(optimizer.overlap_update). The engine's properties (mop.optim.registry) say which rate applies.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, fields
 
+from mop.optim.registry import engine_class
 from mop.plan.calibration import Calibration
 from mop.plan.memory import block_saved_bytes, cuda_attention_extra_bytes, dense_block_params
 from mop.plan.step import Cluster, Step
@@ -63,6 +69,32 @@ class TimeEstimate:
 
     def terms(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)[:10]}
+
+
+def _optimizer_seconds(step: Step, cal: Calibration, local: float, frac: float, gpus_per_node: int,
+                       window: float) -> tuple[float, float]:
+    """(whole update, exposed part) of the optimizer, in seconds per step.
+
+    Device work is exposed in full: torch's AdamW (`optimizer.offload=none`), and a host optimizer's
+    update of its device share (the next forward waits for each bucket; the 8K profile after the
+    split has the update's kernels serial with the forward's: 715 ms summed over streams, 711 active).
+    What moves over the host link (or runs on host cores) overlaps the next forward (`window`) when
+    `overlap_update` is on. Which rate applies is the engine's property, not its name.
+    """
+    if step.offload == "none":
+        t = local * cal.device_adam_bytes / cal.hbm_bw
+        return t, t
+    frac = min(max(frac, 0.0), 1.0)
+    engine = engine_class(step.offload)
+    share = min(1.0, cal.h2d_node_bw / gpus_per_node / cal.h2d_bw)  # a node's GPUs share its host links
+    if engine.stages_on_device:  # state streamed through the device: bound by the host link
+        host_rate = cal.host_adam_stream * share
+    else:  # updated on host cores shared by the node's GPUs; gradients down and weights up the link
+        host_rate = min(cal.host_adam_cpu / gpus_per_node, cal.h2d_bw * share / (2 * engine.link_bytes_per_bf16_param))
+    t_host = local * (1 - frac) / host_rate
+    t_device = local * frac * cal.device_master_update_bytes / cal.hbm_bw
+    hidden = min(t_host, window) if step.overlap_update else 0.0
+    return t_host + t_device, t_host + t_device - hidden
 
 
 def _bw(cluster: Cluster, cal: Calibration, spans_nodes: bool, alltoall: bool = False) -> float:
@@ -178,25 +210,13 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         hidden = min(t, vocab)
         comm_exposed += t - hidden
         comm_hidden += hidden
+    over_step = cal.step_overhead_s  # the step boundary, once per optimizer step
     micro = attn + exp + dense + mem + over + vocab
     acc = step.grad_accum
-    # Optimizer: device AdamW is memory-bound on the device; the host engines run beside the next forward.
     local = m.param_counts()["total"] / W
     frac = step.device_fraction if device_fraction is None else device_fraction
-    if step.offload == "none":
-        t_opt = local * cal.device_adam_bytes / cal.hbm_bw
-        opt_exposed = t_opt
-    else:
-        frac = min(max(frac, 0.0), 1.0)
-        share = min(1.0, cal.h2d_node_bw / G / cal.h2d_bw)  # a node's GPUs share its host links
-        if step.offload == "gpu_stream":
-            host_rate = cal.host_adam_stream * share
-        else:  # cpu engine: the node's cores are shared by its GPUs; bf16 grads in, bf16 weights out
-            host_rate = min(cal.host_adam_cpu / G, cal.h2d_bw * share / 4)
-        t_opt = local * (1 - frac) / host_rate + local * frac * cal.device_adam_bytes / cal.hbm_bw
-        window = fwd_time + (micro if acc > 1 else 0.0) if step.overlap_update else 0.0
-        opt_exposed = max(0.0, t_opt - window)
+    t_opt, opt_exposed = _optimizer_seconds(step, cal, local, frac, G, fwd_time + (micro if acc > 1 else 0.0))
     return TimeEstimate(attention=attn * acc, expert_gemm=exp * acc, dense_gemm=dense * acc, vocab=vocab * acc,
-                        memory_bound=mem * acc, overhead=over * acc, comm_exposed=comm_exposed * acc,
+                        memory_bound=mem * acc, overhead=over * acc + over_step, comm_exposed=comm_exposed * acc,
                         optimizer_exposed=opt_exposed, comm_hidden=comm_hidden * acc, optimizer_total=t_opt,
                         tokens_per_step=step.tokens_per_step, world=W)
