@@ -87,6 +87,8 @@ def optimizer_rival(engine: str, state_bytes: float, forward_seconds: float, ove
     from mop.optim.registry import engine_class  # lazily: this module's pure part needs no torch
 
     per_byte = engine_class(engine).host_state_seconds_per_byte
+    if per_byte <= 0:  # an engine that keeps its state on the device: nothing to buy back
+        return OptimizerRival(0.0, 0.0)
     hidden = forward_seconds / per_byte if overlap else 0.0
     return OptimizerRival(per_byte, max(0.0, state_bytes - hidden))
 

@@ -229,6 +229,10 @@ def test_accumulation_makes_recomputation_worth_more_than_the_update():
     assert mb.policies_bytes(policies_64, costs.kept_bytes) > 24 * costs.kept_bytes["selective"]
 
 
+def test_a_device_resident_engine_claims_nothing():
+    assert mb.optimizer_rival("device", 10 * GIB, forward_seconds=0.1, overlap=True).valuable_bytes == 0.0
+
+
 def test_no_overlap_makes_every_state_byte_valuable():
     rival = mb.optimizer_rival("cpu", 10 * GIB, forward_seconds=5.0, overlap=False)
     assert rival.valuable_bytes == 10 * GIB
