@@ -31,5 +31,5 @@ def test_attribute_splits_active_idle_and_charges_launching_ops():
 
 def test_summary_names_idle_time_and_blocking_calls():
     text = summarize(_trace())
-    assert "idle 0.3 ms" in text and "cudaStreamSynchronize 0.3 ms" in text
+    assert "idle 0.3 ms" in text and "can block: cudaStreamSynchronize 0.3 ms" in text
     assert "MoELayer > aten::mm" in text

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import collections
 
-# Runtime calls that make the host wait for the device (the launch queue drains behind them).
+# Runtime calls that can make the host wait for the device (the launch queue drains behind them):
+# the synchronisations, and copies (an async copy blocks too when its host side is pageable).
 BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-                  "cudaStreamWaitEvent", "cudaMemcpyAsync")
+                  "cudaMemcpyAsync")
 
 
 def _union_ms(intervals: list[tuple[float, float]]) -> float:
@@ -65,7 +66,7 @@ def summarize(trace: dict, top: int = 40) -> str:
     a = attribute(trace)
     lines = [f"device span {a['span_ms']:.1f} ms: active {a['active_ms']:.1f} ms (any kernel running), "
              f"idle {a['idle_ms']:.1f} ms; kernels summed over streams {a['busy_ms']:.1f} ms",
-             "host blocked in: " + (", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in a["blocking"].most_common())
+             "host time in runtime calls that can block: " + (", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in a["blocking"].most_common())
                                     or "nothing"),
              ""]
     lines += [f"{us / 1e3:9.1f} ms  {key}" for key, us in a["by_op"].most_common(top)]
