@@ -4,10 +4,12 @@
 # Each part stays under ~9.5 minutes; results are packed after every stage.
 #   PART=a  #12: 256K mop (the baseline has no config that runs from 128K on: session 4), then 64K
 #           mop vs the baseline (EP2, full AC), one invocation per context.
-#   PART=b  #12/#17: 512K mop with 8 layers (a slice: a 24-layer 512K step with its warm-up does
-#           not fit in one call; labelled so), with the memory breakdown of one step
-#           (logging.memory_step); then 128K with every block's input offloaded to the host
-#           against call a's auto choice (#17 item 5: what offload costs, what it frees).
+#   PART=b  #12/#17: 512K with 8 layers (a slice: a 24-layer 512K step with its warm-up does not
+#           fit in one call; labelled so) through `mop train`, with the memory breakdown of its second
+#           step (logging.memory_step, which the bench worker does not run); then 128K with every
+#           block's input offloaded to the host against call a's auto choice (#17 item 5).
+#   PART=e  #17 items 2-3 at the widths still owed: the expert layer with kimi-k2-slice widths, and
+#           the vocabulary ring at V = 200,000 with 64K tokens per rank.
 #   PART=c  #17 item 4 and the 2^20 batch setting: the host optimizer's exposed share at W=2
 #           (--optimizer-ablation) at 32K, paper batch, both engines; then 8K with 2^20 tokens per
 #           step (64 micro-batches) for both systems; then `mop plan calibrate` on this machine.
@@ -30,9 +32,14 @@ a)
   show "$OUT/bench_64k"
   ;;
 b)
-  timeout $(left 330) python -m mop.cli bench --shape qwen3-30b-a3b --layers 8 --gpus 2 --contexts 512K \
-    --batch-setting paper --systems mop --warmup 1 --steps 1 --timeout 320 --mop-overrides "$MOP" \
-    --out "$OUT/bench_512k_8l" > "$OUT/bench_512k_8l.log" 2>&1; show "$OUT/bench_512k_8l"
+  timeout $(left 330) $TR -m mop.train --model.shape=qwen3-30b-a3b --model.n_layers=8 --training.seq_len=524288 \
+    --parallel.seq.degree=2 --parallel.experts.degree=2 --parallel.vocab.degree=2 $MOP \
+    --training.activation_checkpoint=auto --data.dataset=synthetic --data.synthetic_doc_len=0 \
+    --training.steps=2 --training.warmup_steps=1 --checkpoint.enabled=false --logging.progress=none \
+    --logging.log_every=1 --logging.memory_step=2 --logging.run_dir=/tmp/r512 > "$OUT/train_512k_8l.log" 2>&1
+  echo "rc=$?" >> "$OUT/train_512k_8l.log"; tail -4 "$OUT/train_512k_8l.log"
+  cp /tmp/r512/metrics.jsonl "$OUT/train_512k_8l_metrics.jsonl" 2>/dev/null
+  cp /tmp/r512/memory_rank0.txt "$OUT/train_512k_8l_memory_rank0.txt" 2>/dev/null
   pack session5_b
   timeout $(left 570) $B --contexts 128K --batch-setting paper --systems mop --warmup 1 --steps 1 --timeout 230 \
     --mop-overrides "$MOP --training.activation_checkpoint=offload" --out "$OUT/bench_128k_offload" \
@@ -55,6 +62,14 @@ c)
   pack session5_c
   timeout $(left 570) $TR -m mop.cli plan calibrate --out "$OUT/calibration.json" > "$OUT/calibrate.log" 2>&1
   tail -8 "$OUT/calibrate.log"
+  ;;
+e)
+  timeout 150 $TR -m mop.bench.experts --shape kimi-k2-slice --tokens 16384,65536 --skew 0,0.95 \
+    --dispatchers alltoall,llep,llep_pipelined --out "$OUT/experts_kimi.jsonl" > "$OUT/experts_kimi.log" 2>&1
+  grep "^|" "$OUT/experts_kimi.log" | head -20; pack session5_e
+  timeout $(left 570) $TR -m mop.bench.vocab --vocab 200000 --hidden 2048,7168 --tokens 65536 --P 1,2 \
+    --methods plain-compiled,chunked,ring-weights,ring-activations --warmup 1 --iters 3 \
+    --out "$OUT/vocab_200k.json" > "$OUT/vocab_200k.log" 2>&1; grep "^|" "$OUT/vocab_200k.log"
   ;;
 d)
   timeout $(left 570) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 120 \
