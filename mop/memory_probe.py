@@ -18,6 +18,7 @@ later: AdamW's two moments on the device (8 B/param) or the host optimizer's sta
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,10 @@ class ActivationProbe:
     def __init__(self, trainer, memory: DeviceMemory, accumulate: bool):
         self.trainer, self.memory, self.accumulate = trainer, memory, accumulate
         self.blocks = list(trainer.model.layers.values())
+        # Forward seconds of each block in the last pattern forward, and the share of the tokens it
+        # ran on: what recomputing a block really costs, beside `recompute_seconds`' FLOP estimate.
+        self.block_seconds: list[float] = []
+        self.timed_fraction = 1.0
 
     def micro_batch(self, backward: bool = True, keep_grads: bool = False, fraction: float = 1.0) -> float:
         """One forward (and backward) on the first batch's first `fraction` of each rank's tokens (a
@@ -101,13 +106,21 @@ class ActivationProbe:
     def pattern_marks(self, policies: list[str], fraction: float = 1.0) -> list[float]:
         self.trainer.model.block_policies = policies
         marks: list[float] = []
-        hooks = [b.register_forward_pre_hook(lambda *_: marks.append(self.memory.allocated())) for b in self.blocks]
+        clock = _BlockClock(self.trainer.device)
+
+        def before_block(*_) -> None:  # a pre-hook that returned a value would replace the block's input
+            marks.append(self.memory.allocated())
+            clock.tick()
+
+        hooks = [b.register_forward_pre_hook(before_block) for b in self.blocks]
+        hooks.append(self.blocks[-1].register_forward_hook(lambda *_: clock.tick()))
         try:
             self.micro_batch(backward=False, fraction=fraction)
         finally:
             for h in hooks:
                 h.remove()
             drop_attention_slots(self.trainer.model)
+        self.block_seconds, self.timed_fraction = clock.intervals(), fraction
         return marks
 
     def micro_batch_peak(self, policies: list[str], fraction: float = 1.0) -> float:
@@ -127,6 +140,43 @@ class ActivationProbe:
         drop_attention_slots(self.trainer.model)
         gc.collect()
         self.memory.free_cached()
+
+
+class _BlockClock:
+    """Timestamps between blocks of one forward: CUDA events on a GPU (no sync until read), the host
+    clock on CPU (where every op has finished when it returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stamps: list = []
+
+    def tick(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.stamps.append(ev)
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive ticks (one per block)."""
+        if self.cuda and self.stamps:
+            self.stamps[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def measured_block_note(probe: ActivationProbe, model_cfg, seq_len: int, tokens: int) -> str | None:
+    """The interior blocks' median forward time against `recompute_seconds`' FLOP estimate of a full
+    block at the same tokens: recorded (`activation_plan.notes`) to calibrate the split's price of
+    recomputation, not yet used by it."""
+    inner = sorted(probe.block_seconds[1:-1])
+    if not inner:
+        return None
+    f = probe.timed_fraction
+    estimate = mb.recompute_seconds(model_cfg, max(1, int(seq_len * f)), max(1, int(tokens * f)))["full"]
+    return (f"measured block forward {inner[len(inner) // 2] * 1e3:.2f} ms on {f:g} of the tokens "
+            f"(FLOP estimate {estimate * 1e3:.2f} ms)")
 
 
 def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
@@ -155,6 +205,9 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
         plan = mb.plan_activation_policies(probe, len(probe.blocks), recompute, cap, shrink=mb.probe_shrink(tokens),
                                            optimizer=rival, accum=t.grad_accum)
         trainer.model.block_policies = plan.policies
+        note = measured_block_note(probe, job.model, t.seq_len, tokens)
+        if note:
+            plan.notes.append(note)
         trainer.activation_plan = plan  # what was measured and why (bench records, tests)
         kept = ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in plan.kept_bytes.items() if b != float("inf"))
         gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"  # noqa: E731

@@ -109,3 +109,14 @@ def test_accumulation_measures_with_the_gradients_alive(tmp_path):
     peak, room = plan_memory(trainer, device)
     assert peak is not None and device.calls.count("micro-batch") == 2
     assert all(p.grad is None for p in trainer.model.parameters())  # nothing left behind
+
+
+def test_the_probe_times_each_block_and_records_it_beside_the_flop_estimate(tmp_path):
+    """The pattern forward also clocks every block (CUDA events on a GPU, the host clock here): the
+    median interior block's forward time is noted beside recompute_seconds' estimate, to calibrate
+    the split's price of recomputation."""
+    trainer = _trainer(tmp_path)
+    limit = STATE + TOKENS * (TRANSIENT + 6 * 200)
+    plan_memory(trainer, SimulatedDevice(trainer, STATE, limit))
+    notes = [n for n in trainer.activation_plan.notes if n.startswith("measured block forward")]
+    assert len(notes) == 1 and "FLOP estimate" in notes[0]
