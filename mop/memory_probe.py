@@ -18,12 +18,12 @@ later: AdamW's two moments on the device (8 B/param) or the host optimizer's sta
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 import torch.distributed as dist
 
 from mop import memory_budget as mb
+from mop.metrics import DeviceClock
 
 
 class DeviceMemory:
@@ -106,7 +106,7 @@ class ActivationProbe:
     def pattern_marks(self, policies: list[str], fraction: float = 1.0) -> list[float]:
         self.trainer.model.block_policies = policies
         marks: list[float] = []
-        clock = _BlockClock(self.trainer.device)
+        clock = DeviceClock(self.trainer.device)
 
         def before_block(*_) -> None:  # a pre-hook that returned a value would replace the block's input
             marks.append(self.memory.allocated())
@@ -140,30 +140,6 @@ class ActivationProbe:
         drop_attention_slots(self.trainer.model)
         gc.collect()
         self.memory.free_cached()
-
-
-class _BlockClock:
-    """Timestamps between blocks of one forward: CUDA events on a GPU (no sync until read), the host
-    clock on CPU (where every op has finished when it returns)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.stamps: list = []
-
-    def tick(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.stamps.append(ev)
-        else:
-            self.stamps.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        """Seconds between consecutive ticks (one per block)."""
-        if self.cuda and self.stamps:
-            self.stamps[-1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 def measured_block_note(probe: ActivationProbe, model_cfg, seq_len: int, tokens: int) -> str | None:

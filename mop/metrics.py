@@ -50,6 +50,30 @@ def device_memory(device: torch.device) -> dict[str, float]:
     }
 
 
+class DeviceClock:
+    """Timestamps on the device's timeline: CUDA events on a GPU (recorded on the current stream, no
+    sync until read), the host clock on CPU (where every op has finished when it returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stamps: list = []
+
+    def tick(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.stamps.append(ev)
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive ticks (waits for the last one on a GPU)."""
+        if self.cuda and self.stamps:
+            self.stamps[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
 class Throughput:
     """Tokens/s per device, TFLOP/s and MFU over the interval since the last call."""
 

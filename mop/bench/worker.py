@@ -51,26 +51,16 @@ def _timed_steps(trainer, n: int, device: torch.device, outs: list) -> list[floa
     next step's forward, and whatever of it that forward waits for lands in the next step's time,
     as in training. One sync before the first step and one after the last.
     """
+    from mop.metrics import DeviceClock
+
     _sync(device)
-    cuda = device.type == "cuda"
-    marks = []
-
-    def mark():
-        if cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks.append(ev)
-        else:
-            marks.append(time.perf_counter())
-
-    mark()
+    clock = DeviceClock(device)
+    clock.tick()
     for _ in range(n):
         outs.append(trainer.train_step())
-        mark()
+        clock.tick()
     _sync(device)
-    if cuda:
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
-    return [b - a for a, b in zip(marks, marks[1:])]
+    return clock.intervals()
 
 
 def _profiled_step(trainer, result_dir: str, rank: int, device: torch.device) -> str:
