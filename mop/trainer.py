@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from mop.checkpoint import (CheckpointManager, RunDir, RunDirError, Stateful, agree, check_same_model, rng_state,
                             set_rng_state)
@@ -313,26 +314,31 @@ class Trainer:
             self._final_backward = i == len(batches) - 1  # gradients become final only in the last one
             tensors = [b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels")]
             with self.strategy.micro_batch_context(self, tensors):
-                ce, aux = self.model(*tensors, normalizer)
-                loss = ce + aux / t.grad_accum
-                loss.backward()
+                with record_function("mop.forward"):  # profiler labels: idle time is charged to them
+                    ce, aux = self.model(*tensors, normalizer)
+                    loss = ce + aux / t.grad_accum
+                with record_function("mop.backward"):
+                    loss.backward()
             loss_sum += ce.detach()
             aux_sum += aux.detach() / t.grad_accum
             if routers:
                 loads_LE += torch.stack([r.last_tokens_per_expert for r in routers])
-        self.strategy.after_backward(self)
+        with record_function("mop.after_backward"):
+            self.strategy.after_backward(self)
         captured = self.full_grads() if capture_grads else None
-        grad_norm = self.strategy.grad_norm_and_clip(self)
+        with record_function("mop.grad_norm_and_clip"):
+            grad_norm = self.strategy.grad_norm_and_clip(self)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged with this step)
         update = self.guard.allow_update(self.step + 1, grad_norm, loss_sum, self.optimizer)
-        if update and self.job.optimizer.engine is not None:
-            self.optimizer.step_async(self.clip_coef)  # finished by the next forward's hooks (overlap.py)
-            if not self.job.optimizer.overlap_update:
-                self.finish_update()
-        elif update:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("mop.optimizer_step"):
+            if update and self.job.optimizer.engine is not None:
+                self.optimizer.step_async(self.clip_coef)  # finished by the next forward's hooks (overlap.py)
+                if not self.job.optimizer.overlap_update:
+                    self.finish_update()
+            elif update:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if update and routers and any(r.use_expert_bias for r in routers):
             self.model.update_expert_bias(self._all_reduce(loads_LE))
         self.step += 1

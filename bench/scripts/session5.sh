@@ -13,8 +13,9 @@
 #   PART=c  #17 item 4 and the 2^20 batch setting: the host optimizer's exposed share at W=2
 #           (--optimizer-ablation) at 32K, paper batch, both engines; then 8K with 2^20 tokens per
 #           step (64 micro-batches) for both systems; then `mop plan calibrate` on this machine.
-#   PART=d  the baseline's sweep at 8K and 32K (session 4 ran one config: its ratios are an upper
-#           bound), mop included again so that each context is one invocation.
+#   PART=d  the baseline's candidates at 8K and 32K (session 4 ran one config: its ratios are an upper
+#           bound), mop included again so that each context is one invocation; an 8K mop profile
+#           with its idle time charged to host activity.
 # Usage: OUT=dir PART=a bash bench/scripts/session5.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }
@@ -72,9 +73,21 @@ e)
     --out "$OUT/vocab_200k.json" > "$OUT/vocab_200k.log" 2>&1; grep "^|" "$OUT/vocab_200k.log"
   ;;
 d)
-  timeout $(left 570) $B --contexts 8K,32K --batch-setting paper --warmup 1 --steps 2 --timeout 120 \
-    --sweep quick --sweep-max 4 --mop-overrides "$MOP" --out "$OUT/sweep_short" > "$OUT/sweep_short.log" 2>&1
-  sed -n '/## Results/,$p' "$OUT/sweep_short/results.md" | head -40; rm -rf "$OUT/sweep_short/work"
+  # The baseline's candidates at short context, given explicitly (the quick sweep's budget of 4 runs
+  # would spend itself on its most frugal configs: CP/TP with the chunked loss): EP2 or plain FSDP
+  # (experts all-gathered: no all-to-all, no host syncs), full or selective AC; at 8K also EP2 with
+  # each block compiled. mop's point first in each invocation, then an 8K mop step under the profiler.
+  C8='[{"ep": 2}, {"ep": 2, "selective": true}, {"ep": 1}, {"ep": 1, "selective": true}, {"ep": 2, "compile_blocks": true}]'
+  C32='[{"ep": 2}, {"ep": 2, "selective": true}, {"ep": 1}, {"ep": 1, "selective": true}]'
+  timeout $(left 300) $B --contexts 8K --batch-setting paper --warmup 1 --steps 2 --timeout 110 \
+    --baseline-configs "$C8" --mop-overrides "$MOP" --out "$OUT/sweep_8k" > "$OUT/sweep_8k.log" 2>&1
+  show "$OUT/sweep_8k"; pack session5_d
+  timeout $(left 345) $B --contexts 8K --batch-setting paper --systems mop --warmup 1 --steps 1 --timeout 60 \
+    --profile --mop-overrides "$MOP" --out "$OUT/p8k" > "$OUT/p8k.log" 2>&1
+  sed -n '1,12p;/device idle/,$p' "$OUT"/p8k/profiles/*.txt; rm -rf "$OUT/p8k/work"; pack session5_d
+  timeout $(left 570) $B --contexts 32K --batch-setting paper --warmup 1 --steps 2 --timeout 110 \
+    --baseline-configs "$C32" --mop-overrides "$MOP" --out "$OUT/sweep_32k" > "$OUT/sweep_32k.log" 2>&1
+  show "$OUT/sweep_32k"
   ;;
 esac
 pack session5_${PART:-a}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from mop.models.activation_policy import checkpoint_phase
@@ -79,7 +80,11 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"experts input has width {x_TH.shape[-1]}, expected {self.dim}")
         phase = checkpoint_phase()
         # Recompute pass of a checkpointed block: no plan, no work (see MoELayerFunction.forward).
-        plan = None if phase == "recompute" else self.dispatcher.plan(topk_idx_TK)  # one host sync
+        if phase == "recompute":
+            plan = None
+        else:
+            with record_function("mop.experts.plan"):  # a profiler label: the layer's one host sync
+                plan = self.dispatcher.plan(topk_idx_TK)
         recompute = self.dispatcher.recompute or phase is not None
         # Mixed precision (set by parallelize): the Function casts the shards to param_dtype before
         # the gather and returns grads in the shards' dtype (no autograd cast, none in a recompute).
