@@ -55,10 +55,13 @@ def test_bench_helpers():
 
     m = get_shape("qwen3-30b-a3b")
     # D = 1 while a sequence fits one rank (no attention all-to-all); Ulysses over G above 64K.
-    assert default_mop_overrides(m, 2, 8192) == ["--parallel.seq.degree=1", "--parallel.experts.degree=2",
+    # Ep = 1 (experts sharded as dense weights) with D = 1 while a layer's experts are small.
+    assert default_mop_overrides(m, 2, 8192) == ["--parallel.seq.degree=1", "--parallel.experts.degree=1",
                                                  "--parallel.vocab.degree=2"]
-    assert default_mop_overrides(m, 2, 65536)[0] == "--parallel.seq.degree=1"
-    assert default_mop_overrides(m, 2, 131072)[0] == "--parallel.seq.degree=2"
+    assert default_mop_overrides(m, 2, 65536)[:2] == ["--parallel.seq.degree=1", "--parallel.experts.degree=1"]
+    assert default_mop_overrides(m, 2, 131072)[:2] == ["--parallel.seq.degree=2", "--parallel.experts.degree=2"]
+    # Kimi-K2-wide experts (33.8 GB per layer in bf16) are never gathered whole.
+    assert default_mop_overrides(get_shape("kimi-k2-slice"), 2, 8192)[1] == "--parallel.experts.degree=2"
 
 
 def test_sweep_prunes_after_oom():

@@ -202,6 +202,34 @@ def _placement_worker(rank: int, world: int):
             "local": {n: tuple(p.to_local().shape) for n, p in mod.named_parameters()}}
 
 
+def test_ep1_experts_are_sharded_as_dense_unless_a_chunked_dispatcher_bounds_their_memory():
+    """Ep=1 leaves the model's experts to FSDP (sharded over W like dense weights, no dispatcher);
+    llep_pipelined keeps the expert module for its chunks; Ep=2 always dispatches."""
+    outs = run_distributed(_sharded_as_dense_worker, 2)
+    for out in outs:
+        assert out == {"alltoall@1": (True, "GroupedExperts"), "llep@1": (True, "GroupedExperts"),
+                       "llep_pipelined@1": (False, "ExpertParallelExperts"), "alltoall@2": (False, "ExpertParallelExperts")}
+
+
+def _sharded_as_dense_worker(rank: int, world: int):
+    from mop.config import build_config
+    from mop.models.transformer import Transformer
+    from mop.parallel.layout import Layout
+    from mop.parallel.parallelize import experts_sharded_as_dense, parallelize
+
+    out = {}
+    for disp, ep in (("alltoall", 1), ("llep", 1), ("llep_pipelined", 1), ("alltoall", 2)):
+        job = build_config(None, ["--model.shape=tiny", f"--parallel.experts.degree={ep}",
+                            f"--parallel.experts.dispatcher={disp}", "--training.device=cpu"])
+        layout = Layout.build(job.parallel.layout_spec(world), torch.device("cpu"))
+        with torch.device("meta"):
+            model = Transformer(job.model)
+        parallelize(model, layout, job.parallel)
+        experts = next(b.moe.experts for b in model.layers.values() if b.is_moe)
+        out[f"{disp}@{ep}"] = (experts_sharded_as_dense(layout, job.parallel.experts), type(experts).__name__)
+    return out
+
+
 def test_bad_config_rejected():
     from mop.parallel.experts import ExpertParallelConfig
 

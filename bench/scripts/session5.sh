@@ -16,6 +16,8 @@
 #   PART=d  the baseline's candidates at 8K and 32K (session 4 ran one config: its ratios are an upper
 #           bound), mop included again so that each context is one invocation; an 8K mop profile
 #           with its idle time charged to host activity.
+#   PART=f  after call d: mop by the new layout rule (Ep = 1 with D = 1) against the baseline's best of
+#           call d at 8K (both profiled), 32K and 64K.
 # Usage: OUT=dir PART=a bash bench/scripts/session5.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }
@@ -88,6 +90,21 @@ d)
   timeout $(left 570) $B --contexts 32K --batch-setting paper --warmup 1 --steps 2 --timeout 110 \
     --baseline-configs "$C32" --mop-overrides "$MOP" --out "$OUT/sweep_32k" > "$OUT/sweep_32k.log" 2>&1
   show "$OUT/sweep_32k"
+  ;;
+f)
+  # After call d: mop by the new rule (Ep = 1 with D = 1: experts sharded as dense weights) against
+  # the baseline's best config of call d (plain FSDP, experts all-gathered, full AC), one invocation
+  # per context; 8K with a profile of both systems; 64K with the baseline's frugal variants too.
+  timeout $(left 150) $B --contexts 8K --batch-setting paper --warmup 1 --steps 2 --timeout 140 --profile \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "$MOP" --out "$OUT/f8k" > "$OUT/f8k.log" 2>&1
+  show "$OUT/f8k"; sed -n '1,3p;/device idle/,$p' "$OUT"/f8k/profiles/*.txt | head -40; pack session5_f
+  timeout $(left 270) $B --contexts 32K --batch-setting paper --warmup 1 --steps 2 --timeout 110 \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "$MOP" --out "$OUT/f32k" > "$OUT/f32k.log" 2>&1
+  show "$OUT/f32k"; pack session5_f
+  timeout $(left 570) $B --contexts 64K --batch-setting paper --warmup 1 --steps 2 --timeout 150 \
+    --baseline-configs '[{"ep": 1}, {"ep": 1, "chunked_loss": true}, {"ep": 2, "chunked_loss": true}]' \
+    --mop-overrides "$MOP" --out "$OUT/f64k" > "$OUT/f64k.log" 2>&1
+  show "$OUT/f64k"; sed -n '/Baseline sweeps/,$p' "$OUT/f64k/results.md"
   ;;
 esac
 pack session5_${PART:-a}

@@ -53,7 +53,7 @@ class Router(nn.Module):
         if self.norm_topk:
             topk_w_TK = topk_w_TK / (topk_w_TK.sum(-1, keepdim=True) + 1e-20)
         topk_w_TK = topk_w_TK * self.route_scale
-        counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts).float()
+        counts_E = expert_counts(topk_idx_TK, self.n_experts).float()
         self.last_tokens_per_expert.copy_(counts_E.detach())
         aux = x_TH.new_zeros((), dtype=torch.float32)
         if self.aux_loss_coef > 0 and self.training:
@@ -89,6 +89,42 @@ def expert_activation(gate: torch.Tensor, up: torch.Tensor, swiglu_limit: float 
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
 
 
+def expert_counts(topk_idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Routed slots per expert (int64 [E]). A scatter-add, not `torch.bincount`, which on CUDA reads
+    the largest index back to the host: a sync per layer that drains the launch queue."""
+    flat = topk_idx_TK.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+class _ExpandToSlots(torch.autograd.Function):
+    """Rows of the routed slots in expert order: x_TH[order // K], each token copied K times.
+
+    Backward gathers each token's K slot gradients through the inverse permutation and sums them in
+    fp32 in slot order: index_select's own backward is an atomic index_add_ in the input dtype
+    (slow in bf16 on CUDA, and its order of additions varies from run to run).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH, token_of_slot, inv_order, top_k):
+        ctx.save_for_backward(inv_order)
+        ctx.top_k = top_k
+        return x_TH.index_select(0, token_of_slot)
+
+    @staticmethod
+    def backward(ctx, g_NH):
+        inv_order, = ctx.saved_tensors
+        g_TKH = g_NH.index_select(0, inv_order).view(-1, ctx.top_k, g_NH.shape[-1])
+        return g_TKH.sum(1, dtype=torch.float32).to(g_NH.dtype), None, None, None
+
+
+def combine_slots(y_NH: torch.Tensor, inv_order: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_k w[t,k] * y[slot (t,k)] from rows in expert order: a gather back to (t, k) order,
+    the product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run)."""
+    T, K = topk_weight_TK.shape
+    y_TKH = y_NH.index_select(0, inv_order).view(T, K, y_NH.shape[-1])
+    return (y_TKH * topk_weight_TK.to(y_TKH.dtype).unsqueeze(-1)).float().sum(1).to(y_NH.dtype)
+
+
 class GroupedExperts(nn.Module):
     """E routed SwiGLU experts stored stacked: w1/w3 [E, H, I], w2 [E, I, H]; dropless grouped GEMM.
 
@@ -109,12 +145,14 @@ class GroupedExperts(nn.Module):
             self.b2 = nn.Parameter(torch.empty(n_experts, dim))
 
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        T, K = topk_idx_TK.shape
+        """No host sync: counts, offsets and permutations stay on the device."""
+        K = topk_idx_TK.shape[1]
         flat_expert = topk_idx_TK.flatten()
         order = torch.argsort(flat_expert, stable=True)  # routed slots sorted by expert
-        tokens_per_expert_E = torch.bincount(flat_expert, minlength=self.n_experts)
-        token_of_slot = order // K
-        x_routed = x_TH[token_of_slot]
+        inv_order = torch.empty_like(order)
+        inv_order[order] = torch.arange(order.numel(), device=order.device)
+        tokens_per_expert_E = expert_counts(topk_idx_TK, self.n_experts)
+        x_routed = _ExpandToSlots.apply(x_TH, order // K, inv_order, K)
         gate = grouped_mm(x_routed, self.w1, tokens_per_expert_E)
         up = grouped_mm(x_routed, self.w3, tokens_per_expert_E)
         biased = "b1" in self._parameters
@@ -125,10 +163,7 @@ class GroupedExperts(nn.Module):
         out = grouped_mm(h, self.w2, tokens_per_expert_E)
         if biased:
             out = out + self.b2[expert_of_slot]
-        out = out * topk_weight_TK.flatten()[order, None]
-        y = torch.zeros(T, x_TH.shape[1], dtype=torch.float32, device=x_TH.device)
-        y.index_add_(0, token_of_slot, out.float())
-        return y.to(x_TH.dtype)
+        return combine_slots(out, inv_order, topk_weight_TK)
 
 
 class MoE(nn.Module):

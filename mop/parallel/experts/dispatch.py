@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mop.models.moe import expert_activation
+from mop.models.moe import combine_slots, expert_activation, expert_counts
 from mop.ops.grouped_mm import grouped_mm
 from mop.parallel.experts.comm import all_to_all
 from mop.parallel.experts.planner import LlepPlan, plan_llep, split_by_source
@@ -191,6 +191,9 @@ class TokenDispatcher(ABC):
     """
 
     recompute = False
+    # Whether the dispatcher bounds the layer's routed activations by working in chunks: the reason
+    # to keep it at Ep = 1, where it has no tokens to move (mop.parallel.parallelize.apply_expert_parallel).
+    bounds_memory = False
 
     def __init__(self, n_experts: int, group):
         self.n_experts, self.group = n_experts, group
@@ -234,9 +237,7 @@ class TokenDispatcher(ABC):
 
     def combine(self, y_send_NH: torch.Tensor, route: Route, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """y_t = sum_k w[t,k] * y_{t,k}: product in the input dtype, sum over k in fp32."""
-        T, K = topk_weight_TK.shape
-        y_TKH = y_send_NH.index_select(0, route.send_inv).view(T, K, y_send_NH.shape[-1])
-        return (y_TKH * topk_weight_TK.to(y_TKH.dtype).unsqueeze(-1)).float().sum(1).to(y_TKH.dtype)
+        return combine_slots(y_send_NH, route.send_inv, topk_weight_TK)
 
     def _count_plan(self, plan: LlepPlan) -> None:
         if plan.balanced:
@@ -246,10 +247,7 @@ class TokenDispatcher(ABC):
 
 
 def _sorted_counts(idx_TK: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = idx_TK.reshape(-1)
-    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
-    counts_E.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync the host on CUDA
-    return torch.argsort(flat, stable=True), counts_E
+    return torch.argsort(idx_TK.reshape(-1), stable=True), expert_counts(idx_TK, n_experts)
 
 
 class AllToAllDispatcher(TokenDispatcher):
@@ -328,6 +326,8 @@ class LlepDispatcher(TokenDispatcher):
 class PipelinedLlepDispatcher(LlepDispatcher):
     """LLEP in up to `max_chunks` chunks of `chunk_tokens`, each recomputed in backward (about one
     chunk of routed activations live at a time)."""
+
+    bounds_memory = True
 
     @classmethod
     def from_config(cls, cfg, n_experts: int, group) -> "PipelinedLlepDispatcher":
