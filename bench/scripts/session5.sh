@@ -18,6 +18,7 @@
 #           with its idle time charged to host activity.
 #   PART=f  after call d: mop by the new layout rule (Ep = 1 with D = 1) against the baseline's best of
 #           call d at 8K (both profiled), 32K and 64K.
+#   PART=g  after call f: Ep = 1 with the gradient reduce-scatter in bf16, 8K (also Ep = 2), 32K, 64K.
 # Usage: OUT=dir PART=a bash bench/scripts/session5.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }
@@ -105,6 +106,24 @@ f)
     --baseline-configs '[{"ep": 1}, {"ep": 1, "chunked_loss": true}, {"ep": 2, "chunked_loss": true}]' \
     --mop-overrides "$MOP" --out "$OUT/f64k" > "$OUT/f64k.log" 2>&1
   show "$OUT/f64k"; sed -n '/Baseline sweeps/,$p' "$OUT/f64k/results.md"
+  ;;
+g)
+  # After call f: the Ep = 1 path's gradient reduce-scatter in bf16 (the gradients are stored in bf16
+  # with training.param_dtype=bf16; at W = 2 the fp32 reduction rounds to the same bits) against the
+  # baseline's best; 8K also with Ep = 2 (mop alone) to settle the rule at 8K.
+  R="$MOP --parallel.fsdp.reduce_dtype=bf16"
+  timeout $(left 190) $B --contexts 8K --batch-setting paper --warmup 1 --steps 2 --timeout 90 \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "$R" --out "$OUT/g8k" > "$OUT/g8k.log" 2>&1
+  show "$OUT/g8k"; pack session5_g
+  timeout $(left 250) $B --contexts 8K --batch-setting paper --systems mop --warmup 1 --steps 2 --timeout 60 \
+    --mop-overrides "$R --parallel.experts.degree=2" --out "$OUT/g8k_ep2" > "$OUT/g8k_ep2.log" 2>&1
+  show "$OUT/g8k_ep2"; pack session5_g
+  timeout $(left 420) $B --contexts 32K --batch-setting paper --warmup 1 --steps 2 --timeout 90 \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "$R" --out "$OUT/g32k" > "$OUT/g32k.log" 2>&1
+  show "$OUT/g32k"; pack session5_g
+  timeout $(left 560) $B --contexts 64K --batch-setting paper --systems mop --warmup 1 --steps 2 --timeout 130 \
+    --mop-overrides "$R" --out "$OUT/g64k" > "$OUT/g64k.log" 2>&1
+  show "$OUT/g64k"
   ;;
 esac
 pack session5_${PART:-a}
