@@ -55,9 +55,12 @@ def build_loader(job, spec: LayoutSpec, rank: int, vocab_size: int):
 
 def mixed_precision_dtypes(trainer) -> tuple[torch.dtype | None, torch.dtype]:
     """FSDP2's (param_dtype, reduce_dtype): bf16 compute casts the gathered weights (None: no cast);
-    gradients reduce in `parallel.fsdp.reduce_dtype`."""
+    gradients reduce in `parallel.fsdp.reduce_dtype` ("auto": bf16 where they are stored in bf16)."""
     param = trainer.compute_dtype if trainer.compute_dtype != torch.float32 else None
-    reduce = torch.float32 if trainer.job.parallel.fsdp.reduce_dtype == "fp32" else torch.bfloat16
+    choice = trainer.job.parallel.fsdp.reduce_dtype
+    if choice == "auto":
+        choice = "bf16" if trainer.job.training.param_dtype == "bf16" else "fp32"
+    reduce = torch.float32 if choice == "fp32" else torch.bfloat16
     return param, reduce
 
 

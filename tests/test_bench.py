@@ -59,7 +59,8 @@ def test_bench_helpers():
     assert default_mop_overrides(m, 2, 8192) == ["--parallel.seq.degree=1", "--parallel.experts.degree=1",
                                                  "--parallel.vocab.degree=2"]
     assert default_mop_overrides(m, 2, 65536)[:2] == ["--parallel.seq.degree=1", "--parallel.experts.degree=1"]
-    assert default_mop_overrides(m, 2, 131072)[:2] == ["--parallel.seq.degree=2", "--parallel.experts.degree=2"]
+    assert default_mop_overrides(m, 2, 131072)[:2] == ["--parallel.seq.degree=2", "--parallel.experts.degree=1"]
+    assert default_mop_overrides(m, 2, 262144)[:2] == ["--parallel.seq.degree=2", "--parallel.experts.degree=2"]
     # Kimi-K2-wide experts (33.8 GB per layer in bf16) are never gathered whole.
     assert default_mop_overrides(get_shape("kimi-k2-slice"), 2, 8192)[1] == "--parallel.experts.degree=2"
 

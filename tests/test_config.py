@@ -175,7 +175,7 @@ def test_option_types_and_sections_are_checked():
         build_config(overrides=["--parallel.experts.dispatcher=foo"])
     with pytest.raises(ValueError, match="parallel.vocab.schedule: 'rows' is not one of"):
         build_config(overrides=["--parallel.vocab.schedule=rows"])
-    with pytest.raises(ValueError, match="parallel.fsdp.reduce_dtype: 'fp16' is not one of 'fp32', 'bf16'"):
+    with pytest.raises(ValueError, match="parallel.fsdp.reduce_dtype: 'fp16' is not one of 'auto', 'fp32', 'bf16'"):
         build_config(overrides=["--parallel.fsdp.reduce_dtype=fp16"])
     with pytest.raises(ValueError, match="parallel.seq.head_chunks: must be >= 1, got 0"):
         build_config(overrides=["--parallel.seq.head_chunks=0"])

@@ -62,8 +62,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
     p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
     p.add_argument("--mop-layout", choices=("rule", "plan"), default="rule",
-                   help="mop's layout: rule = D=1 up to 64K tokens, D=G above; Ep=1 with D=1 where a layer's "
-                        "experts are small, else Ep=G (see default_mop_overrides); "
+                   help="mop's layout: rule = D=1 up to 64K tokens, D=G above; Ep=1 up to 64K tokens per rank "
+                        "where a layer's experts are small, else Ep=G (see default_mop_overrides); "
                         "plan = parallel.plan=auto (mop plan chooses D, Ep, P, dispatcher, optimizer placement; "
                         "the tokens per step stay those of the rule's layout)")
     p.add_argument("--mop-ac", choices=("auto", "on", "off"), default="auto",
@@ -127,8 +127,10 @@ def common_overrides(args, device: str, context: int, accum: int, run_dir: str) 
 
 SEQ_PARALLEL_FROM = 65536 + 1  # the default layout's rule: Ulysses over all G ranks above 64K tokens
 # The default layout's rule: experts sharded as dense weights (Ep = 1) while one layer's experts,
-# gathered in bf16, take at most this much; FSDP's one-ahead prefetch holds two layers' worth.
+# gathered in bf16, take at most this much (FSDP's one-ahead prefetch holds two layers' worth), and
+# a rank's tokens at most EXPERTS_AS_DENSE_MAX_TOKENS (the plain layer routes them all at once).
 EXPERTS_AS_DENSE_MAX_BYTES = 4 * 2**30
+EXPERTS_AS_DENSE_MAX_TOKENS = 65536
 
 
 def default_mop_overrides(model_cfg, gpus: int, context: int) -> list[str]:
@@ -137,17 +139,18 @@ def default_mop_overrides(model_cfg, gpus: int, context: int) -> list[str]:
     * D = 1 while a sequence fits one rank (up to 64K tokens): every rank trains its own sequences,
       no attention all-to-all; D = G above, where one rank's activations no longer fit with
       attention kept (selective checkpointing), and Ulysses divides them by G.
-    * Ep = 1 with D = 1 when one layer's experts gathered in bf16 take at most 4 GiB (qwen3-30b-a3b:
-      1.2 GB): the experts are then sharded as dense weights and gathered one block ahead, with no
-      token all-to-all and no per-layer host sync (measured faster at 8K and 32K on 2 x H200:
-      mop.parallel.parallelize.experts_sharded_as_dense). Otherwise (long sequences, whose routed
-      activations LLEP's chunks bound, or Kimi-wide experts) Ep = the largest divisor of G that
-      divides the expert count.
+    * Ep = 1 when one layer's experts gathered in bf16 take at most 4 GiB (qwen3-30b-a3b: 1.2 GB)
+      and a rank holds at most 64K tokens: the experts are then sharded as dense weights and
+      gathered one block ahead, with no token all-to-all and no per-layer host sync
+      (mop.parallel.parallelize.experts_sharded_as_dense). Measured on 2 x H200 with 24 layers
+      against Ep = 2: +2% at 8K, +8% at 32K, +5% at 128K (bench/results/2026-11-30-session5-2xh200/).
+      Otherwise (more tokens per rank, whose routed activations LLEP's chunks bound, or Kimi-wide
+      experts) Ep = the largest divisor of G that divides the expert count.
     * P = G.
     """
     seq = gpus if context >= SEQ_PARALLEL_FROM else 1
     gathered = 3 * model_cfg.n_experts * model_cfg.dim * model_cfg.expert_dim * 2
-    if seq == 1 and gathered <= EXPERTS_AS_DENSE_MAX_BYTES:
+    if gathered <= EXPERTS_AS_DENSE_MAX_BYTES and context // seq <= EXPERTS_AS_DENSE_MAX_TOKENS:
         ep = 1
     else:
         ep = max(d for d in range(1, gpus + 1) if gpus % d == 0 and model_cfg.n_experts % d == 0)
