@@ -76,6 +76,13 @@ class ActivationProbe:
         self.block_seconds: list[float] = []
         self.timed_fraction = 1.0
 
+    def _phase(self, mode: str, last: bool) -> None:
+        """FSDP's accumulation behaviour for the next micro-batch, as the trainer sets it (no-op
+        without FSDP units)."""
+        from mop.parallel.parallelize import set_accumulation_phase
+
+        set_accumulation_phase(self.trainer.model, mode, last, self.trainer.job.parallel.fsdp.reshard_after_forward)
+
     def micro_batch(self, backward: bool = True, keep_grads: bool = False, fraction: float = 1.0) -> float:
         """One forward (and backward) on the first batch's first `fraction` of each rank's tokens (a
         shorter sequence, same layout; the memory, not the values, is measured): peak bytes."""
@@ -98,9 +105,18 @@ class ActivationProbe:
     def step_peak(self, fraction: float = 1.0) -> float:
         """A training micro-batch's peak on this rank. With accumulation the previous micro-batch's
         gradients are alive during the next one's forward: the second of two is measured."""
-        if self.accumulate:
-            self.micro_batch(keep_grads=True, fraction=fraction)
-        return self.micro_batch(keep_grads=self.accumulate, fraction=fraction)
+        if not self.accumulate:
+            return self.micro_batch(fraction=fraction)
+        # With parallel.fsdp.accumulation keeping weights (and gradients) between micro-batches, the
+        # second one runs with the first one's gathered weights and unsharded gradients alive.
+        mode = self.trainer.job.parallel.fsdp.accumulation
+        self._phase(mode, last=False)
+        self.micro_batch(keep_grads=True, fraction=fraction)
+        self._phase(mode, last=True)
+        try:
+            return self.micro_batch(keep_grads=True, fraction=fraction)
+        finally:
+            self._phase("reshard", last=True)
 
     # -- memory_budget.Probe ------------------------------------------------------------------------
     def pattern_marks(self, policies: list[str], fraction: float = 1.0) -> list[float]:
@@ -136,6 +152,10 @@ class ActivationProbe:
         return t.tolist()
 
     def recover(self) -> None:
+        from mop.parallel.parallelize import reset_accumulation
+
+        self._phase("reshard", last=True)
+        reset_accumulation(self.trainer.model)
         _drop_grads(self.trainer.model)
         drop_attention_slots(self.trainer.model)
         gc.collect()
@@ -194,5 +214,5 @@ def plan_memory(trainer, memory: DeviceMemory) -> tuple[float | None, float]:
         peak = plan.peak_bytes
     if peak is None and o.engine is not None and o.device_fraction < 0:
         peak = probe.agree_max([probe.step_peak()])[0]
-    _drop_grads(trainer.model)
+    probe.recover()  # weights resharded, no gradient of a measuring micro-batch left anywhere
     return peak, cap - (peak or 0.0)

@@ -23,7 +23,7 @@ from mop.distributed import ProcessInfo, init_process, local_shard
 from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
 from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
 from mop.models.transformer import Transformer
-from mop.parallel.parallelize import apply_activation_policy
+from mop.parallel.parallelize import apply_activation_policy, set_accumulation_phase
 from mop.strategies import MoPStrategy
 
 
@@ -310,8 +310,12 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         routers = self.model.routers()
         loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
+        accumulation = self.job.parallel.fsdp.accumulation if t.grad_accum > 1 else "reshard"
         for i, b in enumerate(batches):
             self._final_backward = i == len(batches) - 1  # gradients become final only in the last one
+            if t.grad_accum > 1:
+                set_accumulation_phase(self.model, accumulation, self._final_backward,
+                                       self.job.parallel.fsdp.reshard_after_forward)
             tensors = [b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels")]
             with self.strategy.micro_batch_context(self, tensors):
                 with record_function("mop.forward"):  # profiler labels: idle time is charged to them

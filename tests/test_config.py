@@ -97,7 +97,7 @@ def test_option_set_is_frozen():
         "parallel.experts.llep_min_chunk", "parallel.experts.llep_imbalance_threshold",
         "parallel.experts.chunk_tokens", "parallel.experts.max_chunks",
         "parallel.vocab.degree", "parallel.vocab.schedule",
-        "parallel.fsdp.reduce_dtype", "parallel.fsdp.reshard_after_forward",
+        "parallel.fsdp.reduce_dtype", "parallel.fsdp.reshard_after_forward", "parallel.fsdp.accumulation",
         "optimizer.lr", "optimizer.betas", "optimizer.eps", "optimizer.weight_decay", "optimizer.offload",
         "optimizer.device_fraction", "optimizer.bucket_numel", "optimizer.overlap_update",
         "data.dataset", "data.cache_dir", "data.synthetic_doc_len",

@@ -30,6 +30,18 @@ def test_experts_sharded_as_dense_with_policies_and_host_optimizer_equal_single_
         "--optimizer.offload=gpu_stream", "--optimizer.device_fraction=0.5"])
 
 
+@pytest.mark.parametrize("mode,layout,extra", [
+    ("keep_gathered", {"vocab.degree": 2}, []),  # experts at Ep=1 are FSDP's: kept gathered too
+    ("keep_all", {"experts.degree": 2}, ["--optimizer.offload=gpu_stream", "--optimizer.device_fraction=0.5"]),
+])
+def test_fsdp_accumulation_equals_single_process(mode, layout, extra, tmp_path):
+    """parallel.fsdp.accumulation keeps weights (and gradients) between micro-batches: same numbers
+    as one process with the same three micro-batches per step."""
+    common = ["--training.grad_accum=3", *extra]
+    compare_with_reference(2, layout, tmp_path, extra=[f"--parallel.fsdp.accumulation={mode}", *common],
+                           ref_extra=common)
+
+
 @pytest.mark.parametrize("world,layout", [(2, {"vocab.degree": 2}), (4, {"vocab.degree": 2}),
                                           (4, {"vocab.degree": 4, "vocab.schedule": "activations"})])
 def test_vocab_parallel_equals_single_process(world, layout, tmp_path):

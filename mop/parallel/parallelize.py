@@ -164,6 +164,47 @@ def configure_fsdp_units(units, blocks) -> None:
             block.set_modules_to_backward_prefetch([blocks[i - 1]])
 
 
+def set_accumulation_phase(model, mode: str, last: bool, reshard_after_forward: bool = True) -> None:
+    """Before each micro-batch of a step: what the model's FSDP2 units keep (`parallel.fsdp.accumulation`).
+
+    Every micro-batch but the last keeps its gathered weights after backward ("keep_gathered",
+    "keep_all"), so the next one's forward finds them gathered and FSDP skips its all-gathers; the
+    last reshards after backward, so the optimizer updates the shards and the next step gathers the
+    updated weights. Forward never reshards in these modes (backward would gather again). "keep_all"
+    also skips the reduce-scatter of all but the last micro-batch: the gradients accumulate unsharded
+    and are reduced once. "reshard" restores FSDP's behaviour as configured (`reshard_after_forward`).
+    Parameters sharded by other steps (experts at Ep > 1, vocabulary blocks) are not FSDP's and are
+    unaffected.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    keep = mode != "reshard"
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_reshard_after_forward(reshard_after_forward and not keep, recurse=False)
+            unit.set_reshard_after_backward(last or not keep, recurse=False)
+            unit.set_requires_gradient_sync(last or mode != "keep_all", recurse=False)
+
+
+def reset_accumulation(model) -> None:
+    """Reshard every FSDP2 unit and forget the gradients FSDP holds unsharded between micro-batches
+    (`accumulation="keep_all"`): after measuring micro-batches that were not followed by a synced
+    backward (the start-up probe, an OOM caught there), so that none of it reaches step 1's update.
+    FSDP2 has no public call for the second part: its per-parameter state is read through
+    `_get_fsdp_state()` (tests/test_lossless.py's keep_all probe test fails if these names move)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        unit.reshard()
+        group = unit._get_fsdp_state()._fsdp_param_group
+        for fp in (group.fsdp_params if group is not None else ()):
+            fp.unsharded_accumulated_grad = None
+            if hasattr(fp, "_unsharded_param"):
+                fp._unsharded_param.grad = None
+
+
 def parallelize(model, layout: Layout, parallel: ParallelConfig, activation_checkpoint: str = "none",
                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> None:
     """Apply the MoP layout to a meta-device `Transformer` in place (see the module docstring).
