@@ -58,9 +58,12 @@ c)
       --out "$OUT/ablation_32k_$E" > "$OUT/ablation_32k_$E.log" 2>&1; show "$OUT/ablation_32k_$E"
   done
   pack session5_c
-  # fp32 weights here: with 64 micro-batches per step, bf16 gradients would accumulate in bf16.
+  # fp32 weights here: with 64 micro-batches per step, bf16 gradients would accumulate in bf16. The
+  # host optimizer frees the device, which then keeps the gathered weights between micro-batches
+  # (parallel.fsdp.accumulation=keep_gathered: one all-gather per block per step). The baseline's
+  # best short-context config (session 5: plain FSDP2, experts gathered, full AC).
   timeout $(left 480) $B --contexts 8K --batch-setting 1M --warmup 1 --steps 1 --timeout 110 \
-    --baseline-configs '[{"ep": 2}]' --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream" \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream --parallel.fsdp.accumulation=keep_gathered" \
     --out "$OUT/bench_8k_1M" > "$OUT/bench_8k_1M.log" 2>&1
   show "$OUT/bench_8k_1M"
   pack session5_c
