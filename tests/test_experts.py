@@ -296,7 +296,8 @@ def test_checkpointed_block_runs_experts_twice_and_matches():
 
 def test_permute_rows_matches_index_select():
     """permute_rows: index_select's values, and the inverse gather as the exact gradient."""
-    from mop.parallel.experts.dispatch import _inverse, permute_rows
+    from mop.models.moe import permute_rows
+    from mop.parallel.experts.dispatch import _inverse
 
     gen = torch.Generator().manual_seed(3)
     for n, dtype in ((37, torch.float32), (37, torch.bfloat16), (0, torch.float32)):

@@ -98,6 +98,33 @@ def test_grouped_experts_match_per_token_loop():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_experts_backward_matches_the_loop_with_no_atomic_scatter():
+    """The experts' backward is gathers (slot expansion, combine), never index_select's atomic
+    index_add_ (slow in bf16 on CUDA, order-dependent); gradients equal the per-token loop's."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 6, 5)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(7, 6, requires_grad=True)
+    idx = torch.tensor([[0, 1], [1, 0], [3, 1], [3, 0], [1, 3], [0, 3], [1, 0]])
+    w = torch.rand(7, 2, requires_grad=True)
+    y = ex(x, idx, w)
+    nodes, stack = set(), [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and type(fn).__name__ not in nodes:
+            nodes.add(type(fn).__name__)
+            stack += [n for n, _ in fn.next_functions]
+    assert not {n for n in nodes if n.startswith(("IndexSelectBackward", "IndexBackward", "IndexAddBackward"))}
+    g = torch.randn(7, 6)
+    grads = torch.autograd.grad(y, [x, w, ex.w1, ex.w2], g)
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.stack([sum(wr[t, k] * ((F.silu(xr[t] @ ex.w1[idx[t, k]]) * (xr[t] @ ex.w3[idx[t, k]])) @ ex.w2[idx[t, k]])
+                           for k in range(2)) for t in range(7)])
+    for a, b in zip(grads, torch.autograd.grad(ref, [xr, wr, ex.w1, ex.w2], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 def test_attention_with_document_masks_matches_explicit_masked_softmax(hq, hkv):
     torch.manual_seed(0)

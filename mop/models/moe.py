@@ -117,11 +117,34 @@ class _ExpandToSlots(torch.autograd.Function):
         return g_TKH.sum(1, dtype=torch.float32).to(g_NH.dtype), None, None, None
 
 
-def combine_slots(y_NH: torch.Tensor, inv_order: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_k w[t,k] * y[slot (t,k)] from rows in expert order: a gather back to (t, k) order,
-    the product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run)."""
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """`x.index_select(0, perm)` for a permutation `perm` of the rows, `inv` its inverse.
+
+    The gradient is the inverse gather `g.index_select(0, inv)` instead of index_select's own
+    backward, a zero fill plus an atomic index_add_ (slow in bf16 on CUDA).
+    """
+    return _PermuteRows.apply(x, perm, inv)
+
+
+def combine_slots(y_NH: torch.Tensor, inv_order: torch.Tensor, order: torch.Tensor,
+                  topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_k w[t,k] * y[slot (t,k)] from rows in expert order (`order[i]`: the slot of row i,
+    `inv_order` its inverse): a permutation back to (t, k) order (its gradient a gather too), the
+    product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run)."""
     T, K = topk_weight_TK.shape
-    y_TKH = y_NH.index_select(0, inv_order).view(T, K, y_NH.shape[-1])
+    y_TKH = permute_rows(y_NH, inv_order, order).view(T, K, y_NH.shape[-1])
     return (y_TKH * topk_weight_TK.to(y_TKH.dtype).unsqueeze(-1)).float().sum(1).to(y_NH.dtype)
 
 
@@ -163,7 +186,7 @@ class GroupedExperts(nn.Module):
         out = grouped_mm(h, self.w2, tokens_per_expert_E)
         if biased:
             out = out + self.b2[expert_of_slot]
-        return combine_slots(out, inv_order, topk_weight_TK)
+        return combine_slots(out, inv_order, order, topk_weight_TK)
 
 
 class MoE(nn.Module):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mop.models.moe import combine_slots, expert_activation, expert_counts
+from mop.models.moe import combine_slots, expert_activation, expert_counts, permute_rows
 from mop.ops.grouped_mm import grouped_mm
 from mop.parallel.experts.comm import all_to_all
 from mop.parallel.experts.planner import LlepPlan, plan_llep, split_by_source
@@ -84,27 +84,6 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
-
-
-class _PermuteRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, perm, inv):
-        ctx.save_for_backward(inv)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, g):
-        inv, = ctx.saved_tensors
-        return g.index_select(0, inv), None, None
-
-
-def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """`x.index_select(0, perm)` for a permutation `perm` of the rows, `inv` its inverse.
-
-    The gradient is the inverse gather `g.index_select(0, inv)` instead of index_select's own
-    backward, a zero fill plus an atomic index_add_ (slow in bf16 on CUDA).
-    """
-    return _PermuteRows.apply(x, perm, inv)
 
 
 def build_route(sort_idx: torch.Tensor, local_counts: list[int], send_pieces: list[tuple[int, int, int, int]],
@@ -237,7 +216,7 @@ class TokenDispatcher(ABC):
 
     def combine(self, y_send_NH: torch.Tensor, route: Route, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """y_t = sum_k w[t,k] * y_{t,k}: product in the input dtype, sum over k in fp32."""
-        return combine_slots(y_send_NH, route.send_inv, topk_weight_TK)
+        return combine_slots(y_send_NH, route.send_inv, route.send_copy_idx, topk_weight_TK)
 
     def _count_plan(self, plan: LlepPlan) -> None:
         if plan.balanced:
