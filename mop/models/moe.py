@@ -145,7 +145,9 @@ def combine_slots(y_NH: torch.Tensor, inv_order: torch.Tensor, order: torch.Tens
     product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run)."""
     T, K = topk_weight_TK.shape
     y_TKH = permute_rows(y_NH, inv_order, order).view(T, K, y_NH.shape[-1])
-    return (y_TKH * topk_weight_TK.to(y_TKH.dtype).unsqueeze(-1)).float().sum(1).to(y_NH.dtype)
+    # sum(dtype=fp32) accumulates in fp32 inside the reduction (CUDA reads bf16 directly), where
+    # .float().sum() would first write the T x K x H products out in fp32.
+    return (y_TKH * topk_weight_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(1, dtype=torch.float32).to(y_NH.dtype)
 
 
 class GroupedExperts(nn.Module):
