@@ -19,6 +19,8 @@
 #   PART=f  after call d: mop by the new layout rule (Ep = 1 with D = 1) against the baseline's best of
 #           call d at 8K (both profiled), 32K and 64K.
 #   PART=g  after call f: Ep = 1 with the gradient reduce-scatter in bf16, 8K (also Ep = 2), 32K, 64K.
+#   PART=m  the 2^20-tokens-per-step setting at 8K and 32K, mop keeping the gathered weights between
+#           micro-batches, against the baseline's best (run this first next session).
 # Usage: OUT=dir PART=a bash bench/scripts/session5.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }
@@ -127,6 +129,18 @@ g)
   timeout $(left 560) $B --contexts 64K --batch-setting paper --systems mop --warmup 1 --steps 2 --timeout 130 \
     --mop-overrides "$R" --out "$OUT/g64k" > "$OUT/g64k.log" 2>&1
   show "$OUT/g64k"
+  ;;
+m)
+  # #12's other batch setting, 2^20 tokens per step (64 micro-batches at 8K, 16 at 32K), against the
+  # baseline's best short-context config; mop with fp32 weights (bf16 gradients would accumulate in
+  # bf16), the host optimizer, and the gathered weights kept between micro-batches.
+  M="--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream --parallel.fsdp.accumulation=keep_gathered"
+  timeout $(left 290) $B --contexts 8K --batch-setting 1M --warmup 1 --steps 1 --timeout 200 \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "$M" --out "$OUT/m8k" > "$OUT/m8k.log" 2>&1
+  show "$OUT/m8k"; pack session5_m
+  timeout $(left 570) $B --contexts 32K --batch-setting 1M --warmup 1 --steps 1 --timeout 200 \
+    --baseline-configs '[{"ep": 1}]' --mop-overrides "$M" --out "$OUT/m32k" > "$OUT/m32k.log" 2>&1
+  show "$OUT/m32k"
   ;;
 esac
 pack session5_${PART:-a}
