@@ -19,6 +19,10 @@ POLICIES = ("none", "selective", "full", "offload")
 # (mop.optim.registry): a new engine is planned without an edit here.
 OFFLOADS = offload_choices()
 PARAM_DTYPES = {"fp32": 4, "bf16": 2}  # training.param_dtype -> bytes per weight and per gradient
+# parallel.fsdp.reduce_dtype -> bytes per gradient element in FSDP's reduce-scatter; "auto" is the
+# gradients' storage dtype (bf16 with training.param_dtype=bf16, else fp32), as
+# mop.strategies.mixed_precision_dtypes resolves it.
+REDUCE_DTYPES = {"fp32": 4, "bf16": 2}
 GIB = 2**30
 
 
@@ -70,6 +74,8 @@ class Step:
     device_fraction: float = 0.0  # share of offloaded state on the device; -1: as much as fits (auto)
     overlap_update: bool = True  # the host optimizer's update runs beside the next forward
     param_dtype: str = "fp32"  # training.param_dtype: "bf16" keeps weights and gradients in bf16 (host optimizer)
+    reduce_dtype: str = "auto"  # parallel.fsdp.reduce_dtype: "auto", "fp32" or "bf16" (REDUCE_DTYPES)
+    reshard_after_forward: bool = True  # parallel.fsdp.reshard_after_forward: FSDP re-gathers in backward
     dispatcher: str = "llep_pipelined"
     chunk_tokens: int = 16384  # llep_pipelined: tokens per chunk (parallel.experts.chunk_tokens)
     max_chunks: int = 10  # llep_pipelined: at most this many chunks (parallel.experts.max_chunks)
@@ -79,6 +85,9 @@ class Step:
     # Attention kernel forwards per step in a "full"/"offload" block: 2 (forward, recompute). Code
     # before 9eaa9cc ran 3 under Ulysses (its backward recomputed again); kept for old measurements.
     attention_forwards: int = 2
+    # Code before 2e437ce kept the dispatcher (ExpertParallelExperts) at Ep = 1 as well; since then
+    # the experts are sharded as dense weights there (`experts_as_dense`). Kept for old measurements.
+    ep1_dispatcher: bool = False
     act_bytes: int = 2  # 2: bf16 compute (GPU); 4: fp32 (the CPU path)
     cpu: bool = False  # CPU kernels: composite RMSNorm (one more saved tensor), no GQA expansion
     max_strip_elements: int = 2**28
@@ -96,6 +105,8 @@ class Step:
         if self.param_dtype == "bf16" and self.offload == "none":
             raise ValueError("param_dtype=bf16 needs a host optimizer (optimizer.offload=gpu_stream or cpu) for the "
                              "fp32 master weights")
+        if self.reduce_dtype != "auto" and self.reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"reduce_dtype {self.reduce_dtype!r} is not 'auto' or one of {tuple(REDUCE_DTYPES)}")
         if self.seq_len % self.layout.seq:
             raise ValueError(f"seq_len={self.seq_len} must be divisible by D={self.layout.seq}")
 
@@ -103,6 +114,26 @@ class Step:
     def param_bytes(self) -> int:
         """Bytes per weight and per gradient on the device (4: fp32, 2: bf16)."""
         return PARAM_DTYPES[self.param_dtype]
+
+    @property
+    def reduce_bytes(self) -> int:
+        """Bytes per gradient element in FSDP's reduce-scatter (`parallel.fsdp.reduce_dtype`; "auto":
+        the gradients' storage dtype, so bf16 parameters reduce in bf16)."""
+        if self.reduce_dtype == "auto":
+            return self.param_bytes
+        return REDUCE_DTYPES[self.reduce_dtype]
+
+    @property
+    def experts_as_dense(self) -> bool:
+        """Whether the routed experts are the model's own module, sharded over all W ranks by FSDP like
+        the dense weights (gathered per block, one block ahead; no dispatcher): at Ep = 1 unless the
+        dispatcher bounds the routed activations in chunks. The rule of
+        `mop.parallel.parallelize.experts_sharded_as_dense`, read from the dispatcher's property."""
+        from mop.parallel.experts.registry import dispatcher_class
+
+        if self.layout.expert != 1 or self.ep1_dispatcher:
+            return False
+        return not dispatcher_class(self.dispatcher).bounds_memory
 
     @property
     def tokens(self) -> int:
@@ -140,6 +171,10 @@ class Step:
                 f"--optimizer.offload={self.offload}"]
         if self.param_dtype != "fp32":
             out.append(f"--training.param_dtype={self.param_dtype}")
+        if self.reduce_dtype != "auto":
+            out.append(f"--parallel.fsdp.reduce_dtype={self.reduce_dtype}")
+        if not self.reshard_after_forward:
+            out.append("--parallel.fsdp.reshard_after_forward=false")
         if self.offload != "none":
             out.append(f"--optimizer.device_fraction={round(self.device_fraction, 3)}")
         if not self.overlap_update:
@@ -193,6 +228,8 @@ def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *,
                 device_fraction=float(g("optimizer.device_fraction", -1.0)),
                 overlap_update=g("optimizer.overlap_update", "true").lower() in _TRUE,
                 param_dtype=g("training.param_dtype", "fp32"),
+                reduce_dtype=g("parallel.fsdp.reduce_dtype", "auto"),
+                reshard_after_forward=g("parallel.fsdp.reshard_after_forward", "true").lower() in _TRUE,
                 dispatcher=g("parallel.experts.dispatcher", "alltoall"),
                 chunk_tokens=int(g("parallel.experts.chunk_tokens", 16384)),
                 max_chunks=int(g("parallel.experts.max_chunks", 10)),
@@ -206,5 +243,5 @@ def with_policy(step: Step, policy: str) -> Step:
     return replace(step, policies=(policy,) * step.model.n_layers)
 
 
-__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "PARAM_DTYPES", "GIB", "parse_policy_spec", "policy_spec",
-           "step_from_overrides", "with_policy"]
+__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "PARAM_DTYPES", "REDUCE_DTYPES", "GIB", "parse_policy_spec",
+           "policy_spec", "step_from_overrides", "with_policy"]
