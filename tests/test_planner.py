@@ -40,8 +40,16 @@ class _LiveStorages(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                self.refs[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+                ref = StorageWeakRef(st)
+                # Keyed by the storage, not its address: an address is reused while the storage that
+                # held it is still alive when that storage is resized to 0 (FSDP frees its unsharded
+                # weights so after each block), and by address the newer storage hid the older.
+                self.refs[ref.cdata] = (ref, st.nbytes(), st.data_ptr())
         return out
+
+    def kept(self, owned: set[int]) -> int:
+        """Bytes of the storages still alive, those at the addresses in `owned` excepted."""
+        return sum(n for ref, n, ptr in self.refs.values() if not ref.expired() and ptr not in owned)
 
 
 def _kept_after_forward(cfg, seq_len: int, policy: str) -> int:
@@ -58,7 +66,7 @@ def _kept_after_forward(cfg, seq_len: int, policy: str) -> int:
         ce, aux = model(tokens, positions, tokens, None)
     gc.collect()
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    return sum(n for ptr, (ref, n) in mode.refs.items() if not ref.expired() and ptr not in owned)
+    return mode.kept(owned)
 
 
 def _predicted(cfg, seq_len: int, policy: str) -> float:
@@ -191,7 +199,7 @@ def _kept_on_rank(rank: int, world: int, layout: tuple[int, int, int], seq_len: 
             losses = trainer.model(*(batch[k] for k in ("tokens", "positions", "labels")),
                                    torch.tensor(float(seq_len)))
         gc.collect()
-        out[policy] = sum(n for ptr, (ref, n) in mode.refs.items() if not ref.expired() and ptr not in owned)
+        out[policy] = mode.kept(owned)
         del losses, trainer
         shutil.rmtree(run_dir, ignore_errors=True)
     return out

@@ -5,7 +5,10 @@ first principles: what each op of a block saves for backward (per token, from th
 each activation policy keeps (mop.models.activation_policy), and the largest transient working set of
 one block (attention kernel, all-to-all buffers, one expert chunk, one loss strip). The peak is
 reached at the start of the backward of the last block: every block's kept activations, plus that
-block's recomputed activations, plus the largest working set, plus the gathered parameters.
+block's recomputed activations, plus the largest working set, plus FSDP's transients: the gathered
+weights of two blocks (the running one and the next, prefetched) and the block's gradients with the
+previous block's reduce-scatter buffer. At Ep = 1 the routed experts are part of FSDP's blocks
+(`Step.experts_as_dense`): ~1.2 GB per block of qwen3-30b-a3b in bf16, so these are GiBs.
 
 Per-token bytes below use a = activation bytes (2: bf16), N = tokens per rank, H the width,
 Hq/Hkv heads, Dh head dim, E experts, k top-k, I expert width. Ulysses (D > 1) moves attention to
@@ -79,10 +82,18 @@ def ffn_saved_bytes(step: Step, is_moe: bool, experts_recompute: bool) -> float:
     b += (0 if a == 4 else 4 * m.dim) + 4 * m.n_experts + 12 * k + 4  # router: fp32 input, scores, top-k
     b += 4 * m.shared_dim * a
     if not experts_recompute:
-        # routed input, w1/silu/w3/product, expert output (on the rank that computes the expert: the
-        # most loaded one holds `routed_load_factor` x the mean), its weighted copy; sort indices
-        load = routed_load_factor(step)
-        b += k * ((2 * m.dim + 4 * m.expert_dim) * load + m.dim) * a + 20 * k
+        if step.experts_as_dense:
+            # The model's own GroupedExperts (mop.models.moe): the routed rows, w1/w3 outputs, SiLU
+            # output and product, the gathered expert outputs (the weighting's input), the slot order
+            # and its inverse (int64; the graph keeps the sort's output alive), the combine weights in
+            # the compute dtype. Exact on CPU, one process and 2 gloo ranks (tests/test_planner.py).
+            b += k * (2 * m.dim + 4 * m.expert_dim) * a + k * (16 + a)
+        else:
+            # ExpertParallelExperts: routed input, w1/silu/w3/product, expert output (on the rank that
+            # computes the expert: the most loaded one holds `routed_load_factor` x the mean), the
+            # output sent back; route indices
+            load = routed_load_factor(step)
+            b += k * ((2 * m.dim + 4 * m.expert_dim) * load + m.dim) * a + 20 * k
     return b
 
 
@@ -149,7 +160,8 @@ class MemoryEstimate:
     alltoall_ws: float
     expert_ws: float
     vocab_ws: float
-    param_gather: float  # bf16 all-gathered dense block(s) and gathered expert weights
+    param_gather: float  # FSDP's gathered block(s) in the compute dtype (the experts too when sharded as dense)
+    grad_reduce: float  # the previous block's reduce-scatter input in flight (FSDP, reduce dtype)
     slack: float  # allocator: reserved beyond allocated
     host_pinned_state: float
     host_staging: float
@@ -182,12 +194,59 @@ class MemoryEstimate:
 
 def _gathered_experts_kept(step: Step) -> float:
     """Bytes an expert layer that keeps its activations (no checkpoint, no pipelining) also keeps:
-    the expert weights it gathered (or cast to the compute dtype) until its backward (measured on 2
-    gloo ranks). Unsharded experts already in the compute dtype (bf16 parameters) are used as they are."""
+    the expert weights ExpertParallelExperts gathered (or cast to the compute dtype) until its
+    backward (measured on 2 gloo ranks). Unsharded experts already in the compute dtype (bf16
+    parameters) are used as they are. Experts sharded as dense keep nothing: FSDP frees the gathered
+    storage after the block's forward and gathers it again for backward (`fsdp_kept_bytes`)."""
     m, a, ly = step.model, step.act_bytes, step.layout
-    if step.expert_recompute or not (ly.expert_shard > 1 or a < step.param_bytes):
+    if step.experts_as_dense or step.expert_recompute or not (ly.expert_shard > 1 or a < step.param_bytes):
         return 0.0
     return (m.n_experts // ly.expert) * 3 * m.dim * m.expert_dim * a
+
+
+def expert_block_params(step: Step) -> float:
+    """Routed-expert parameters of one MoE block (all E experts)."""
+    m = step.model
+    n_moe = sum(i >= m.n_dense_layers for i in range(m.n_layers))
+    return m.param_counts()["experts"] / max(n_moe, 1)
+
+
+def fsdp_unit_params(step: Step, is_moe: bool) -> float:
+    """Parameters FSDP gathers and reduces as one block: the dense ones, and the routed experts when
+    they are sharded as dense (`Step.experts_as_dense`; otherwise ExpertParallelExperts owns them)."""
+    return dense_block_params(step) + (expert_block_params(step) if is_moe and step.experts_as_dense else 0.0)
+
+
+def fsdp_gathered_blocks(step: Step) -> int:
+    """Blocks whose gathered weights are alive at once: the running one and the next, all-gathered
+    ahead (explicit prefetch, mop.parallel.parallelize.configure_fsdp_units). At W = 1 FSDP2 makes a
+    block's unsharded weights only when it runs (no all-gather to issue ahead). Without
+    `reshard_after_forward` every block keeps its gathered weights until its backward instead
+    (`fsdp_kept_bytes`), so none are in flight beyond them."""
+    if not step.reshard_after_forward:
+        return 0
+    return 2 if step.layout.world > 1 else 1
+
+
+def fsdp_kept_bytes(step: Step, is_moe: bool) -> float:
+    """Gathered weights a block keeps from its forward to its backward: none when FSDP reshards
+    after forward (the default), else the whole unit in the compute dtype."""
+    return 0.0 if step.reshard_after_forward else fsdp_unit_params(step, is_moe) * step.act_bytes
+
+
+def fsdp_largest_unit(step: Step) -> float:
+    """Parameters of FSDP's largest block (a routed-expert block when the experts are sharded as dense)."""
+    m = step.model
+    return max(fsdp_unit_params(step, i >= m.n_dense_layers) for i in range(m.n_layers))
+
+
+def fsdp_reduce_bytes(step: Step) -> float:
+    """The reduce-scatter in flight while a block is backpropagated: the previous block's input
+    buffer, its unsharded gradients in the reduce dtype (`Step.reduce_bytes`), which FSDP2 keeps
+    until this block's reduce-scatter is issued. (Session 5's trainer probe at 8K with the experts
+    sharded as dense: 1.16 GiB more peak with an fp32 than a bf16 reduce, 2 B x 0.62 B parameters
+    of one block: f-experts-as-dense/f8k against g-bf16-reduce/g8k.)"""
+    return fsdp_largest_unit(step) * step.reduce_bytes
 
 
 def block_kept_bytes(step: Step) -> list[float]:
@@ -199,7 +258,8 @@ def block_kept_bytes(step: Step) -> list[float]:
     for i, p in enumerate(step.policies):
         e = i >= m.n_dense_layers
         if (p, e) not in per:
-            per[(p, e)] = N * kept_bytes(step, p, e) + (gathered if p == "none" and e else 0.0)
+            per[(p, e)] = N * kept_bytes(step, p, e) + (gathered if p == "none" and e else 0.0) + \
+                fsdp_kept_bytes(step, e)
         out.append(per[(p, e)])
     return out
 
@@ -241,12 +301,26 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
     q = Hq * Dh
     # Attention backward: dout, dq/dk/dv (expanded to the query heads on CUDA), K/V re-expanded,
     # cuDNN's fp32 dq accumulator; per head chunk under Ulysses.
-    attention_ws = N * (a * q + (3 * a * q + 2 * a * q + 4 * q) / chunks)
+    # Plus the block's unsharded weight gradients (FSDP's, compute dtype): its FFN, backpropagated
+    # first, formed them.
+    attention_ws = N * (a * q + (3 * a * q + 2 * a * q + 4 * q) / chunks) + fsdp_largest_unit(step) * a
     alltoall_ws = 0.0
     if ly.seq > 1:  # send + receive buffers of q, k, v, out in the head chunk in flight (two when overlapped)
         alltoall_ws = N * 2 * a * (2 * q + 2 * m.n_kv_heads * Dh) / chunks * (2 if chunks > 1 else 1)
     expert_ws = 0.0
-    if any(moe):
+    if any(moe) and step.experts_as_dense:
+        # The model's GroupedExperts (mop.models.moe) over all N tokens at once, per routed slot, at
+        # the larger of two moments (traced op by op on CPU). Its forward, or a checkpoint's
+        # recompute, peaks in the combine: what backward keeps (the routed rows, w1/w3 outputs, SiLU
+        # output, product, the expert outputs permuted back to token order: 2H + 4I), the expert
+        # output and the weighted copy (2H), and the fp32 sum over k per token. Its backward starts
+        # no higher (what it keeps and two H-wide gradients) and, as the weight gradients complete
+        # (the block's, FSDP's unsharded ones in the compute dtype), holds the routed rows, the
+        # w1/w3 output gradients and two input gradients (3H + 2I). Its gathered weights are
+        # FSDP's (`param_gather`).
+        forward = N * k * (4 * H + 4 * I) * a + N * 4 * H
+        expert_ws = max(forward, N * k * (3 * H + 2 * I) * a + fsdp_largest_unit(step) * a)
+    elif any(moe):
         E_local = m.n_experts // ly.expert
         weights = E_local * 3 * H * I * a
         if step.dispatcher == "llep_pipelined":
@@ -265,7 +339,8 @@ def activation_peak(step: Step, cal: Calibration) -> dict[str, float]:
     strip = min(step.max_strip_elements, N * V_block) * cal.strip_bytes_per_element
     vocab_ws = strip + (2 if ly.vocab > 1 else 1) * V_block * H * a
     return {"activations_kept": kept, "recompute": recompute, "attention_ws": attention_ws,
-            "alltoall_ws": alltoall_ws, "expert_ws": expert_ws, "vocab_ws": vocab_ws}
+            "alltoall_ws": alltoall_ws, "expert_ws": expert_ws, "vocab_ws": vocab_ws,
+            "grad_reduce": fsdp_reduce_bytes(step)}
 
 
 def dense_block_params(step: Step) -> float:
@@ -277,8 +352,10 @@ def dense_block_params(step: Step) -> float:
 
 def _largest_working_set(act: dict[str, float]) -> dict[str, float]:
     """The working sets do not coincide in time: the peak holds the largest one (attention counts
-    with its all-to-all buffers); the others are reported as 0."""
-    groups = {"attention": ("attention_ws", "alltoall_ws"), "expert": ("expert_ws",), "vocab": ("vocab_ws",)}
+    with its all-to-all buffers; a block's backward, attention's or the experts', with the previous
+    block's reduce-scatter in flight, which the loss's backward precedes); the others are reported as 0."""
+    groups = {"attention": ("attention_ws", "alltoall_ws", "grad_reduce"), "expert": ("expert_ws", "grad_reduce"),
+              "vocab": ("vocab_ws",)}
     top = max(groups, key=lambda g: sum(act[k] for k in groups[g]))
     return {k: (act[k] if k in groups[top] else 0.0) for keys in groups.values() for k in keys}
 
@@ -286,9 +363,7 @@ def _largest_working_set(act: dict[str, float]) -> dict[str, float]:
 def block_params(step: Step) -> list[float]:
     """Parameters of each block (its routed experts included), in block order."""
     m = step.model
-    n_moe = sum(i >= m.n_dense_layers for i in range(m.n_layers))
-    expert = m.param_counts()["experts"] / max(n_moe, 1)
-    dense = dense_block_params(step)
+    expert, dense = expert_block_params(step), dense_block_params(step)
     return [dense + (expert if i >= m.n_dense_layers else 0.0) for i in range(m.n_layers)]
 
 
@@ -366,10 +441,10 @@ def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = N
     device_bytes = device_bytes or cal.device_bytes
     act = activation_peak(step, cal)
     ws = _largest_working_set(act)
-    gather_dense = (2 if W > 1 else 1) * dense_block_params(step) * a  # current block + prefetched next
+    gathered = fsdp_gathered_blocks(step) * fsdp_largest_unit(step) * a  # current block + the next, prefetched
     state0 = state_memory(step.model, W, step.offload, 0.0, step.param_bytes)
     alive = backward_peak(step, state0.grads, sum(ws.values()))
-    step_bytes = alive["activations_kept"] + alive["recompute"] + sum(ws.values()) + gather_dense
+    step_bytes = alive["activations_kept"] + alive["recompute"] + sum(ws.values()) + gathered
     frac = step.device_fraction
     if step.offload == "none":
         frac = 1.0
@@ -389,7 +464,7 @@ def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = N
     host_ckpt = n_off * step.tokens * step.model.dim * a
     return MemoryEstimate(weights=state.weights, grads=alive["grads"], optimizer=state.optimizer_device,
                           optimizer_staging=staging, activations_kept=alive["activations_kept"],
-                          recompute=alive["recompute"], **ws, param_gather=gather_dense,
+                          recompute=alive["recompute"], **ws, param_gather=gathered,
                           slack=cal.allocator_slack * (allocated - state.optimizer_device),
                           host_pinned_state=host_state, host_staging=host_staging, host_checkpoints=host_ckpt,
                           host_process=cal.host_process_bytes, device_fraction=frac)
