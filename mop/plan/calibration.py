@@ -35,14 +35,23 @@ class Calibration:
     attn_half_seq: float = 2048.0  # sequence length at half `attn_flops`
     attn_bwd_ratio: float = 3.2  # backward time / forward time of the attention kernel (fitted: 1xH200 32K, 128K)
     expert_flops: float = 420e12  # torch._grouped_mm at qwen3 widths, many rows per expert
-    expert_half_rows: float = 256.0  # routed rows per expert at half `expert_flops`
+    # Routed rows per expert at half `expert_flops`. The grouped GEMMs took the same time at 512 and
+    # 1024 rows per expert (same FLOPs: 106.0 ms in session 5's 8K profile with Ep = 1,
+    # f-experts-as-dense/f8k; 108.2 ms at Ep = 2 in session 4's e-8k-profile-after), and 416 TFLOP/s
+    # at 2048 rows on 1xH200 (32K profile, 95.2 ms): half at 32 rows fits both (it was 256).
+    expert_half_rows: float = 32.0
     hbm_bw: float = 4.2e12  # device memory bandwidth (elementwise work)
     elementwise_factor: float = 42.0  # memory-bound bytes moved per step / bytes a "none" block saves (fitted)
-    # Device idle (host-bound: launches, the dispatcher's host syncs) per block and pass, and per step
-    # (the step boundary: loss and grad-norm syncs, the optimizer's launches). Session 4's 8K profile
-    # after the split (e-8k-profile-after) has ~99 ms idle in a 0.81 s step of 96 block-passes; the
-    # 1xH200 8K points (16 block-passes) leave 64 ms: 0.44 ms per block-pass and 57 ms per step.
-    layer_overhead_s: float = 0.00044
+    # Device idle (host-bound) per step (the step boundary: loss and grad-norm syncs, the optimizer's
+    # launches), per block and pass of an expert layer with a dispatcher (its plan's host sync drains
+    # the launch queue), and per block and pass otherwise. Session 4's 8K profile after the split
+    # (e-8k-profile-after) has ~99 ms idle in a 0.81 s step of 96 block-passes; the 1xH200 8K points
+    # (16 block-passes) leave 64 ms: 0.44 ms per block-pass and 57 ms per step, both with a
+    # dispatcher. Session 5's 8K profile with the experts sharded as dense, no dispatcher
+    # (2026-11-30-session5-2xh200/f-experts-as-dense/f8k), idles 58.8 ms at 96 block-passes: the
+    # step's 57 ms, nothing per block beyond the dispatcher's sync.
+    layer_overhead_s: float = 0.0
+    dispatcher_sync_s: float = 0.00044
     step_overhead_s: float = 0.057
     intra_bw: float = 330e9  # NVLink collective bus bandwidth per GPU (all-gather)
     alltoall_bw: float = 250e9  # NVLink all-to-all per GPU

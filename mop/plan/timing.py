@@ -13,14 +13,22 @@ Compute (per micro-batch, per rank):
 * vocabulary: 6 * N * H * V on one block (gradients formed in forward), 8 * N * H * V in the ring
   (backward recomputes each strip), plus the softmax strips at memory bandwidth.
 * memory-bound work (norms, RoPE, SiLU, permutations, casts) as bytes over HBM bandwidth (fitted
-  on the 1xH200 points), and the device's host-bound idle: a fixed cost per block and pass
-  (launches, the dispatcher's host syncs) and one per step (the step boundary's syncs and the
-  optimizer's launches), measured as the idle of session 4's 8K profile and the 1xH200 8K points.
+  on the 1xH200 points), FSDP's copies around its collectives (`fsdp_copy_seconds`: GiBs per step
+  once the experts are FSDP's), and the device's host-bound idle: one per step (the step boundary's
+  syncs and the optimizer's launches) and one per block and pass of an expert layer with a
+  dispatcher (its plan's host sync), measured as the idle of session 4's 8K profile and the 1xH200
+  8K points; session 5's 8K profile without a dispatcher has the step's idle alone.
 
 Communication: every collective's bytes per rank over the bandwidth of its group (intra-node when
-the group fits in a node, else inter-node). Parameter all-gathers and reduce-scatters are prefetched,
-so only what exceeds a block's compute is exposed; Ulysses all-to-alls are exposed except for the
-overlap of head chunks; expert dispatch is exposed except for the overlap of pipelined chunks.
+the group fits in a node, else inter-node). FSDP's all-gathers (compute dtype; forward, and again
+in backward after `reshard_after_forward`) and reduce-scatters (`parallel.fsdp.reduce_dtype`) of a
+block's weights, the routed experts' too at Ep = 1 (`Step.experts_as_dense`), run beside the
+block's forward and backward, so only what exceeds them is exposed; the router's statistics
+all-reduce on the same communicator shortens that window to the block's attention half, and the
+first gather of each pass and the last reduce-scatter have no compute beside them.
+ExpertParallelExperts gathers and reduce-scatters its own shards on the compute path (exposed).
+Ulysses all-to-alls are exposed except for the overlap of head chunks; expert dispatch is exposed
+except for the overlap of pipelined chunks.
 Optimizer: device work is exposed in full (torch's AdamW, and a host optimizer's update of its
 device share: the next forward waits for it and it shares the device); what a host engine moves
 over the host link, or computes on host cores, overlaps the next step's first forward
@@ -34,7 +42,8 @@ from dataclasses import dataclass, fields
 
 from mop.optim.registry import engine_class
 from mop.plan.calibration import Calibration
-from mop.plan.memory import block_saved_bytes, cuda_attention_extra_bytes, dense_block_params
+from mop.plan.memory import (attention_saved_bytes, block_saved_bytes, cuda_attention_extra_bytes, dense_block_params,
+                             fsdp_unit_params)
 from mop.plan.step import Cluster, Step
 
 
@@ -51,6 +60,7 @@ class TimeEstimate:
     dense_gemm: float
     vocab: float
     memory_bound: float
+    param_copies: float  # FSDP's copies around its collectives (gather in/out, reduce-scatter in, shard cast)
     overhead: float
     comm_exposed: float
     optimizer_exposed: float
@@ -59,16 +69,19 @@ class TimeEstimate:
     tokens_per_step: int
     world: int
 
+    _NOT_IN_STEP = ("comm_hidden", "optimizer_total")
+    _NOT_TERMS = ("tokens_per_step", "world")
+
     @property
     def step(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self)[:8])
+        return sum(v for k, v in self.terms().items() if k not in self._NOT_IN_STEP)
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
         return self.tokens_per_step / self.world / self.step
 
     def terms(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)[:10]}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._NOT_TERMS}
 
 
 def _optimizer_seconds(step: Step, cal: Calibration, local: float, frac: float, gpus_per_node: int,
@@ -97,6 +110,29 @@ def _optimizer_seconds(step: Step, cal: Calibration, local: float, frac: float, 
     return t_host + t_device, t_host + t_device - hidden
 
 
+def fsdp_copy_seconds(step: Step, cal: Calibration, unit: float) -> float:
+    """Device time of FSDP2's copies around one block's collectives, per step, at `hbm_bw`.
+
+    Each all-gather copies the local shard into the send buffer in the compute dtype (read in the
+    parameter dtype, written in the compute dtype) and the gathered buffer out into the unsharded
+    weights (read and written); the reduce-scatter copies the unsharded gradients into its buffer in
+    the reduce dtype, and the reduced shard is cast to the parameter dtype unless it already is one.
+    At W = 1 FSDP2 makes the unsharded weights from the shard directly (a cast, when the dtypes
+    differ) and copies the reduce buffer to the output. (Session 5's 8K profile with the experts
+    sharded as dense: 24.8 + 31.4 ms gather in/out, 42.9 ms reduce copy-in, 10.9 ms shard cast for
+    24 blocks of 0.62 B parameters, fp32 reduce: 110 ms, where these bytes at 4.2 TB/s give 75.)
+    """
+    W, a, p, r = step.layout.world, step.act_bytes, step.param_bytes, step.reduce_bytes
+    gathers = 2 if step.reshard_after_forward else 1
+    if W > 1:
+        gather = (p + a) * unit / W + 2 * a * unit
+        reduce = (a + r) * unit + ((r + p) * unit / W if r != p else 0.0)
+    else:
+        gather = (p + a) * unit if p != a else 0.0
+        reduce = (a + r) * unit + 2 * r * unit + ((r + p) * unit if r != p else 0.0)
+    return (gathers * gather + reduce) / cal.hbm_bw
+
+
 def _bw(cluster: Cluster, cal: Calibration, spans_nodes: bool, alltoall: bool = False) -> float:
     if spans_nodes:
         return cluster.inter_bw or cal.inter_bw
@@ -115,8 +151,8 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     H, q, kv, k, I = m.dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.top_k, m.expert_dim
     moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
 
-    attn = exp = dense = mem = over = 0.0
-    comm_block_param = comm_exposed = comm_hidden = 0.0
+    attn = exp = dense = mem = over = copies = 0.0
+    comm_exposed = comm_hidden = 0.0
     fwd_time = 0.0  # the first forward of a micro-batch (what the optimizer update hides behind)
     dv = m.value_head_dim if m.attention == "mla" else m.head_dim
     attn_fwd_flops = b * S * S * m.n_heads * (m.head_dim + dv) / ly.seq  # QK^T and AV, causal half
@@ -127,11 +163,20 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     exp_rate = _rate(cal.expert_flops, rows, cal.expert_half_rows)
     shard = W // ly.expert
     dense_params = dense_block_params(step)
+    # The router's statistics all-reduce (aux loss on, over W ranks): see FSDP's collectives below.
+    router_sync = m.aux_loss_coef > 0 and W > 1
+    # The attention half of a routed-expert block (before its router): its share of the dense
+    # parameters (all but the router and shared experts) and of the memory-bound bytes.
+    router_params = H * m.n_experts + 3 * H * m.shared_dim
+    attn_share = max(dense_params - router_params, 0.0) / max(dense_params, 1.0)
+    mem_share = ((H * a + attention_saved_bytes(step) - cuda_attention_extra_bytes(step))
+                 / (block_saved_bytes(step, True, True) - cuda_attention_extra_bytes(step)))
     # Blocks with the same policy, kind and attention window cost the same: each group is computed once.
     windows = [m.layer_window(i) if hasattr(m, "layer_window") else 0 for i in range(m.n_layers)]
     groups = Counter(zip(step.policies, moe, windows))
+    fsdp_bw = _bw(cluster, cal, W > G)
     for (policy, is_moe, window), n_blocks in sorted(groups.items()):
-        attn0, exp0, dense0, mem0, over0 = attn, exp, dense, mem, over
+        attn0, exp0, dense0, mem0, over0, copies0 = attn, exp, dense, mem, over, copies
         comm_exposed0, comm_hidden0, fwd0 = comm_exposed, comm_hidden, fwd_time
         ckpt = policy != "none"
         dense_f = 2.0 * N * dense_params  # attention projections, router, shared/dense FFN
@@ -142,9 +187,9 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         attn += t_attn_f * (attn_passes + cal.attn_bwd_ratio)
         dense += t_dense_f * ((2 if ckpt else 1) + 2)
         t_exp_f = 0.0
+        exp_passes = 1 + (1 if (ckpt or step.expert_recompute) else 0)
         if is_moe:
             t_exp_f = 6.0 * N * k * H * I / exp_rate
-            exp_passes = 1 + (1 if (ckpt or step.expert_recompute) else 0)
             exp += t_exp_f * (exp_passes + 2)
             if chunks > 1:  # each chunk reads and accumulates the local experts' fp32 weight gradients
                 exp += chunks * E_local * 3 * H * I * 12 / cal.hbm_bw
@@ -153,26 +198,47 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         saved = block_saved_bytes(step, is_moe, True) - cuda_attention_extra_bytes(step)
         t_mem = cal.elementwise_factor * N * saved / cal.hbm_bw
         mem += t_mem * passes / 3
-        over += cal.layer_overhead_s * passes
-        fwd_time += t_dense_f + t_attn_f + t_exp_f + t_mem / 3 + cal.layer_overhead_s
-        block_compute = (t_dense_f * passes + t_attn_f * (attn_passes + cal.attn_bwd_ratio) + t_exp_f * 3)
-        # Parameter collectives of this block: FSDP all-gather (forward, recompute, backward) and
-        # reduce-scatter of fp32 gradients; expert shards gathered over W/Ep, gradients scattered.
-        param_bytes = 0.0
-        if W > 1:
-            gathers = 3 if ckpt else 2
-            param_bytes += dense_params * (a * gathers + 4) * (W - 1) / W
-        t_param = param_bytes / _bw(cluster, cal, W > G)
-        if is_moe and shard > 1:
-            gathers = 3 if (ckpt or step.expert_recompute) else 2
-            t_param += E_local * 3 * H * I * (a * gathers + 4) * (shard - 1) / shard / _bw(cluster, cal, W > G)
-        comm_block_param += t_param
-        exposed = max(0.0, t_param - block_compute)
+        # Host-bound idle: a dispatcher's plan syncs the host in each pass of an expert layer; the
+        # experts sharded as dense have no dispatcher.
+        idle = cal.layer_overhead_s + (cal.dispatcher_sync_s if is_moe and not step.experts_as_dense else 0.0)
+        over += idle * passes
+        t_fwd = t_dense_f + t_attn_f + t_exp_f + t_mem / 3  # the block's forward, then the rest of its step
+        t_bwd = (t_dense_f * (passes - 1) + t_attn_f * (attn_passes - 1 + cal.attn_bwd_ratio)
+                 + t_exp_f * (exp_passes + 1) + t_mem * (passes - 1) / 3)
+        fwd_time += t_fwd + idle
+        # FSDP's collectives of this block (its dense weights, and its experts when sharded as
+        # dense), on their own streams: the next block's all-gather beside this block's forward; in
+        # backward the previous block's all-gather (again, after `reshard_after_forward`; a
+        # checkpoint's recompute reuses it) and this block's reduce-scatter in the reduce dtype.
+        unit = fsdp_unit_params(step, is_moe)
+        t_ag = unit * a * (W - 1) / W / fsdp_bw
+        t_rs = unit * step.reduce_bytes * (W - 1) / W / fsdp_bw
+        t_fwd_comm, t_bwd_comm = t_ag, t_ag * (1 if step.reshard_after_forward else 0) + t_rs
+        # What hides them: the block's compute, unless a collective on the same communicator queues
+        # behind them. The router sums its load statistics over all W ranks (aux loss) on the
+        # world group, FSDP's group: that all-reduce, synchronous on the compute stream, waits for
+        # the gathers and reduce-scatters issued before it, so only the attention half of the
+        # block's forward (and of a checkpoint's recompute, where backward's collectives are
+        # already issued) hides them.
+        fwd_window, bwd_window = t_fwd, t_bwd
+        if is_moe and router_sync:
+            fwd_window = t_attn_f + t_dense_f * attn_share + t_mem / 3 * mem_share
+            if ckpt:  # the recompute runs the router again; a selective block keeps its attention
+                bwd_window = fwd_window - (t_attn_f if policy == "selective" else 0.0)
+        exposed = max(0.0, t_fwd_comm - fwd_window) + max(0.0, t_bwd_comm - bwd_window)
         comm_exposed += exposed
-        comm_hidden += t_param - exposed
+        comm_hidden += t_fwd_comm + t_bwd_comm - exposed
+        copies += fsdp_copy_seconds(step, cal, unit)
+        # ExpertParallelExperts sharded over W/Ep gathers its expert shards itself, in the compute
+        # dtype, once per expert pass, and reduce-scatters their gradients in the compute dtype, on
+        # the compute path (the layer waits for each): exposed in full.
+        if is_moe and shard > 1 and not step.experts_as_dense:
+            t = E_local * 3 * H * I * a * (exp_passes + 1) * (shard - 1) / shard / fsdp_bw
+            comm_exposed += t
         # Offloaded block input: to the host in forward, back one block ahead in backward (hidden
         # behind the block's compute unless the host link is slower).
         if policy == "offload":
+            block_compute = t_fwd + t_bwd
             share = min(cal.h2d_bw, cal.h2d_node_bw / G)
             t = 2 * N * H * a / share
             comm_exposed += max(0.0, t - block_compute)
@@ -186,7 +252,6 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             comm_hidden += hidden
         # Expert dispatch and combine over Ep, per expert pass.
         if is_moe and ly.expert > 1:
-            exp_passes = 1 + (1 if (ckpt or step.expert_recompute) else 0)
             vol = 2 * a * N * k * H * (ly.expert - 1) / ly.expert * (exp_passes + 1)
             t = vol / _bw(cluster, cal, ly.expert > G, alltoall=True)
             hidden = t * (1 - 1 / chunks)
@@ -197,8 +262,17 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             dense0 + (dense - dense0) * n_blocks
         mem, over, fwd_time = mem0 + (mem - mem0) * n_blocks, over0 + (over - over0) * n_blocks, \
             fwd0 + (fwd_time - fwd0) * n_blocks
+        copies = copies0 + (copies - copies0) * n_blocks
         comm_exposed = comm_exposed0 + (comm_exposed - comm_exposed0) * n_blocks
         comm_hidden = comm_hidden0 + (comm_hidden - comm_hidden0) * n_blocks
+    # FSDP's first gather of each pass (the first block's in forward, the last block's as backward
+    # starts) and the last reduce-scatter (the first block's, which the step's end waits for) have
+    # no compute beside them.
+    if W > 1:
+        first, last = fsdp_unit_params(step, moe[0]), fsdp_unit_params(step, moe[-1])
+        edges = ((first + (last if step.reshard_after_forward else 0.0)) * a + first * step.reduce_bytes) \
+            * (W - 1) / W / fsdp_bw
+        comm_exposed += edges
     # Vocabulary: strips (GEMMs + softmax at memory bandwidth), ring hops of weight blocks.
     V = m.vocab_size
     vocab_flops = (6.0 if ly.vocab == 1 else 8.0) * N * H * V
@@ -211,12 +285,13 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         comm_exposed += t - hidden
         comm_hidden += hidden
     over_step = cal.step_overhead_s  # the step boundary, once per optimizer step
-    micro = attn + exp + dense + mem + over + vocab
+    micro = attn + exp + dense + mem + copies + over + vocab
     acc = step.grad_accum
     local = m.param_counts()["total"] / W
     frac = step.device_fraction if device_fraction is None else device_fraction
     t_opt, opt_exposed = _optimizer_seconds(step, cal, local, frac, G, fwd_time + (micro if acc > 1 else 0.0))
     return TimeEstimate(attention=attn * acc, expert_gemm=exp * acc, dense_gemm=dense * acc, vocab=vocab * acc,
-                        memory_bound=mem * acc, overhead=over * acc + over_step, comm_exposed=comm_exposed * acc,
+                        memory_bound=mem * acc, param_copies=copies * acc, overhead=over * acc + over_step,
+                        comm_exposed=comm_exposed * acc,
                         optimizer_exposed=opt_exposed, comm_hidden=comm_hidden * acc, optimizer_total=t_opt,
                         tokens_per_step=step.tokens_per_step, world=W)
