@@ -57,6 +57,15 @@ LEGACY_ULYSSES = ("2026-11-28-qwen3-30b-a3b-4xh200", "2xH200 report")
 LEGACY_SPLIT = ("2026-11-28-", "2026-11-29-qwen3-30b-a3b-24l-2xh200", "2026-11-29-session4-2xh200", "2xH200 report",
                 "session-2")
 
+# Sources measured before 2e437ce, which kept the dispatcher (ExpertParallelExperts) at Ep = 1: since
+# then the experts are sharded as dense weights there (`Step.experts_as_dense`).
+LEGACY_EP1_DISPATCHER = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session-2", "2026-11-30-session5-2xh200/d-")
+
+# Sources measured while `parallel.fsdp.reduce_dtype` defaulted to fp32 (before "auto": bf16 with bf16
+# parameters); a command that names the dtype is read as it is.
+LEGACY_REDUCE_FP32 = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session-2", "2026-11-30-session5-2xh200/d-",
+                      "2026-11-30-session5-2xh200/f-")
+
 # Known differences between the measured code and the modelled one, by results directory.
 NOTES = {
     "2026-11-28-qwen3-30b-a3b-4xh200": "session 1 code: before the kernel fixes (1.24x slower at 32K on 1 GPU), "
@@ -65,6 +74,12 @@ NOTES = {
                                          "Ep=1 all-to-all copies (2 k H a per token) not yet removed",
     "2026-11-28-session2-1xh200": "code before the Ep=1 all-to-all became the identity (2 k H a bytes per "
                                   "token more in the expert layer than modelled)",
+    "2026-11-30-session5-2xh200/f-": "code before a61ebe2: the grouped experts' combine wrote its products in fp32 "
+                                     "(2 k H a bytes per token more at its forward peak than modelled)",
+    "2026-11-30-session5-2xh200/g-": "code before a61ebe2: the grouped experts' combine wrote its products in fp32 "
+                                     "(2 k H a bytes per token more at its forward peak than modelled)",
+    "2026-11-30-session5-2xh200/h-": "code before a61ebe2: the grouped experts' combine wrote its products in fp32 "
+                                     "(2 k H a bytes per token more at its forward peak than modelled)",
 }
 
 
@@ -75,17 +90,31 @@ def _options(command: str) -> list[str]:
     return [a for a in args if a.startswith("--") and "." in a.split("=")[0]]
 
 
+def legacy_code(label: str) -> dict:
+    """`predict`'s keywords for the code a source was measured on (`LEGACY_*` above)."""
+    return dict(attention_forwards=3 if any(k in label for k in LEGACY_ULYSSES) else 2,
+                optimizer_competes=not any(k in label for k in LEGACY_SPLIT),
+                ep1_dispatcher=any(k in label for k in LEGACY_EP1_DISPATCHER),
+                reduce_default="fp32" if any(k in label for k in LEGACY_REDUCE_FP32) else "auto")
+
+
 def predict(options: list[str], world: int, cal: Calibration, chosen: str | None = None,
-            device_fraction: float | None = None, attention_forwards: int = 2, optimizer_competes: bool = True):
+            device_fraction: float | None = None, attention_forwards: int = 2, optimizer_competes: bool = True,
+            ep1_dispatcher: bool = False, reduce_default: str = "auto"):
     """(step, memory, time, note) for the run described by `--section.key=value` options.
 
     `activation_checkpoint=auto`: the policies the run chose (`chosen`, recorded by newer bench
     results) or else the planner's own choice for this layout (the trainer probes; we predict):
     with a host optimizer, the memory split of `mop.memory_budget` (`search.split_candidate`;
-    `optimizer_competes=False` for code before a271e05).
+    `optimizer_competes=False` for code before a271e05). `ep1_dispatcher`: code before 2e437ce (a
+    dispatcher at Ep = 1); `reduce_default`: the reduce dtype of a command that does not name one
+    (fp32 before "auto").
     """
     model = build_config(None, [o for o in options if o.startswith("--model.")]).model
     note = ""
+    if not any(o.startswith("--parallel.fsdp.reduce_dtype=") or o.startswith("--parallel.reduce_dtype=")
+               for o in options):
+        options = options + [f"--parallel.fsdp.reduce_dtype={reduce_default}"]
     auto = "--training.activation_checkpoint=auto" in options
     if auto:
         options = [o for o in options if o != "--training.activation_checkpoint=auto"]
@@ -97,6 +126,8 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
     if attention_forwards != 2 and step.layout.seq > 1 and any(p in ("full", "offload") for p in step.policies):
         step = replace(step, attention_forwards=attention_forwards)
         note = f"attention forward {attention_forwards}x in full blocks (the Ulysses code measured)"
+    if ep1_dispatcher and step.layout.expert == 1:
+        step = replace(step, ep1_dispatcher=True)
     if auto and not chosen:
         cluster = Cluster(gpus_per_node=world)
         if step.offload != "none":
@@ -152,11 +183,12 @@ def oom_rows(paths=None, calibration: str | Calibration = "h200") -> list[dict]:
             if "--training.activation_checkpoint=auto" in opts:
                 opts = [o for o in opts if o != "--training.activation_checkpoint=auto"]
                 opts.append("--training.activation_checkpoint=offload")
-            step, mem, _, _ = predict(opts, world, cal)
+            parts = Path(path).parts
+            label = "/".join(parts[parts.index("results") + 1:-1]) if "results" in parts else str(path)
+            step, mem, _, _ = predict(opts, world, cal, **legacy_code(label))
             if step.offload != "none":  # judge the configuration with none of the optional device share
                 mem = estimate_memory(replace(step, device_fraction=0.0), cal)
-            parts = Path(path).parts
-            rows.append(dict(source="/".join(parts[parts.index("results") + 1:-1]) if "results" in parts else str(path),
+            rows.append(dict(source=label,
                              world=world, layers=step.model.n_layers,
                              context=step.seq_len, config=f"D{step.layout.seq} Ep{step.layout.expert} "
                              f"P{step.layout.vocab} {step.dispatcher} ac={policy_spec(step.policies)} "
@@ -180,9 +212,7 @@ def accuracy_rows(paths=None, calibration: str | Calibration = "h200") -> list[d
         if key in seen:  # a point copied into a later results file (--resume)
             continue
         seen.add(key)
-        legacy = 3 if any(k in label for k in LEGACY_ULYSSES) else 2
-        competes = not any(k in label for k in LEGACY_SPLIT)
-        step, mem, t, auto_note = predict(pt["opts"], world, cal, pt["chosen"], pt["frac"], legacy, competes)
+        step, mem, t, auto_note = predict(pt["opts"], world, cal, pt["chosen"], pt["frac"], **legacy_code(label))
         note = "; ".join(n for n in (pt["note"], auto_note) if n)
         if step_s is None and pt["tps"]:
             step_s = step.tokens_per_step / world / pt["tps"]

@@ -1,7 +1,8 @@
 """`choose(...) -> Plan`: the fastest configuration that fits, by a deterministic exhaustive search.
 
 The search visits every layout (D, Ep, P dividing W; Ep dividing the experts; P at most a node),
-every dispatcher (the pipelined one with 16K- and 4K-token chunks) and optimizer placement, and
+every dispatcher (the pipelined one with 16K- and 4K-token chunks; at Ep = 1 the others mean the
+experts sharded as dense weights by FSDP, `Step.experts_as_dense`) and optimizer placement, and
 per layout the activation policies from the fastest (no checkpoint) down to the leanest (offloaded
 block inputs), plus the mix of the first that fits and the next faster one ("selective*17,full":
 the faster policy on the most first blocks that fit). Each candidate gets the memory and
@@ -218,16 +219,20 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
            headroom: float = 0.95, offloads=OFFLOADS,
            dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
-           param_dtypes=("fp32",), runners_up: int = 4, suggest: bool = True) -> Plan:
+           param_dtypes=("fp32",), reduce_dtype: str = "auto", runners_up: int = 4, suggest: bool = True) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
     `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
     `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
     sequences). `param_dtypes` ("fp32", "bf16"): the `training.param_dtype` values to consider (bf16
-    only with a host optimizer). With a host optimizer the policies and its device share are those
-    `mop train` reaches with `activation_checkpoint=auto` (`split_candidate`). Raises `NoPlan` with the numbers when nothing fits, and (`suggest`) the smallest
-    larger cluster that would (whole nodes: 2x, 4x, 8x, and 1x and 2x what the state alone needs).
+    only with a host optimizer); `reduce_dtype`: `parallel.fsdp.reduce_dtype` ("auto": the
+    parameters'). Ep = 1 with a dispatcher that does not chunk is the experts sharded as dense
+    (`Step.experts_as_dense`), so the search weighs that against expert parallelism. With a host
+    optimizer the policies and its device share are those `mop train` reaches with
+    `activation_checkpoint=auto` (`split_candidate`). Raises `NoPlan` with the numbers when nothing
+    fits, and (`suggest`) the smallest larger cluster that would (whole nodes: 2x, 4x, 8x, and 1x
+    and 2x what the state alone needs).
     """
     cal = calibration or for_device(None)
     device_bytes = device_bytes or cal.device_bytes
@@ -264,7 +269,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                             base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
                                         policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
                                         dispatcher=disp, head_chunks=_head_chunks(model, D),
-                                        chunk_tokens=int(chunk) if chunk else 16384, param_dtype=dtype)
+                                        chunk_tokens=int(chunk) if chunk else 16384, param_dtype=dtype,
+                                        reduce_dtype=reduce_dtype)
                             if off == "none":
                                 cands = _policy_candidates(base, cal, cluster, device_bytes, headroom, policies)
                             else:  # what `mop train` does with activation_checkpoint=auto: the memory split
@@ -279,7 +285,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                                 if key not in closest or cand.memory.reserved < closest[key].memory.reserved:
                                     closest[key] = cand
     if not fitting:
-        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest, param_dtypes))
+        raise NoPlan(_refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest, param_dtypes,
+                              reduce_dtype))
     fitting.sort(key=_rank)
     best = fitting[0]
     seen, ups = {best.label()}, []
@@ -332,7 +339,7 @@ def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policie
 
 
 def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, suggest: bool,
-             param_dtypes=("fp32",)) -> str:
+             param_dtypes=("fp32",), reduce_dtype: str = "auto") -> str:
     counts = model.param_counts()
     state = state_memory(model, W, _OFFLOAD_PREFERENCE[1], 0.0)  # any host engine: all state on the host
     lines = [f"no configuration of {model.shape} ({counts['total'] / 1e9:.1f}B parameters, {model.n_layers} layers) "
@@ -354,7 +361,7 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, s
                 plan = choose(model, gpus=more, context=context, gpus_per_node=G, host_bytes=cluster.host_bytes,
                               intra_bw=cluster.intra_bw, inter_bw=cluster.inter_bw, calibration=cal,
                               device_bytes=device_bytes, headroom=headroom, param_dtypes=param_dtypes,
-                              suggest=False)
+                              reduce_dtype=reduce_dtype, suggest=False)
             except NoPlan:
                 continue
             lines.append(f"{more} GPUs would fit: {plan.best.summary()}")
@@ -374,6 +381,7 @@ def plan_for_job(job, world: int, gpus_per_node: int | None = None, calibration:
     t, D = job.training, job.parallel.seq.degree
     tokens = (world // D) * t.batch_size * t.grad_accum * t.seq_len if world % D == 0 else None
     kwargs.setdefault("param_dtypes", (t.param_dtype,))
+    kwargs.setdefault("reduce_dtype", job.parallel.fsdp.reduce_dtype)
     if t.param_dtype != "fp32":  # bf16 weights need the host optimizer's fp32 master
         kwargs.setdefault("offloads", tuple(o for o in OFFLOADS if o != "none"))
     return choose(job.model, gpus=world, context=t.seq_len, gpus_per_node=gpus_per_node,
@@ -399,6 +407,8 @@ def check_step_fits(job, world: int, device_bytes: float, calibration: Calibrati
             f"--training.seq_len={t.seq_len}", f"--training.batch_size={t.batch_size}",
             f"--training.grad_accum={t.grad_accum}", f"--optimizer.offload={o.offload}",
             f"--optimizer.device_fraction={o.device_fraction}", f"--training.param_dtype={t.param_dtype}",
+            f"--parallel.fsdp.reduce_dtype={p.fsdp.reduce_dtype}",
+            f"--parallel.fsdp.reshard_after_forward={p.fsdp.reshard_after_forward}",
             "--training.activation_checkpoint=" + ("full" if t.activation_checkpoint == "auto"
                                                    else t.activation_checkpoint)]
     cal = calibration or for_device(None)
