@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from mop.models.config import ModelConfig
 from mop.optim.registry import offload_choices
+from mop.parallel.fsdp_config import ACCUMULATION_MODES
 from mop.parallel.layout import LayoutSpec
 
 POLICIES = ("none", "selective", "full", "offload")
@@ -23,6 +24,10 @@ PARAM_DTYPES = {"fp32": 4, "bf16": 2}  # training.param_dtype -> bytes per weigh
 # gradients' storage dtype (bf16 with training.param_dtype=bf16, else fp32), as
 # mop.strategies.mixed_precision_dtypes resolves it.
 REDUCE_DTYPES = {"fp32": 4, "bf16": 2}
+# parallel.fsdp.accumulation: what FSDP keeps between the micro-batches of a step (with
+# training.grad_accum > 1): "reshard" (nothing), "keep_gathered" (every block's gathered weights),
+# "keep_all" (those and every FSDP unit's unsharded gradients). mop.parallel.fsdp_config's list.
+ACCUMULATIONS = ACCUMULATION_MODES
 GIB = 2**30
 
 
@@ -76,6 +81,7 @@ class Step:
     param_dtype: str = "fp32"  # training.param_dtype: "bf16" keeps weights and gradients in bf16 (host optimizer)
     reduce_dtype: str = "auto"  # parallel.fsdp.reduce_dtype: "auto", "fp32" or "bf16" (REDUCE_DTYPES)
     reshard_after_forward: bool = True  # parallel.fsdp.reshard_after_forward: FSDP re-gathers in backward
+    accumulation: str = "reshard"  # parallel.fsdp.accumulation (ACCUMULATIONS); acts only with grad_accum > 1
     dispatcher: str = "llep_pipelined"
     chunk_tokens: int = 16384  # llep_pipelined: tokens per chunk (parallel.experts.chunk_tokens)
     max_chunks: int = 10  # llep_pipelined: at most this many chunks (parallel.experts.max_chunks)
@@ -107,6 +113,10 @@ class Step:
                              "fp32 master weights")
         if self.reduce_dtype != "auto" and self.reduce_dtype not in REDUCE_DTYPES:
             raise ValueError(f"reduce_dtype {self.reduce_dtype!r} is not 'auto' or one of {tuple(REDUCE_DTYPES)}")
+        if self.accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation {self.accumulation!r} is not one of {ACCUMULATIONS}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum={self.grad_accum} must be at least 1")
         if self.seq_len % self.layout.seq:
             raise ValueError(f"seq_len={self.seq_len} must be divisible by D={self.layout.seq}")
 
@@ -122,6 +132,13 @@ class Step:
         if self.reduce_dtype == "auto":
             return self.param_bytes
         return REDUCE_DTYPES[self.reduce_dtype]
+
+    @property
+    def fsdp_accumulation(self) -> str:
+        """What FSDP keeps between this step's micro-batches: `accumulation` with gradient
+        accumulation, "reshard" with one micro-batch (the trainer sets FSDP's accumulation phases
+        only when `grad_accum > 1`: mop.trainer.Trainer.train_step)."""
+        return self.accumulation if self.grad_accum > 1 else "reshard"
 
     @property
     def experts_as_dense(self) -> bool:
@@ -175,6 +192,10 @@ class Step:
             out.append(f"--parallel.fsdp.reduce_dtype={self.reduce_dtype}")
         if not self.reshard_after_forward:
             out.append("--parallel.fsdp.reshard_after_forward=false")
+        # Named whenever it can act (even "reshard"), so that applying these options (parallel.plan
+        # = auto) replaces a job's own mode with the planned one; and whenever it is not the default.
+        if self.grad_accum > 1 or self.accumulation != "reshard":
+            out.append(f"--parallel.fsdp.accumulation={self.accumulation}")
         if self.offload != "none":
             out.append(f"--optimizer.device_fraction={round(self.device_fraction, 3)}")
         if not self.overlap_update:
@@ -230,6 +251,7 @@ def step_from_overrides(model: ModelConfig, overrides: list[str], world: int, *,
                 param_dtype=g("training.param_dtype", "fp32"),
                 reduce_dtype=g("parallel.fsdp.reduce_dtype", "auto"),
                 reshard_after_forward=g("parallel.fsdp.reshard_after_forward", "true").lower() in _TRUE,
+                accumulation=g("parallel.fsdp.accumulation", "reshard"),
                 dispatcher=g("parallel.experts.dispatcher", "alltoall"),
                 chunk_tokens=int(g("parallel.experts.chunk_tokens", 16384)),
                 max_chunks=int(g("parallel.experts.max_chunks", 10)),
@@ -243,5 +265,5 @@ def with_policy(step: Step, policy: str) -> Step:
     return replace(step, policies=(policy,) * step.model.n_layers)
 
 
-__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "PARAM_DTYPES", "REDUCE_DTYPES", "GIB", "parse_policy_spec",
-           "policy_spec", "step_from_overrides", "with_policy"]
+__all__ = ["Step", "Cluster", "POLICIES", "OFFLOADS", "PARAM_DTYPES", "REDUCE_DTYPES", "ACCUMULATIONS", "GIB",
+           "parse_policy_spec", "policy_spec", "step_from_overrides", "with_policy"]
