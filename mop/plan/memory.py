@@ -10,6 +10,13 @@ weights of two blocks (the running one and the next, prefetched) and the block's
 previous block's reduce-scatter buffer. At Ep = 1 the routed experts are part of FSDP's blocks
 (`Step.experts_as_dense`): ~1.2 GB per block of qwen3-30b-a3b in bf16, so these are GiBs.
 
+With gradient accumulation the peak is a later micro-batch's: every gradient of the step so far is
+alive from its start, and each block's new gradients are formed beside them before they are added
+(`backward_peak`). `parallel.fsdp.accumulation` keeps more between micro-batches: every block's
+gathered weights ("keep_gathered", in place of the two in flight), and also every FSDP unit's
+unsharded gradients in the reduce dtype ("keep_all", in place of their shards and of the
+reduce-scatter buffer, which only the last micro-batch fills from them).
+
 Per-token bytes below use a = activation bytes (2: bf16), N = tokens per rank, H the width,
 Hq/Hkv heads, Dh head dim, E experts, k top-k, I expert width. Ulysses (D > 1) moves attention to
 a head-sharded layout of the same size per rank, so the per-rank bytes do not depend on D.
@@ -160,7 +167,9 @@ class MemoryEstimate:
     alltoall_ws: float
     expert_ws: float
     vocab_ws: float
-    param_gather: float  # FSDP's gathered block(s) in the compute dtype (the experts too when sharded as dense)
+    # FSDP's gathered block(s) in the compute dtype (the experts too when sharded as dense): two in
+    # flight, or every block's with parallel.fsdp.accumulation keeping them between micro-batches
+    param_gather: float
     grad_reduce: float  # the previous block's reduce-scatter input in flight (FSDP, reduce dtype)
     slack: float  # allocator: reserved beyond allocated
     host_pinned_state: float
@@ -222,16 +231,47 @@ def fsdp_gathered_blocks(step: Step) -> int:
     ahead (explicit prefetch, mop.parallel.parallelize.configure_fsdp_units). At W = 1 FSDP2 makes a
     block's unsharded weights only when it runs (no all-gather to issue ahead). Without
     `reshard_after_forward` every block keeps its gathered weights until its backward instead
-    (`fsdp_kept_bytes`), so none are in flight beyond them."""
-    if not step.reshard_after_forward:
+    (`fsdp_kept_bytes`), so none are in flight beyond them; with the weights kept between
+    micro-batches every block's are gathered for the whole step (`fsdp_step_gathered_bytes`)."""
+    if not step.reshard_after_forward or step.fsdp_accumulation != "reshard":
         return 0
     return 2 if step.layout.world > 1 else 1
 
 
 def fsdp_kept_bytes(step: Step, is_moe: bool) -> float:
     """Gathered weights a block keeps from its forward to its backward: none when FSDP reshards
-    after forward (the default), else the whole unit in the compute dtype."""
-    return 0.0 if step.reshard_after_forward else fsdp_unit_params(step, is_moe) * step.act_bytes
+    after forward (the default), else the whole unit in the compute dtype. With the weights kept
+    between micro-batches they outlive the block's backward: `fsdp_step_gathered_bytes`, not here."""
+    if step.reshard_after_forward or step.fsdp_accumulation != "reshard":
+        return 0.0
+    return fsdp_unit_params(step, is_moe) * step.act_bytes
+
+
+def fsdp_block_params(step: Step) -> float:
+    """Parameters of all of FSDP's blocks together (`fsdp_unit_params` of each)."""
+    m = step.model
+    return sum(fsdp_unit_params(step, i >= m.n_dense_layers) for i in range(m.n_layers))
+
+
+def fsdp_root_params(step: Step) -> float:
+    """Parameters of FSDP's root unit (mop.parallel.parallelize.apply_fsdp): the final norm, and the
+    embedding and output head unless they are vocabulary blocks (P > 1), which are not FSDP's."""
+    m = step.model
+    counts = m.param_counts()
+    return m.dim + (counts["embedding"] + counts["output"] if step.layout.vocab == 1 else 0)
+
+
+def fsdp_step_gathered_bytes(step: Step) -> float:
+    """`parallel.fsdp.accumulation` = "keep_gathered" or "keep_all" (with `grad_accum > 1`): every
+    block's gathered weights in the compute dtype, alive from the step's first forward (which never
+    reshards) to its last backward, on every rank (mop.parallel.parallelize.set_accumulation_phase).
+    They subsume the two blocks in flight. The root unit is left out: FSDP holds it gathered from
+    each micro-batch's first forward to its last backward in every mode (the root's pre-forward
+    and pre-backward gather it, its post-backward frees it), so keeping it between micro-batches
+    raises no peak."""
+    if step.fsdp_accumulation == "reshard":
+        return 0.0
+    return fsdp_block_params(step) * step.act_bytes
 
 
 def fsdp_largest_unit(step: Step) -> float:
@@ -245,7 +285,11 @@ def fsdp_reduce_bytes(step: Step) -> float:
     buffer, its unsharded gradients in the reduce dtype (`Step.reduce_bytes`), which FSDP2 keeps
     until this block's reduce-scatter is issued. (Session 5's trainer probe at 8K with the experts
     sharded as dense: 1.16 GiB more peak with an fp32 than a bf16 reduce, 2 B x 0.62 B parameters
-    of one block: f-experts-as-dense/f8k against g-bf16-reduce/g8k.)"""
+    of one block: f-experts-as-dense/f8k against g-bf16-reduce/g8k.) With "keep_all" only the last
+    micro-batch reduce-scatters, and its input is the block's accumulated unsharded gradient, which
+    FSDP drops as it fills the buffer: counted once, in the kept gradients (`backward_peak`)."""
+    if step.fsdp_accumulation == "keep_all":
+        return 0.0
     return fsdp_largest_unit(step) * step.reduce_bytes
 
 
@@ -367,6 +411,37 @@ def block_params(step: Step) -> list[float]:
     return [dense + (expert if i >= m.n_dense_layers else 0.0) for i in range(m.n_layers)]
 
 
+def accumulated_grads(step: Step, grad_bytes: float) -> tuple[float, list[float], float]:
+    """Gradients alive through a micro-batch after the first of a step (`grad_accum > 1`): (the
+    bytes held from its start to its end, each block's new gradients beside them while that block
+    is backpropagated, the held bytes plus the new ones at the end of backward).
+
+    Every gradient of the step so far is held: the shards (FSDP's reduce-scatter output, the expert
+    and vocabulary blocks' own), which are summed in place. A block's new gradients exist beside
+    them until they are added: FSDP's reduced shard, and autograd's new gradient of a parameter
+    that already has one (AccumulateGrad adds it and frees it; the first micro-batch's is kept as
+    the gradient itself). The root unit's reduced shard is added last, as backward ends. With
+    "keep_all" FSDP's gradients are held unsharded in the reduce dtype instead of as shards
+    (`FSDPParam.unsharded_accumulated_grad`, or the unsharded parameter's own gradient when the
+    compute dtype is the reduce dtype: FSDP's autograd gradients are the blocks' working sets, in
+    the compute dtype), and are reduce-scattered into fresh shards only in the last micro-batch,
+    which frees them; only the other parameters' new gradients are added to held ones.
+    The first micro-batch holds no more than this (its gradients grow to the same sum), so the
+    step's peak is a later micro-batch's. (The trainer's start-up probe measures it the same way:
+    the second of two micro-batches, the first one's gradients alive: mop.memory_probe.ActivationProbe.)
+    """
+    m = step.model
+    per_param = grad_bytes / m.param_counts()["total"]
+    params = block_params(step)
+    if step.fsdp_accumulation == "keep_all":
+        fsdp = fsdp_block_params(step) + fsdp_root_params(step)
+        held = grad_bytes + fsdp * (step.reduce_bytes - per_param)
+        new = [per_param * (params[i] - fsdp_unit_params(step, i >= m.n_dense_layers)) for i in range(m.n_layers)]
+        return held, new, grad_bytes
+    new = [per_param * p for p in params]
+    return grad_bytes, new, grad_bytes + per_param * fsdp_root_params(step)
+
+
 def backward_peak(step: Step, grad_bytes: float, working_set: float) -> dict[str, float]:
     """Kept activations, recomputation and gradients alive at the step's peak, over backward.
 
@@ -376,6 +451,8 @@ def backward_peak(step: Step, grad_bytes: float, working_set: float) -> dict[str
     backward ends; set to None after every step, so none exist as backward starts). The same shape
     holds, mirrored, in the next forward while an overlapped host update still reads the previous
     step's gradients (a block's forward waits for its bucket's update, which frees its gradients).
+    With gradient accumulation a later micro-batch holds every gradient throughout, and block j's
+    new ones beside them (`accumulated_grads`).
     `grad_bytes` are all of this rank's gradients, `working_set` the largest transient one.
     """
     m = step.model
@@ -387,17 +464,18 @@ def backward_peak(step: Step, grad_bytes: float, working_set: float) -> dict[str
     best = None
     kept_below = sum(kept)
     grads = per_param * (counts["output"] + m.dim)  # the output layer (and final norm) first
+    held, new, at_end = accumulated_grads(step, grad_bytes) if step.grad_accum > 1 else (0.0, [], grad_bytes)
     for j in range(m.n_layers - 1, -1, -1):
         grads += per_param * params[j]
         alive = dict(activations_kept=kept_below + steady + (outside_kept_bytes(step) if j == m.n_layers - 1 else 0.0),
-                     recompute=block_recompute_bytes(step, j), grads=grads)
+                     recompute=block_recompute_bytes(step, j), grads=held + new[j] if new else grads)
         total = sum(alive.values()) + working_set
         if best is None or total > best[0]:
             best = (total, alive)
         kept_below -= kept[j]
-    end = dict(activations_kept=0.0, recompute=0.0, grads=grad_bytes)  # after the embedding: every gradient
-    if grad_bytes > best[0]:
-        best = (grad_bytes, end)
+    end = dict(activations_kept=0.0, recompute=0.0, grads=at_end)  # after the embedding: every gradient
+    if at_end > best[0]:
+        best = (at_end, end)
     return best[1]
 
 
@@ -441,7 +519,8 @@ def estimate_memory(step: Step, cal: Calibration, device_bytes: float | None = N
     device_bytes = device_bytes or cal.device_bytes
     act = activation_peak(step, cal)
     ws = _largest_working_set(act)
-    gathered = fsdp_gathered_blocks(step) * fsdp_largest_unit(step) * a  # current block + the next, prefetched
+    # The current block and the next, prefetched; or every block, kept between micro-batches.
+    gathered = fsdp_gathered_blocks(step) * fsdp_largest_unit(step) * a + fsdp_step_gathered_bytes(step)
     state0 = state_memory(step.model, W, step.offload, 0.0, step.param_bytes)
     alive = backward_peak(step, state0.grads, sum(ws.values()))
     step_bytes = alive["activations_kept"] + alive["recompute"] + sum(ws.values()) + gathered
