@@ -25,7 +25,10 @@ in backward after `reshard_after_forward`) and reduce-scatters (`parallel.fsdp.r
 block's weights, the routed experts' too at Ep = 1 (`Step.experts_as_dense`), run beside the
 block's forward and backward, so only what exceeds them is exposed; the router's statistics
 all-reduce on the same communicator shortens that window to the block's attention half, and the
-first gather of each pass and the last reduce-scatter have no compute beside them.
+first gather of each pass and the last reduce-scatter have no compute beside them. With gradient
+accumulation, `parallel.fsdp.accumulation` keeps the gathered weights between micro-batches
+("keep_gathered": each block gathered once per step, in the first forward) and also the unsharded
+gradients ("keep_all": reduce-scattered once, in the last backward): `fsdp_micro_batches`.
 ExpertParallelExperts gathers and reduce-scatters its own shards on the compute path (exposed).
 Ulysses all-to-alls are exposed except for the overlap of head chunks; expert dispatch is exposed
 except for the overlap of pipelined chunks.
@@ -110,8 +113,36 @@ def _optimizer_seconds(step: Step, cal: Calibration, local: float, frac: float, 
     return t_host + t_device, t_host + t_device - hidden
 
 
+def fsdp_micro_batches(step: Step) -> tuple[tuple[int, int, int, int], ...]:
+    """FSDP's collectives of one block over an optimizer step, by kind of micro-batch: (how many
+    micro-batches of that kind, all-gathers beside the block's forward, all-gathers in its
+    backward, reduce-scatters of its gradients).
+
+    "reshard" (and any step of one micro-batch) gathers in every forward, again in every backward
+    after `reshard_after_forward` (a checkpoint's recompute reuses that gather), and reduce-scatters
+    every backward. "keep_gathered" gathers in the first forward only (forward never reshards, nor
+    does a backward before the last) and still reduce-scatters every backward. "keep_all" also
+    accumulates the gradients unsharded and reduce-scatters them in the last backward only
+    (mop.parallel.parallelize.set_accumulation_phase; counted by FSDP2's own profiler labels in
+    tests/test_fsdp_accumulation.py).
+    """
+    acc, mode = step.grad_accum, step.fsdp_accumulation
+    if mode == "reshard":
+        return ((acc, 1, 1 if step.reshard_after_forward else 0, 1),)
+    if mode == "keep_gathered":
+        return ((1, 1, 0, 1), (acc - 1, 0, 0, 1))
+    kinds = ((1, 1, 0, 0), (acc - 2, 0, 0, 0), (1, 0, 0, 1))  # keep_all: grad_accum >= 2 here
+    return tuple(k for k in kinds if k[0] > 0)
+
+
+def fsdp_collectives_per_step(step: Step) -> tuple[int, int]:
+    """(all-gathers, reduce-scatters) of each FSDP block per optimizer step (`fsdp_micro_batches`)."""
+    kinds = fsdp_micro_batches(step)
+    return sum(n * (f + b) for n, f, b, _ in kinds), sum(n * rs for n, _, _, rs in kinds)
+
+
 def fsdp_copy_seconds(step: Step, cal: Calibration, unit: float) -> float:
-    """Device time of FSDP2's copies around one block's collectives, per step, at `hbm_bw`.
+    """Device time of FSDP2's copies around one block's collectives, per optimizer step, at `hbm_bw`.
 
     Each all-gather copies the local shard into the send buffer in the compute dtype (read in the
     parameter dtype, written in the compute dtype) and the gathered buffer out into the unsharded
@@ -121,16 +152,29 @@ def fsdp_copy_seconds(step: Step, cal: Calibration, unit: float) -> float:
     differ) and copies the reduce buffer to the output. (Session 5's 8K profile with the experts
     sharded as dense: 24.8 + 31.4 ms gather in/out, 42.9 ms reduce copy-in, 10.9 ms shard cast for
     24 blocks of 0.62 B parameters, fp32 reduce: 110 ms, where these bytes at 4.2 TB/s give 75.)
+    Gradient accumulation adds each micro-batch's gradients to the held ones after the first: the
+    reduced shard into the shard gradient (read both, write one), or with "keep_all" the unsharded
+    gradient into the accumulated one in the reduce dtype (the first micro-batch casts it there
+    when the dtypes differ), which the one reduce-scatter then reads instead of the compute dtype's.
     """
     W, a, p, r = step.layout.world, step.act_bytes, step.param_bytes, step.reduce_bytes
-    gathers = 2 if step.reshard_after_forward else 1
+    gathers, reduces = fsdp_collectives_per_step(step)
     if W > 1:
         gather = (p + a) * unit / W + 2 * a * unit
-        reduce = (a + r) * unit + ((r + p) * unit / W if r != p else 0.0)
+        copy_in = (a + r) * unit
+        reduce = (r + p) * unit / W if r != p else 0.0
     else:
         gather = (p + a) * unit if p != a else 0.0
-        reduce = (a + r) * unit + 2 * r * unit + ((r + p) * unit if r != p else 0.0)
-    return (gathers * gather + reduce) / cal.hbm_bw
+        copy_in = (a + r) * unit
+        reduce = 2 * r * unit + ((r + p) * unit if r != p else 0.0)
+    acc = step.grad_accum
+    if step.fsdp_accumulation == "keep_all":
+        first = (a + r) * unit if a != r else 0.0
+        accumulate = first + (acc - 1) * (a + 2 * r) * unit
+        copy_in = 2 * r * unit
+    else:
+        accumulate = (acc - 1) * 3 * p * unit / W
+    return (gathers * gather + reduces * (copy_in + reduce) + accumulate) / cal.hbm_bw
 
 
 def _bw(cluster: Cluster, cal: Calibration, spans_nodes: bool, alltoall: bool = False) -> float:
@@ -151,8 +195,9 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     H, q, kv, k, I = m.dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.top_k, m.expert_dim
     moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
 
-    attn = exp = dense = mem = over = copies = 0.0
-    comm_exposed = comm_hidden = 0.0
+    attn = exp = dense = mem = over = 0.0
+    comm_exposed = comm_hidden = 0.0  # per micro-batch
+    fsdp_copies = fsdp_exposed = fsdp_hidden = 0.0  # FSDP's, per optimizer step (`fsdp_micro_batches`)
     fwd_time = 0.0  # the first forward of a micro-batch (what the optimizer update hides behind)
     dv = m.value_head_dim if m.attention == "mla" else m.head_dim
     attn_fwd_flops = b * S * S * m.n_heads * (m.head_dim + dv) / ly.seq  # QK^T and AV, causal half
@@ -176,8 +221,9 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     groups = Counter(zip(step.policies, moe, windows))
     fsdp_bw = _bw(cluster, cal, W > G)
     for (policy, is_moe, window), n_blocks in sorted(groups.items()):
-        attn0, exp0, dense0, mem0, over0, copies0 = attn, exp, dense, mem, over, copies
+        attn0, exp0, dense0, mem0, over0, copies0 = attn, exp, dense, mem, over, fsdp_copies
         comm_exposed0, comm_hidden0, fwd0 = comm_exposed, comm_hidden, fwd_time
+        fsdp_exposed0, fsdp_hidden0 = fsdp_exposed, fsdp_hidden
         ckpt = policy != "none"
         dense_f = 2.0 * N * dense_params  # attention projections, router, shared/dense FFN
         t_dense_f = dense_f / _rate(cal.gemm_flops, 2.0 * N * H * q, cal.gemm_half)
@@ -209,11 +255,11 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         # FSDP's collectives of this block (its dense weights, and its experts when sharded as
         # dense), on their own streams: the next block's all-gather beside this block's forward; in
         # backward the previous block's all-gather (again, after `reshard_after_forward`; a
-        # checkpoint's recompute reuses it) and this block's reduce-scatter in the reduce dtype.
+        # checkpoint's recompute reuses it) and this block's reduce-scatter in the reduce dtype;
+        # per kind of micro-batch (`fsdp_micro_batches`), so these are per optimizer step.
         unit = fsdp_unit_params(step, is_moe)
         t_ag = unit * a * (W - 1) / W / fsdp_bw
         t_rs = unit * step.reduce_bytes * (W - 1) / W / fsdp_bw
-        t_fwd_comm, t_bwd_comm = t_ag, t_ag * (1 if step.reshard_after_forward else 0) + t_rs
         # What hides them: the block's compute, unless a collective on the same communicator queues
         # behind them. The router sums its load statistics over all W ranks (aux loss) on the
         # world group, FSDP's group: that all-reduce, synchronous on the compute stream, waits for
@@ -225,10 +271,12 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             fwd_window = t_attn_f + t_dense_f * attn_share + t_mem / 3 * mem_share
             if ckpt:  # the recompute runs the router again; a selective block keeps its attention
                 bwd_window = fwd_window - (t_attn_f if policy == "selective" else 0.0)
-        exposed = max(0.0, t_fwd_comm - fwd_window) + max(0.0, t_bwd_comm - bwd_window)
-        comm_exposed += exposed
-        comm_hidden += t_fwd_comm + t_bwd_comm - exposed
-        copies += fsdp_copy_seconds(step, cal, unit)
+        for n_micro, fwd_gathers, bwd_gathers, reduces in fsdp_micro_batches(step):
+            t_fwd_comm, t_bwd_comm = fwd_gathers * t_ag, bwd_gathers * t_ag + reduces * t_rs
+            exposed = max(0.0, t_fwd_comm - fwd_window) + max(0.0, t_bwd_comm - bwd_window)
+            fsdp_exposed += n_micro * exposed
+            fsdp_hidden += n_micro * (t_fwd_comm + t_bwd_comm - exposed)
+        fsdp_copies += fsdp_copy_seconds(step, cal, unit)
         # ExpertParallelExperts sharded over W/Ep gathers its expert shards itself, in the compute
         # dtype, once per expert pass, and reduce-scatters their gradients in the compute dtype, on
         # the compute path (the layer waits for each): exposed in full.
@@ -262,17 +310,19 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             dense0 + (dense - dense0) * n_blocks
         mem, over, fwd_time = mem0 + (mem - mem0) * n_blocks, over0 + (over - over0) * n_blocks, \
             fwd0 + (fwd_time - fwd0) * n_blocks
-        copies = copies0 + (copies - copies0) * n_blocks
+        fsdp_copies = copies0 + (fsdp_copies - copies0) * n_blocks
         comm_exposed = comm_exposed0 + (comm_exposed - comm_exposed0) * n_blocks
         comm_hidden = comm_hidden0 + (comm_hidden - comm_hidden0) * n_blocks
-    # FSDP's first gather of each pass (the first block's in forward, the last block's as backward
-    # starts) and the last reduce-scatter (the first block's, which the step's end waits for) have
-    # no compute beside them.
+        fsdp_exposed = fsdp_exposed0 + (fsdp_exposed - fsdp_exposed0) * n_blocks
+        fsdp_hidden = fsdp_hidden0 + (fsdp_hidden - fsdp_hidden0) * n_blocks
+    # FSDP's first gather of each pass that gathers (the first block's in forward, the last
+    # block's as backward starts) and the last reduce-scatter of each backward that reduces (the
+    # first block's, which the micro-batch's end waits for) have no compute beside them.
     if W > 1:
         first, last = fsdp_unit_params(step, moe[0]), fsdp_unit_params(step, moe[-1])
-        edges = ((first + (last if step.reshard_after_forward else 0.0)) * a + first * step.reduce_bytes) \
-            * (W - 1) / W / fsdp_bw
-        comm_exposed += edges
+        for n_micro, fwd_gathers, bwd_gathers, reduces in fsdp_micro_batches(step):
+            fsdp_exposed += n_micro * ((fwd_gathers * first + bwd_gathers * last) * a
+                                       + reduces * first * step.reduce_bytes) * (W - 1) / W / fsdp_bw
     # Vocabulary: strips (GEMMs + softmax at memory bandwidth), ring hops of weight blocks.
     V = m.vocab_size
     vocab_flops = (6.0 if ly.vocab == 1 else 8.0) * N * H * V
@@ -285,13 +335,13 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         comm_exposed += t - hidden
         comm_hidden += hidden
     over_step = cal.step_overhead_s  # the step boundary, once per optimizer step
-    micro = attn + exp + dense + mem + copies + over + vocab
     acc = step.grad_accum
+    micro = attn + exp + dense + mem + fsdp_copies / acc + over + vocab  # a micro-batch, on average
     local = m.param_counts()["total"] / W
     frac = step.device_fraction if device_fraction is None else device_fraction
     t_opt, opt_exposed = _optimizer_seconds(step, cal, local, frac, G, fwd_time + (micro if acc > 1 else 0.0))
     return TimeEstimate(attention=attn * acc, expert_gemm=exp * acc, dense_gemm=dense * acc, vocab=vocab * acc,
-                        memory_bound=mem * acc, param_copies=copies * acc, overhead=over * acc + over_step,
-                        comm_exposed=comm_exposed * acc,
-                        optimizer_exposed=opt_exposed, comm_hidden=comm_hidden * acc, optimizer_total=t_opt,
-                        tokens_per_step=step.tokens_per_step, world=W)
+                        memory_bound=mem * acc, param_copies=fsdp_copies, overhead=over * acc + over_step,
+                        comm_exposed=comm_exposed * acc + fsdp_exposed,
+                        optimizer_exposed=opt_exposed, comm_hidden=comm_hidden * acc + fsdp_hidden,
+                        optimizer_total=t_opt, tokens_per_step=step.tokens_per_step, world=W)
