@@ -2,6 +2,7 @@
 
     mop plan --shape qwen3-30b-a3b --gpus 2 --context 128K --layers 24
     mop plan --shape qwen3-30b-a3b --gpus 2 --context 8K --layers 24 --param-dtype bf16
+    mop plan --shape qwen3-30b-a3b --gpus 2 --context 32K --layers 24 --tokens-per-step 1M   # + accumulation mode
     mop plan --shape qwen3-235b-a22b --gpus 64 --gpus-per-node 8 --context 256K --host-mem-gib 2000
     mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
     torchrun --nproc-per-node 8 -m mop.cli plan calibrate        # ... and the collectives of 8 GPUs
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mop.plan.step import GIB
+from mop.plan.step import ACCUMULATIONS, GIB
 
 
 def parse_tokens(text: str) -> int:
@@ -50,6 +51,10 @@ def _plan_args(argv):
     p.add_argument("--param-dtype", choices=("fp32", "bf16", "any"), default="fp32",
                    help="training.param_dtype to consider: bf16 keeps weights and gradients in bf16 (2 + 2 B/param, "
                         "host optimizer only); any: both")
+    p.add_argument("--accumulation", choices=("any",) + ACCUMULATIONS, default="any",
+                   help="parallel.fsdp.accumulation to consider where a layout accumulates gradients "
+                        "(--tokens-per-step): keep the gathered weights (keep_gathered) and the unsharded "
+                        "gradients (keep_all) between micro-batches; any: the fastest that fits")
     p.add_argument("--calibration", default=None, help="a calibration name (h200, cpu) or .json path")
     p.add_argument("--headroom", type=float, default=0.95, help="share of device memory a plan may reserve")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -77,7 +82,8 @@ def plan_main(argv: list[str]) -> int:
                       inter_bw=args.inter_bw * 1e9 if args.inter_bw else None, calibration=cal,
                       device_bytes=args.device_mem_gib * GIB if args.device_mem_gib else None,
                       headroom=args.headroom,
-                      param_dtypes=("fp32", "bf16") if args.param_dtype == "any" else (args.param_dtype,))
+                      param_dtypes=("fp32", "bf16") if args.param_dtype == "any" else (args.param_dtype,),
+                      accumulations=ACCUMULATIONS if args.accumulation == "any" else (args.accumulation,))
     except NoPlan as e:
         print(f"mop plan: {e}", file=sys.stderr)
         return 1

@@ -5,14 +5,18 @@ every dispatcher (the pipelined one with 16K- and 4K-token chunks; at Ep = 1 the
 experts sharded as dense weights by FSDP, `Step.experts_as_dense`) and optimizer placement, and
 per layout the activation policies from the fastest (no checkpoint) down to the leanest (offloaded
 block inputs), plus the mix of the first that fits and the next faster one ("selective*17,full":
-the faster policy on the most first blocks that fit). Each candidate gets the memory and
+the faster policy on the most first blocks that fit). With gradient accumulation each of these is
+also tried with every `parallel.fsdp.accumulation` mode: keeping the gathered weights (and the
+unsharded gradients) between micro-batches saves collectives for memory, so it is chosen only
+where it fits and is faster. Each candidate gets the memory and
 time model (`estimate_memory`, `estimate_time`); it fits when the predicted reserved device memory
 is under `headroom` x the device and the predicted host memory under the node's. Candidates are
 ranked by predicted tokens/s/GPU, ties broken by the configuration itself, so the result is the
 same on every run.
 
 For `mop train` / `mop bench` (`parallel.plan = "auto"`): call `choose(model, gpus=W,
-context=S, ...)` and apply `plan.best.step.overrides()`; `plan_for_job` does it from a JobConfig.
+context=S, ...)` and apply `plan.best.step.overrides()` (the accumulation mode included where the
+step accumulates); `plan_for_job` does it from a JobConfig.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from mop.plan.memory import (ADAM_STATE_BYTES, MemoryEstimate, block_kept_bytes,
                              trainer_memory_cap)
 from mop.plan.state import state_memory
 from mop.optim.registry import engine_class
-from mop.plan.step import GIB, OFFLOADS, Cluster, Step, policy_spec
+from mop.plan.step import ACCUMULATIONS, GIB, OFFLOADS, Cluster, Step, policy_spec
 from mop.plan.timing import TimeEstimate, estimate_time
 
 FASTEST_FIRST = ("none", "selective", "full", "offload")
+# Ties between accumulation modes go to the one that keeps least between micro-batches.
+_ACCUMULATION_PREFERENCE = ("reshard", "keep_gathered", "keep_all")
 # Ties: the device optimizer, then the host engines by what a byte of host state costs them per step
 # (UpdateEngine.host_state_seconds_per_byte: gpu_stream before cpu).
 _OFFLOAD_PREFERENCE = ("none",) + tuple(sorted((o for o in OFFLOADS if o != "none"),
@@ -56,7 +62,8 @@ class Candidate:
         disp = s.dispatcher + (f":{s.chunk_tokens}" if s.dispatcher == "llep_pipelined" else "")
         return (f"D={s.layout.seq} Ep={s.layout.expert} P={s.layout.vocab} {disp} "
                 f"ac={policy_spec(s.policies)} opt={s.offload}"
-                + (f"@{s.device_fraction:.2f}" if s.offload != "none" else ""))
+                + (f"@{s.device_fraction:.2f}" if s.offload != "none" else "")
+                + (f" accum={s.grad_accum}:{s.accumulation}" if s.grad_accum > 1 else ""))
 
     def summary(self) -> str:
         return (f"{self.label()}: {self.time.tokens_per_s_per_gpu:,.0f} tok/s/GPU, "
@@ -130,7 +137,7 @@ def _rank(c: Candidate):
     s = c.step
     return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
             FASTEST_FIRST.index(s.policies[-1]), s.policies, _OFFLOAD_PREFERENCE.index(s.offload), s.dispatcher,
-            -s.chunk_tokens, s.param_dtype)
+            -s.chunk_tokens, s.param_dtype, _ACCUMULATION_PREFERENCE.index(s.accumulation))
 
 
 def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95
@@ -219,7 +226,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
            headroom: float = 0.95, offloads=OFFLOADS,
            dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
-           param_dtypes=("fp32",), reduce_dtype: str = "auto", runners_up: int = 4, suggest: bool = True) -> Plan:
+           param_dtypes=("fp32",), reduce_dtype: str = "auto", accumulations=ACCUMULATIONS, runners_up: int = 4,
+           suggest: bool = True) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
     `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
@@ -228,7 +236,9 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     sequences). `param_dtypes` ("fp32", "bf16"): the `training.param_dtype` values to consider (bf16
     only with a host optimizer); `reduce_dtype`: `parallel.fsdp.reduce_dtype` ("auto": the
     parameters'). Ep = 1 with a dispatcher that does not chunk is the experts sharded as dense
-    (`Step.experts_as_dense`), so the search weighs that against expert parallelism. With a host
+    (`Step.experts_as_dense`), so the search weighs that against expert parallelism.
+    `accumulations`: the `parallel.fsdp.accumulation` modes to consider where a layout accumulates
+    gradients (one micro-batch: "reshard" only, the modes act on nothing else). With a host
     optimizer the policies and its device share are those `mop train` reaches with
     `activation_checkpoint=auto` (`split_candidate`). Raises `NoPlan` with the numbers when nothing
     fits, and (`suggest`) the smallest larger cluster that would (whole nodes: 2x, 4x, 8x, and 1x
@@ -242,6 +252,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     cluster = Cluster(gpus_per_node=G, nodes=gpus // G, device_bytes=device_bytes, host_bytes=host_bytes,
                       intra_bw=intra_bw, inter_bw=inter_bw)
     W = gpus
+    if not accumulations or any(mode not in ACCUMULATIONS for mode in accumulations):
+        raise ValueError(f"accumulations {tuple(accumulations)!r}: name one or more of {ACCUMULATIONS}")
     fitting: list[Candidate] = []
     faster_rejected: list[Candidate] = []
     closest: dict[tuple, Candidate] = {}
@@ -260,22 +272,28 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                     if tokens_per_step % per_micro:
                         continue
                     accum = tokens_per_step // per_micro
+                # One micro-batch: the modes act on nothing, so "reshard" stands for all of them.
+                modes = [mode for mode in _ACCUMULATION_PREFERENCE if mode in accumulations] if accum > 1 \
+                    else ["reshard"]
                 for disp_spec in dispatchers:  # "name" or "name:chunk_tokens" (pipelined chunk size)
                     disp, _, chunk = disp_spec.partition(":")
                     for off in offloads:
                         for dtype in param_dtypes:
                             if dtype != "fp32" and off == "none":
                                 continue  # bf16 weights need the host optimizer's fp32 master
-                            base = Step(model=model, layout=layout, seq_len=context, batch_size=1, grad_accum=accum,
-                                        policies="full", offload=off, device_fraction=-1.0 if off != "none" else 0.0,
-                                        dispatcher=disp, head_chunks=_head_chunks(model, D),
-                                        chunk_tokens=int(chunk) if chunk else 16384, param_dtype=dtype,
-                                        reduce_dtype=reduce_dtype)
-                            if off == "none":
-                                cands = _policy_candidates(base, cal, cluster, device_bytes, headroom, policies)
-                            else:  # what `mop train` does with activation_checkpoint=auto: the memory split
-                                cands = [split_candidate(base, cal, cluster, device_bytes, headroom,
-                                                         tuple(p for p in mb.LADDER if p in policies))]
+                            cands = []
+                            for mode in modes:
+                                base = Step(model=model, layout=layout, seq_len=context, batch_size=1,
+                                            grad_accum=accum, policies="full", offload=off,
+                                            device_fraction=-1.0 if off != "none" else 0.0, dispatcher=disp,
+                                            head_chunks=_head_chunks(model, D),
+                                            chunk_tokens=int(chunk) if chunk else 16384, param_dtype=dtype,
+                                            reduce_dtype=reduce_dtype, accumulation=mode)
+                                if off == "none":
+                                    cands += _policy_candidates(base, cal, cluster, device_bytes, headroom, policies)
+                                else:  # what `mop train` does with activation_checkpoint=auto: the memory split
+                                    cands.append(split_candidate(base, cal, cluster, device_bytes, headroom,
+                                                                 tuple(p for p in mb.LADDER if p in policies)))
                             for cand in cands:
                                 key = (D, Ep, P)
                                 if cand.fits:
@@ -375,6 +393,9 @@ def plan_for_job(job, world: int, gpus_per_node: int | None = None, calibration:
                  **kwargs) -> Plan:
     """`choose` for a `JobConfig` (what `parallel.plan = "auto"` calls): the job's model, context and
     tokens per step (its batch x accumulation x sequence groups at its current D), on `world` GPUs.
+    Where the chosen layout accumulates gradients, the search also picks `parallel.fsdp.accumulation`
+    (the job's own mode is not an input: the fastest that fits replaces it), and the step's
+    overrides name it, so applying them sets it.
 
     Apply the result with `build_config(file, overrides + plan.best.step.overrides())`.
     """
@@ -409,6 +430,7 @@ def check_step_fits(job, world: int, device_bytes: float, calibration: Calibrati
             f"--optimizer.device_fraction={o.device_fraction}", f"--training.param_dtype={t.param_dtype}",
             f"--parallel.fsdp.reduce_dtype={p.fsdp.reduce_dtype}",
             f"--parallel.fsdp.reshard_after_forward={p.fsdp.reshard_after_forward}",
+            f"--parallel.fsdp.accumulation={p.fsdp.accumulation}",
             "--training.activation_checkpoint=" + ("full" if t.activation_checkpoint == "auto"
                                                    else t.activation_checkpoint)]
     cal = calibration or for_device(None)
