@@ -310,12 +310,11 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         routers = self.model.routers()
         loads_LE = torch.zeros(len(routers), self.job.model.n_experts, device=self.device)
-        accumulation = self.job.parallel.fsdp.accumulation if t.grad_accum > 1 else "reshard"
+        fsdp = self.job.parallel.fsdp
         for i, b in enumerate(batches):
             self._final_backward = i == len(batches) - 1  # gradients become final only in the last one
-            if t.grad_accum > 1:
-                set_accumulation_phase(self.model, accumulation, self._final_backward,
-                                       self.job.parallel.fsdp.reshard_after_forward)
+            if t.grad_accum > 1:  # what FSDP keeps between micro-batches (parallel.fsdp.accumulation)
+                set_accumulation_phase(self.model, fsdp.accumulation, self._final_backward, fsdp.reshard_after_forward)
             tensors = [b[k].to(self.device, non_blocking=True) for k in ("tokens", "positions", "labels")]
             with self.strategy.micro_batch_context(self, tensors):
                 with record_function("mop.forward"):  # profiler labels: idle time is charged to them

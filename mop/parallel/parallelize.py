@@ -191,7 +191,8 @@ def reset_accumulation(model) -> None:
     (`accumulation="keep_all"`): after measuring micro-batches that were not followed by a synced
     backward (the start-up probe, an OOM caught there), so that none of it reaches step 1's update.
     FSDP2 has no public call for the second part: its per-parameter state is read through
-    `_get_fsdp_state()` (tests/test_lossless.py's keep_all probe test fails if these names move)."""
+    `_get_fsdp_state()` (tests/test_fsdp_accumulation.py::test_reset_accumulation_forgets_a_measuring_micro_batch
+    fails if these names move)."""
     from torch.distributed.fsdp import FSDPModule
 
     for unit in model.modules():
