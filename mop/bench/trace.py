@@ -21,19 +21,6 @@ BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSy
                   "cudaMemcpyAsync")
 
 
-def _union_ms(intervals: list[tuple[float, float]]) -> float:
-    """Total length (ms) of the union of [start, end) intervals given in microseconds."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if s > end:
-            total += e - s
-            end = e
-        elif e > end:
-            total += e - end
-            end = e
-    return total / 1e3
-
-
 def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     out: list[list[float]] = []
     for s, e in sorted(intervals):
@@ -42,6 +29,11 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
         else:
             out.append([s, e])
     return [(s, e) for s, e in out]
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of [start, end) intervals given in microseconds."""
+    return sum(e - s for s, e in _merged(intervals)) / 1e3
 
 
 def _host_segments(events: list[dict], depth: int = 3) -> list[tuple[float, float, str]]:
