@@ -24,9 +24,10 @@ def test_expert_parallel_equals_single_process(world, layout, tmp_path):
 
 def test_experts_sharded_as_dense_with_policies_and_host_optimizer_equal_single_process(tmp_path):
     """Ep=1 over W=2: the experts are FSDP-sharded like dense weights (no dispatcher), under mixed
-    block policies and the streamed host optimizer with its device share."""
+    block policies (whose recomputes reuse the routers' reduced aux statistics) and the streamed host
+    optimizer with its device share."""
     compare_with_reference(2, {"vocab.degree": 2}, tmp_path, extra=[
-        "--model.n_layers=3", "--training.activation_checkpoint=selective*1,full*1,none",
+        "--model.n_layers=3", "--model.aux_loss_coef=0.01", "--training.activation_checkpoint=selective*1,full*1,none",
         "--optimizer.offload=gpu_stream", "--optimizer.device_fraction=0.5"])
 
 

@@ -308,3 +308,32 @@ def test_parse_policies():
                      ("full*x", "integer")]:
         with pytest.raises(ValueError, match=msg):
             parse_policies(bad, 3)
+
+
+def test_recompute_reuses_the_routers_reduced_statistics():
+    """A checkpointed block's recompute reuses the statistics its forward all-reduced (one reduction
+    per router per forward, not two), and the aux loss's gradients stay bit-identical to no
+    checkpointing. The reducer here doubles the counts (a stand-in for other ranks' tokens), so a
+    recompute that reduced its local counts again, or used them unreduced, would change the gradients."""
+    from mop.config import build_config
+    from mop.models.transformer import Transformer
+
+    cfg = build_config(None, ["--model.shape=debug", "--model.n_layers=3", "--model.aux_loss_coef=0.1"]).model
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(32).expand(2, 32)
+    results = []
+    for policies in (["none"] * 3, ["full"] * 3, ["selective", "offload", "full"]):
+        model = Transformer(cfg)
+        model.init_weights(0)
+        model.block_policies = policies
+        calls = []
+        for r in model.routers():
+            r.reduce_stats = lambda s, calls=calls: calls.append(1) or s * 2
+        ce, aux = model(tokens, positions, tokens)
+        (ce + aux).backward()
+        assert len(calls) == len(model.routers()), policies  # once per router, in forward only
+        results.append((aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    for aux, grads in results[1:]:
+        assert torch.equal(aux, results[0][0])
+        for n, g in grads.items():
+            assert torch.equal(g, results[0][1][n]), n

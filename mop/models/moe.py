@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mop.models.activation_policy import checkpoint_phase
 from mop.models.config import ModelConfig
 from mop.models.layers import FeedForward
 from mop.ops.grouped_mm import grouped_mm
@@ -39,6 +40,9 @@ class Router(nn.Module):
         # Tokens per expert of the last forward (overwritten, so recomputation does not double count).
         self.register_buffer("last_tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
         self.reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # The last forward's reduced statistics, reused by its checkpoint recompute (the backward of
+        # the same micro-batch comes before the next forward of this router).
+        self._reduced_stats: torch.Tensor | None = None
 
     def forward(self, x_TH: torch.Tensor):
         """Returns (topk_idx [T,k] int64, topk_weight [T,k] in x dtype, aux_loss scalar fp32)."""
@@ -61,7 +65,13 @@ class Router(nn.Module):
             probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
             stats = torch.cat([counts_E, counts_E.new_tensor([x_TH.shape[0]])])
             if self.reduce_stats is not None:
-                stats = self.reduce_stats(stats)
+                if checkpoint_phase() == "recompute" and self._reduced_stats is not None:
+                    # A checkpointed block's recompute: the statistics this forward all-reduced, not
+                    # a second all-reduce (a wait for the slowest rank, per layer). The same bits, so
+                    # the recomputed aux graph saves exactly what the original one did.
+                    stats = self._reduced_stats
+                else:
+                    stats = self._reduced_stats = self.reduce_stats(stats)
             global_counts_E, global_tokens = stats[:-1], stats[-1]
             f_E = global_counts_E / (global_tokens * self.top_k)
             aux = self.aux_loss_coef * self.n_experts * (f_E * probs_TE.sum(0) / global_tokens).sum()
