@@ -146,3 +146,16 @@ def test_search_weighs_experts_as_dense_against_expert_parallelism():
     plan = choose(CFG, gpus=2, context=32768, param_dtypes=("bf16",), offloads=("gpu_stream",), seq_degrees=(1,))
     assert plan.best.step.layout.expert == 1 and plan.best.step.experts_as_dense
     assert any(c.step.layout.expert == 2 for c in plan.runners_up)
+
+
+def test_recompute_no_longer_reduces_router_statistics():
+    """Since 4e813c6 a checkpoint's recompute reuses the forward's router statistics, so backward's
+    FSDP collectives hide behind the whole backward; measured code before it narrowed that window
+    (`router_recompute_sync`, applied to every source measured so far)."""
+    step = _step(policies="full", device_fraction=1.0)
+    now = estimate_time(step, H200)
+    old = estimate_time(replace(step, router_recompute_sync=True), H200)
+    assert now.comm_exposed < old.comm_exposed
+    assert now.step < old.step
+    assert legacy_code("2026-11-30-session5-2xh200/g-bf16-reduce/g8k")["router_recompute_sync"]
+    assert not legacy_code("2026-12-01-session6-2xh200/m-1m/m8k")["router_recompute_sync"]

@@ -66,6 +66,12 @@ LEGACY_EP1_DISPATCHER = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session
 LEGACY_REDUCE_FP32 = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session-2", "2026-11-30-session5-2xh200/d-",
                       "2026-11-30-session5-2xh200/f-")
 
+# Sources measured before 4e813c6, whose checkpoint recomputes all-reduced the routers' statistics
+# again (`Step.router_recompute_sync`): every source measured so far. A source measured on later code
+# must not match these prefixes.
+LEGACY_ROUTER_RECOMPUTE_SYNC = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session-2", "bench-1gpu",
+                                "2026-11-30-session5-2xh200/")
+
 # Known differences between the measured code and the modelled one, by results directory.
 NOTES = {
     "2026-11-28-qwen3-30b-a3b-4xh200": "session 1 code: before the kernel fixes (1.24x slower at 32K on 1 GPU), "
@@ -95,12 +101,13 @@ def legacy_code(label: str) -> dict:
     return dict(attention_forwards=3 if any(k in label for k in LEGACY_ULYSSES) else 2,
                 optimizer_competes=not any(k in label for k in LEGACY_SPLIT),
                 ep1_dispatcher=any(k in label for k in LEGACY_EP1_DISPATCHER),
-                reduce_default="fp32" if any(k in label for k in LEGACY_REDUCE_FP32) else "auto")
+                reduce_default="fp32" if any(k in label for k in LEGACY_REDUCE_FP32) else "auto",
+                router_recompute_sync=any(k in label for k in LEGACY_ROUTER_RECOMPUTE_SYNC))
 
 
 def predict(options: list[str], world: int, cal: Calibration, chosen: str | None = None,
             device_fraction: float | None = None, attention_forwards: int = 2, optimizer_competes: bool = True,
-            ep1_dispatcher: bool = False, reduce_default: str = "auto"):
+            ep1_dispatcher: bool = False, reduce_default: str = "auto", router_recompute_sync: bool = False):
     """(step, memory, time, note) for the run described by `--section.key=value` options.
 
     `activation_checkpoint=auto`: the policies the run chose (`chosen`, recorded by newer bench
@@ -108,7 +115,8 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
     with a host optimizer, the memory split of `mop.memory_budget` (`search.split_candidate`;
     `optimizer_competes=False` for code before a271e05). `ep1_dispatcher`: code before 2e437ce (a
     dispatcher at Ep = 1); `reduce_default`: the reduce dtype of a command that does not name one
-    (fp32 before "auto").
+    (fp32 before "auto"); `router_recompute_sync`: code before 4e813c6 (a recompute all-reduced the
+    routers' statistics again).
     """
     model = build_config(None, [o for o in options if o.startswith("--model.")]).model
     note = ""
@@ -128,6 +136,8 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
         note = f"attention forward {attention_forwards}x in full blocks (the Ulysses code measured)"
     if ep1_dispatcher and step.layout.expert == 1:
         step = replace(step, ep1_dispatcher=True)
+    if router_recompute_sync:
+        step = replace(step, router_recompute_sync=True)
     if auto and not chosen:
         cluster = Cluster(gpus_per_node=world)
         if step.offload != "none":

@@ -94,6 +94,10 @@ class Step:
     # Code before 2e437ce kept the dispatcher (ExpertParallelExperts) at Ep = 1 as well; since then
     # the experts are sharded as dense weights there (`experts_as_dense`). Kept for old measurements.
     ep1_dispatcher: bool = False
+    # Code before 4e813c6 all-reduced the routers' statistics again in a checkpoint's recompute (a
+    # wait on the compute stream behind backward's collectives); since then the recompute reuses the
+    # forward's. Kept for old measurements.
+    router_recompute_sync: bool = False
     act_bytes: int = 2  # 2: bf16 compute (GPU); 4: fp32 (the CPU path)
     cpu: bool = False  # CPU kernels: composite RMSNorm (one more saved tensor), no GQA expansion
     max_strip_elements: int = 2**28

@@ -264,12 +264,12 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         # behind them. The router sums its load statistics over all W ranks (aux loss) on the
         # world group, FSDP's group: that all-reduce, synchronous on the compute stream, waits for
         # the gathers and reduce-scatters issued before it, so only the attention half of the
-        # block's forward (and of a checkpoint's recompute, where backward's collectives are
-        # already issued) hides them.
+        # block's forward hides them. (A checkpoint's recompute reuses the forward's statistics;
+        # code before 4e813c6 all-reduced them again there: `Step.router_recompute_sync`.)
         fwd_window, bwd_window = t_fwd, t_bwd
         if is_moe and router_sync:
             fwd_window = t_attn_f + t_dense_f * attn_share + t_mem / 3 * mem_share
-            if ckpt:  # the recompute runs the router again; a selective block keeps its attention
+            if ckpt and step.router_recompute_sync:  # a selective block keeps its attention
                 bwd_window = fwd_window - (t_attn_f if policy == "selective" else 0.0)
         for n_micro, fwd_gathers, bwd_gathers, reduces in fsdp_micro_batches(step):
             t_fwd_comm, t_bwd_comm = fwd_gathers * t_ag, bwd_gathers * t_ag + reduces * t_rs
