@@ -177,6 +177,8 @@ def test_option_types_and_sections_are_checked():
         build_config(overrides=["--parallel.vocab.schedule=rows"])
     with pytest.raises(ValueError, match="parallel.fsdp.reduce_dtype: 'fp16' is not one of 'auto', 'fp32', 'bf16'"):
         build_config(overrides=["--parallel.fsdp.reduce_dtype=fp16"])
+    with pytest.raises(ValueError, match="parallel.fsdp.accumulation: 'foo' is not one of 'reshard', 'keep_gathered'"):
+        build_config(overrides=["--parallel.fsdp.accumulation=foo"])
     with pytest.raises(ValueError, match="parallel.seq.head_chunks: must be >= 1, got 0"):
         build_config(overrides=["--parallel.seq.head_chunks=0"])
     with pytest.raises(ValueError, match="parallel.experts.degree: expected int, got 'two'"):
