@@ -30,6 +30,7 @@ import os
 import torch
 
 from mop.distributed import local_shard
+from mop.parallel.fsdp_config import resolve_reduce_dtype
 from mop.parallel.layout import Layout, LayoutSpec
 
 
@@ -57,9 +58,7 @@ def mixed_precision_dtypes(trainer) -> tuple[torch.dtype | None, torch.dtype]:
     """FSDP2's (param_dtype, reduce_dtype): bf16 compute casts the gathered weights (None: no cast);
     gradients reduce in `parallel.fsdp.reduce_dtype` ("auto": bf16 where they are stored in bf16)."""
     param = trainer.compute_dtype if trainer.compute_dtype != torch.float32 else None
-    choice = trainer.job.parallel.fsdp.reduce_dtype
-    if choice == "auto":
-        choice = "bf16" if trainer.job.training.param_dtype == "bf16" else "fp32"
+    choice = resolve_reduce_dtype(trainer.job.parallel.fsdp.reduce_dtype, trainer.job.training.param_dtype)
     reduce = torch.float32 if choice == "fp32" else torch.bfloat16
     return param, reduce
 

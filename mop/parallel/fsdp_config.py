@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REDUCE_DTYPES = ("auto", "fp32", "bf16")
-ACCUMULATION_MODES = ("reshard", "keep_gathered", "keep_all")
+ACCUMULATION_MODES = ("reshard", "keep_gathered", "keep_all")  # ordered by what each keeps, least first
+
+
+def resolve_reduce_dtype(reduce_dtype: str, param_dtype: str) -> str:
+    """`parallel.fsdp.reduce_dtype` as it acts: "auto" is the gradients' storage dtype
+    (`training.param_dtype`), bf16 or fp32. The trainer and `mop plan` both read it here."""
+    if reduce_dtype == "auto":
+        return "bf16" if param_dtype == "bf16" else "fp32"
+    return reduce_dtype
 
 
 @dataclass

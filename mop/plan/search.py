@@ -36,8 +36,6 @@ from mop.plan.step import ACCUMULATIONS, GIB, OFFLOADS, Cluster, Step, policy_sp
 from mop.plan.timing import TimeEstimate, estimate_time
 
 FASTEST_FIRST = ("none", "selective", "full", "offload")
-# Ties between accumulation modes go to the one that keeps least between micro-batches.
-_ACCUMULATION_PREFERENCE = ("reshard", "keep_gathered", "keep_all")
 # Ties: the device optimizer, then the host engines by what a byte of host state costs them per step
 # (UpdateEngine.host_state_seconds_per_byte: gpu_stream before cpu).
 _OFFLOAD_PREFERENCE = ("none",) + tuple(sorted((o for o in OFFLOADS if o != "none"),
@@ -137,7 +135,8 @@ def _rank(c: Candidate):
     s = c.step
     return (-round(c.time.tokens_per_s_per_gpu, 6), s.layout.seq, s.layout.expert, s.layout.vocab,
             FASTEST_FIRST.index(s.policies[-1]), s.policies, _OFFLOAD_PREFERENCE.index(s.offload), s.dispatcher,
-            -s.chunk_tokens, s.param_dtype, _ACCUMULATION_PREFERENCE.index(s.accumulation))
+            # Ties between accumulation modes go to the one that keeps least (ACCUMULATIONS' order).
+            -s.chunk_tokens, s.param_dtype, ACCUMULATIONS.index(s.accumulation))
 
 
 def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float, headroom: float = 0.95
@@ -273,7 +272,7 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                         continue
                     accum = tokens_per_step // per_micro
                 # One micro-batch: the modes act on nothing, so "reshard" stands for all of them.
-                modes = [mode for mode in _ACCUMULATION_PREFERENCE if mode in accumulations] if accum > 1 \
+                modes = [mode for mode in ACCUMULATIONS if mode in accumulations] if accum > 1 \
                     else ["reshard"]
                 for disp_spec in dispatchers:  # "name" or "name:chunk_tokens" (pipelined chunk size)
                     disp, _, chunk = disp_spec.partition(":")

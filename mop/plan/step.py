@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from mop.models.config import ModelConfig
 from mop.optim.registry import offload_choices
-from mop.parallel.fsdp_config import ACCUMULATION_MODES
+from mop.parallel.fsdp_config import ACCUMULATION_MODES, resolve_reduce_dtype
 from mop.parallel.layout import LayoutSpec
 
 POLICIES = ("none", "selective", "full", "offload")
@@ -133,9 +133,7 @@ class Step:
     def reduce_bytes(self) -> int:
         """Bytes per gradient element in FSDP's reduce-scatter (`parallel.fsdp.reduce_dtype`; "auto":
         the gradients' storage dtype, so bf16 parameters reduce in bf16)."""
-        if self.reduce_dtype == "auto":
-            return self.param_bytes
-        return REDUCE_DTYPES[self.reduce_dtype]
+        return REDUCE_DTYPES[resolve_reduce_dtype(self.reduce_dtype, self.param_dtype)]
 
     @property
     def fsdp_accumulation(self) -> str:
