@@ -160,3 +160,56 @@ def test_sweep_orders_selective_between_full_and_no_checkpointing():
     cce, full, sel, none = cfgs
     assert _at_least_as_frugal(cce, full) and not _at_least_as_frugal(full, cce)
     assert _at_least_as_frugal(full, sel) and _at_least_as_frugal(sel, none) and not _at_least_as_frugal(none, sel)
+
+
+def test_warmup_micro_batches_shortens_only_the_warmup(tmp_path):
+    """--warmup-micro-batches: a warm-up step runs at most K micro-batches; the timed step runs all of
+    them (tokens per step unchanged), and the trainer's grad_accum is restored even if a step fails."""
+    from mop.bench.runner import worker_command
+    from mop.bench.worker import warmup_steps
+
+    class FakeTrainer:
+        def __init__(self, accum):
+            from types import SimpleNamespace
+            self.job = SimpleNamespace(training=SimpleNamespace(grad_accum=accum))
+            self.seen = []
+
+        def train_step(self):
+            self.seen.append(self.job.training.grad_accum)
+            if len(self.seen) == 3:
+                raise RuntimeError("boom")
+
+    tr = FakeTrainer(64)
+    warmup_steps(tr, 2, 2)
+    assert tr.seen == [2, 2] and tr.job.training.grad_accum == 64
+    with pytest.raises(RuntimeError):
+        warmup_steps(tr, 1, 2)
+    assert tr.job.training.grad_accum == 64
+    tr = FakeTrainer(1)
+    warmup_steps(tr, 1, 4)  # never more than the step's own count
+    warmup_steps(FakeTrainer(8), 1, 0)
+    assert tr.seen == [1]
+    assert "--warmup-micro-batches" in worker_command("mop", 2, "/r", [], 1, 1, 0.0, warmup_micro_batches=2)
+    assert "--warmup-micro-batches" not in worker_command("mop", 2, "/r", [], 1, 1, 0.0)
+
+    from mop.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--device", "cpu", "--shape", "debug", "--gpus", "2", "--contexts", "64", "--systems", "mop",
+            "--batch-setting", "1M", "--warmup", "1", "--steps", "1", "--warmup-micro-batches", "1",
+            "--layers", "1", "--out", str(out)]
+    # 2^20 tokens of 64-token sequences over 2 ranks would be 8192 micro-batches: too many for a CPU
+    # test. The point is what the worker was asked to run, and that it ran.
+    import mop.bench.cli as cli
+    old = cli.ONE_M
+    cli.ONE_M = 64 * 2 * 3  # 3 micro-batches per step
+    try:
+        assert main(argv) == 0
+    finally:
+        cli.ONE_M = old
+    (point,) = json.loads((out / "results.json").read_text())["points"]
+    assert point["status"] == "ok", point.get("output_tail", point)
+    assert point["tokens_per_device_per_step"] == 3 * 64
+    assert "--warmup-micro-batches 1" in " ".join(map(str, point["command"])) if isinstance(
+        point["command"], list) else "--warmup-micro-batches 1" in point["command"]
+    assert "at most 1 micro-batches each" in (out / "results.md").read_text()

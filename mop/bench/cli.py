@@ -77,6 +77,11 @@ def parse_args(argv: list[str]):
                         "time and blocking host calls go to OUT/profiles/<point>.txt (rank 0)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    p.add_argument("--warmup-micro-batches", type=int, default=0,
+                   help="run each warm-up step with at most this many micro-batches (0: all of them). A step at "
+                        "2^20 tokens holds tens of micro-batches; warming up with two of them compiles, allocates "
+                        "and fills the optimizer state just the same, for a fraction of the device time. "
+                        "Timed steps always run every micro-batch")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point before it is killed")
     p.add_argument("--out", default="bench/results/latest", help="output directory")
@@ -87,8 +92,8 @@ def parse_args(argv: list[str]):
     bad = [s for s in args.system_list if s not in ("mop", "baseline")]
     if bad or not args.system_list:
         p.error(f"--systems: {bad or args.systems!r}: choose from mop, baseline")
-    if args.gpus < 1 or args.warmup < 0 or args.steps < 1:
-        p.error("--gpus and --steps must be >= 1, --warmup >= 0")
+    if args.gpus < 1 or args.warmup < 0 or args.steps < 1 or args.warmup_micro_batches < 0:
+        p.error("--gpus and --steps must be >= 1, --warmup and --warmup-micro-batches >= 0")
     if not 0.0 <= args.skew <= 1.0:
         p.error(f"--skew must be in [0, 1], got {args.skew}")
     return args
@@ -203,7 +208,8 @@ def main(argv: list[str]) -> int:
         plots(results, out_dir)
 
     common = dict(device=device, warmup=args.warmup, steps=args.steps, skew=args.skew, timeout=args.timeout,
-                  workdir=str(work), optimizer_ablation=args.optimizer_ablation, profile=args.profile)
+                  workdir=str(work), optimizer_ablation=args.optimizer_ablation, profile=args.profile,
+                  warmup_micro_batches=args.warmup_micro_batches)
     for context in args.context_list:
         for setting in settings:
             # One run directory per point: a point killed at its timeout must not hold the next one's lock.

@@ -109,7 +109,9 @@ def markdown(results: dict) -> str:
              f" (CUDA {env['cuda']})",
              f"- hardware: {gpu}; {env['cpu_count']} CPUs; {env['host_ram_gib']} GiB host RAM; host {env['hostname']}",
              f"- model: {args['shape']}" + (f" with {args['layers']} layers" if args.get("layers") else "")
-             + f"; skew {args['skew']}; {args['warmup']} warm-up steps (excluded), {args['steps']} timed steps",
+             + f"; skew {args['skew']}; {args['warmup']} warm-up steps (excluded"
+             + (f", at most {args['warmup_micro_batches']} micro-batches each" if args.get("warmup_micro_batches") else "")
+             + f"), {args['steps']} timed steps",
              f"- {FORMULA}",
              "- batch: `paper` = one sequence per sequence-parallel group per step, no accumulation; "
              "`1M` = 2^20 tokens per optimizer step by gradient accumulation (one sequence per group above 2^20).",

@@ -17,7 +17,7 @@ OUTPUT_TAIL = 6000  # characters of a failed worker's stdout/stderr kept in the 
 
 def worker_command(system: str, gpus: int, result_dir: str, overrides: list[str], warmup: int, steps: int,
                    skew: float, baseline_json: str | None = None, optimizer_ablation: bool = False,
-                   profile: bool = False) -> list[str]:
+                   profile: bool = False, warmup_micro_batches: int = 0) -> list[str]:
     """The exact `torchrun --nproc-per-node G -m mop.bench.worker ...` command of one point."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
            "-m", "mop.bench.worker", "--system", system, "--result-dir", result_dir, "--warmup", str(warmup),
@@ -28,6 +28,8 @@ def worker_command(system: str, gpus: int, result_dir: str, overrides: list[str]
         cmd += ["--optimizer-ablation"]
     if profile:
         cmd += ["--profile"]
+    if warmup_micro_batches:
+        cmd += ["--warmup-micro-batches", str(warmup_micro_batches)]
     return cmd + list(overrides)
 
 
@@ -44,11 +46,11 @@ def worker_env(gpus: int, device: str) -> dict[str, str]:
 
 def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warmup: int, steps: int, skew: float,
               timeout: float, baseline_json: str | None = None, workdir: str | None = None,
-              optimizer_ablation: bool = False, profile: bool = False) -> dict:
+              optimizer_ablation: bool = False, profile: bool = False, warmup_micro_batches: int = 0) -> dict:
     """Run one point; returns rank 0's record plus `status` (ok / oom / error / timeout) and the command."""
     with tempfile.TemporaryDirectory(dir=workdir, prefix=f"{system}-") as result_dir:
         cmd = worker_command(system, gpus, result_dir, overrides, warmup, steps, skew, baseline_json,
-                             optimizer_ablation, profile)
+                             optimizer_ablation, profile, warmup_micro_batches)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=worker_env(gpus, device), start_new_session=True, cwd=str(REPO_ROOT))

@@ -29,6 +29,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--skew", type=float, default=0.0)
+    p.add_argument("--warmup-micro-batches", type=int, default=0,
+                   help="micro-batches per warm-up step, at most (0: the step's own grad_accum)")
     p.add_argument("--baseline", default=None, help="BaselineConfig as JSON (system=baseline)")
     p.add_argument("--optimizer-ablation", action="store_true",
                    help="also time --steps steps whose optimizer update is skipped: the optimizer's exposed time")
@@ -61,6 +63,21 @@ def _timed_steps(trainer, n: int, device: torch.device, outs: list) -> list[floa
         clock.tick()
     _sync(device)
     return clock.intervals()
+
+
+def warmup_steps(trainer, n: int, micro_batches: int = 0) -> None:
+    """`n` untimed steps, each with at most `micro_batches` micro-batches (0: all). Every choice made
+    before step 1 (layout, activation policies, the optimizer's device share) was made for the full
+    step and stays; only the loop is shorter: the first step's one-time costs (kernel selection, the
+    allocator's segments, the optimizer state) do not depend on how many micro-batches it runs."""
+    t = trainer.job.training
+    full = t.grad_accum
+    t.grad_accum = min(full, micro_batches) if micro_batches > 0 else full
+    try:
+        for _ in range(n):
+            trainer.train_step()
+    finally:
+        t.grad_accum = full
 
 
 def _profiled_step(trainer, result_dir: str, rank: int, device: torch.device) -> str:
@@ -126,8 +143,7 @@ def run(args, overrides: list[str]) -> dict:
     if args.skew > 0:
         batch = next(trainer.loader)
         biases = apply_skew(trainer.model, args.skew, batch["tokens"].to(device), batch["positions"].to(device))
-    for _ in range(args.warmup):
-        trainer.train_step()
+    warmup_steps(trainer, args.warmup, args.warmup_micro_batches)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
