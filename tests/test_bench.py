@@ -213,3 +213,39 @@ def test_warmup_micro_batches_shortens_only_the_warmup(tmp_path):
     assert "--warmup-micro-batches 1" in " ".join(map(str, point["command"])) if isinstance(
         point["command"], list) else "--warmup-micro-batches 1" in point["command"]
     assert "at most 1 micro-batches each" in (out / "results.md").read_text()
+
+
+def test_kill_point_takes_workers_in_their_own_sessions(tmp_path):
+    """torchrun starts each worker with start_new_session: killing torchrun's group left a worker busy
+    in a long step alive, holding its GPU (session 6). kill_point kills the whole tree and waits."""
+    import subprocess
+    import sys
+
+    from mop.bench.runner import _running, descendants, kill_point
+
+    pid_file = tmp_path / "grandchild.pid"
+    # A stand-in for torchrun: starts a "worker" in a new session that sleeps without output.
+    launcher = ("import subprocess, sys, time\n"
+                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True,"
+                " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+                "time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
+    try:
+        import time
+        deadline = time.time() + 30
+        while time.time() < deadline and not (pid_file.exists() and pid_file.read_text()):
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert worker in descendants(proc.pid) and _running(worker)
+        kill_point(proc, wait_s=10)
+        assert proc.returncode is not None and not _running(worker)
+    finally:
+        proc.kill()
+        if pid_file.exists() and pid_file.read_text():
+            import os
+            import signal
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -59,14 +59,13 @@ def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warm
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and all of its workers (own session)
+            kill_point(proc)
             output, _ = proc.communicate()
         except BaseException:
             # `mop bench` itself interrupted or killed by SIGTERM (see `terminate_points_on_sigterm`):
-            # the point runs in its own session, so without this its workers would outlive us, keep
-            # the GPUs and hold the run directory's lock.
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # without this the point's workers would outlive us, keep the GPUs and hold the run
+            # directory's lock.
+            kill_point(proc)
             raise
         wall_s = time.perf_counter() - t0
         ranks = {}
@@ -92,6 +91,65 @@ def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warm
     if record["status"] != "ok":
         record["output_tail"] = (output or "")[-OUTPUT_TAIL:]
     return record
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process this user can see (Linux /proc; empty elsewhere)."""
+    out = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    out[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has released its memory, GPU memory included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_point(proc: subprocess.Popen, wait_s: float = 60.0) -> None:
+    """SIGKILL a point's torchrun and every process below it, then wait until they are gone.
+
+    Killing torchrun's process group is not enough: torchrun starts each worker in a session of its
+    own, so a worker busy in a long step outlives it and keeps its GPU memory (session 6: a killed
+    256K point still held 138.9 GiB when the next command started, which then ran out of memory).
+    The tree is read before anything is killed, since orphans are re-parented at once."""
+    pids = [proc.pid] + descendants(proc.pid)
+    for pid in pids:
+        for kill in (os.killpg, os.kill):  # each worker leads its own group: take its children too
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    proc.wait()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_running(p) for p in pids[1:]):
+        time.sleep(0.1)
 
 
 def terminate_points_on_sigterm() -> None:
