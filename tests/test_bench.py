@@ -196,7 +196,7 @@ def test_warmup_micro_batches_shortens_only_the_warmup(tmp_path):
 
     out = tmp_path / "bench"
     argv = ["bench", "--device", "cpu", "--shape", "debug", "--gpus", "2", "--contexts", "64", "--systems", "mop",
-            "--batch-setting", "1M", "--warmup", "1", "--steps", "1", "--warmup-micro-batches", "1",
+            "--batch-setting", "1M", "--warmup", "1", "--steps", "1", "--warmup-micro-batches", "1", "--profile",
             "--layers", "1", "--out", str(out)]
     # 2^20 tokens of 64-token sequences over 2 ranks would be 8192 micro-batches: too many for a CPU
     # test. The point is what the worker was asked to run, and that it ran.
@@ -213,6 +213,8 @@ def test_warmup_micro_batches_shortens_only_the_warmup(tmp_path):
     assert "--warmup-micro-batches 1" in " ".join(map(str, point["command"])) if isinstance(
         point["command"], list) else "--warmup-micro-batches 1" in point["command"]
     assert "at most 1 micro-batches each" in (out / "results.md").read_text()
+    # The profiled step is shortened the same way, and says so.
+    assert (out / point["profile"]).read_text().startswith("profiled step: 1 of 3 micro-batches")
 
 
 def test_kill_point_takes_workers_in_their_own_sessions(tmp_path):

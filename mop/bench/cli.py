@@ -81,7 +81,7 @@ def parse_args(argv: list[str]):
                    help="run each warm-up step with at most this many micro-batches (0: all of them). A step at "
                         "2^20 tokens holds tens of micro-batches; warming up with two of them compiles, allocates "
                         "and fills the optimizer state just the same, for a fraction of the device time. "
-                        "Timed steps always run every micro-batch")
+                        "The --profile step runs as many. Timed steps always run every micro-batch")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point before it is killed")
     p.add_argument("--out", default="bench/results/latest", help="output directory")

@@ -30,7 +30,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--skew", type=float, default=0.0)
     p.add_argument("--warmup-micro-batches", type=int, default=0,
-                   help="micro-batches per warm-up step, at most (0: the step's own grad_accum)")
+                   help="micro-batches per warm-up step and per profiled step, at most (0: the step's own "
+                        "grad_accum)")
     p.add_argument("--baseline", default=None, help="BaselineConfig as JSON (system=baseline)")
     p.add_argument("--optimizer-ablation", action="store_true",
                    help="also time --steps steps whose optimizer update is skipped: the optimizer's exposed time")
@@ -65,34 +66,52 @@ def _timed_steps(trainer, n: int, device: torch.device, outs: list) -> list[floa
     return clock.intervals()
 
 
+class shortened_steps:
+    """Within this context, a step runs at most `micro_batches` micro-batches (0: all of them).
+
+    Every choice made before step 1 (layout, activation policies, the optimizer's device share) was
+    made for the full step and stays; only the loop is shorter. Used for warm-up steps (the first
+    step's one-time costs, kernel selection, the allocator's segments, the optimizer state, do not
+    depend on how many micro-batches it runs) and for the profiled step (a trace of 64 micro-batches
+    is gigabytes; each micro-batch repeats the same work)."""
+
+    def __init__(self, trainer, micro_batches: int):
+        self.t, self.micro_batches = trainer.job.training, micro_batches
+
+    def __enter__(self):
+        self.full = self.t.grad_accum
+        if self.micro_batches > 0:
+            self.t.grad_accum = min(self.full, self.micro_batches)
+        return self.t.grad_accum
+
+    def __exit__(self, *exc):
+        self.t.grad_accum = self.full
+
+
 def warmup_steps(trainer, n: int, micro_batches: int = 0) -> None:
-    """`n` untimed steps, each with at most `micro_batches` micro-batches (0: all). Every choice made
-    before step 1 (layout, activation policies, the optimizer's device share) was made for the full
-    step and stays; only the loop is shorter: the first step's one-time costs (kernel selection, the
-    allocator's segments, the optimizer state) do not depend on how many micro-batches it runs."""
-    t = trainer.job.training
-    full = t.grad_accum
-    t.grad_accum = min(full, micro_batches) if micro_batches > 0 else full
-    try:
+    """`n` untimed steps, each with at most `micro_batches` micro-batches (0: all)."""
+    with shortened_steps(trainer, micro_batches):
         for _ in range(n):
             trainer.train_step()
-    finally:
-        t.grad_accum = full
 
 
-def _profiled_step(trainer, result_dir: str, rank: int, device: torch.device) -> str:
+def _profiled_step(trainer, result_dir: str, rank: int, device: torch.device, micro_batches: int = 0) -> str:
     """One more, untimed step under torch.profiler: this rank's device time by op, its idle time and
-    its blocking host calls (mop.bench.trace). The Chrome trace itself (tens of MB) is not kept."""
+    its blocking host calls (mop.bench.trace). The Chrome trace itself (tens of MB) is not kept.
+    With `micro_batches` > 0 the step runs at most that many micro-batches (the summary says so)."""
     from mop.bench.trace import summarize
     from mop.metrics import step_profiler
 
     _sync(device)
-    with step_profiler(result_dir, rank, device, enabled=True):
-        trainer.train_step()
+    full = trainer.job.training.grad_accum
+    with shortened_steps(trainer, micro_batches) as ran:
+        with step_profiler(result_dir, rank, device, enabled=True):
+            trainer.train_step()
     path = Path(result_dir) / f"trace_rank{rank}.json"
     trace = json.loads(path.read_text())
     path.unlink()
-    return summarize(trace)
+    head = f"profiled step: {ran} of {full} micro-batches\n" if ran != full else ""
+    return head + summarize(trace)
 
 
 def _describe_policies(model) -> str | None:
@@ -164,7 +183,8 @@ def run(args, overrides: list[str]) -> dict:
         for k, fn in real.items():
             setattr(opt, k, fn)
         ablation = {"no_opt_times": no_opt}
-    profile = {"profile_by_op": _profiled_step(trainer, args.result_dir, proc.rank, device)} if args.profile else {}
+    profile = {"profile_by_op": _profiled_step(trainer, args.result_dir, proc.rank, device,
+                                                        args.warmup_micro_batches)} if args.profile else {}
     imbalance = {}
     if loads is not None and loads.numel():
         if dist.is_initialized():
