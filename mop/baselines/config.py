@@ -22,6 +22,10 @@ class BaselineConfig:
     cp: int = 1
     ep: int = 1
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads and AdamW state on the host
+    # Only the optimizer on the host (ZeRO-Offload style, mop.baselines.optimizer_offload): FSDP2 keeps
+    # fp32 params and grads on the device (8 B/param), torch AdamW updates fp32 master shards and
+    # moments on the host CPU (16 B/param of host memory with the gradient staging).
+    optimizer_offload: bool = False
     compile_loss: bool = True  # torch.compile of cross_entropy(hidden @ W.T): the fp32 logits copy fuses away
     # Never build the N x V logits: the model's own strip-wise cross-entropy (mop.ops.cross_entropy,
     # one device, no vocabulary parallelism), as public stacks do with a fused linear-cross-entropy
@@ -47,7 +51,16 @@ class BaselineConfig:
         """2 = full recomputation, 1 = selective, 0 = none: more recomputation, less memory."""
         return {"full": 2, "selective": 1, "none": 0}[self.block_policy]
 
+    @property
+    def offload_level(self) -> int:
+        """Device bytes per parameter moved to the host / 8: 2 = CPUOffloadPolicy (params, grads and
+        optimizer state, 16 B), 1 = optimizer only (exp_avg, exp_avg_sq, 8 B), 0 = none."""
+        return 2 if self.cpu_offload else int(self.optimizer_offload)
+
     def __post_init__(self) -> None:
+        if self.optimizer_offload and self.cpu_offload:
+            raise ValueError("baseline.optimizer_offload and baseline.cpu_offload exclude each other (CPUOffloadPolicy "
+                             "already keeps the optimizer on the host): set one of them")
         if self.selective and not self.activation_checkpoint:
             raise ValueError("baseline.selective needs baseline.activation_checkpoint=true")
         for name in ("dp_replicate", "tp", "cp", "ep"):
@@ -103,6 +116,8 @@ class BaselineConfig:
             parts.append("cce")
         if self.cpu_offload:
             parts.append("offload")
+        if self.optimizer_offload:
+            parts.append("opt-offload")
         if self.compile_blocks:
             parts.append("compile")
         return " ".join(parts)

@@ -15,6 +15,9 @@ baseline's, and its model is sharded by `parallelize_baseline`, in this order on
 6. `apply_fsdp`        FSDP2 `fully_shard` per block (+ experts on their own mesh) and the root, over
                         dp_shard x cp (HSDP with dp_replicate), optional `CPUOffloadPolicy`
 
+With `optimizer_offload` the trainer's device AdamW is replaced, once built, by `HostOffloadAdamW`
+(mop.baselines.optimizer_offload: fp32 master shards and moments on the host, torch AdamW on the CPU).
+
 Context parallelism wraps each micro-batch in `context_parallel` (PyTorch's ring attention over
 SDPA), which shards tokens / positions / labels along the sequence in place (head-tail load balanced).
 
@@ -40,6 +43,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from mop.baselines.config import BaselineConfig
 from mop.baselines.expert_parallel import AllToAllExperts
+from mop.baselines.optimizer_offload import HostOffloadAdamW, check_host_memory
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo
 from mop.models.layers import Attention
@@ -296,15 +300,19 @@ class FSDPBestStrategy(MoPStrategy):
             raise ValueError("the baseline takes its degrees from BaselineConfig; leave parallel.seq.degree, "
                              "parallel.experts.degree and parallel.vocab.degree at 1")
         if job.optimizer.engine is not None:
-            raise ValueError("the baseline offloads with FSDP2's CPUOffloadPolicy (baseline.cpu_offload); "
-                             "set optimizer.offload=none")
+            raise ValueError("the baseline offloads with FSDP2's CPUOffloadPolicy (baseline.cpu_offload) or its own "
+                             "host AdamW (baseline.optimizer_offload); set optimizer.offload=none")
+        if b.optimizer_offload and (job.checkpoint.enabled or job.checkpoint.resume):
+            raise ValueError("baseline.optimizer_offload does not checkpoint its host optimizer state (mop bench never "
+                             "checkpoints the baseline): set checkpoint.enabled=false and checkpoint.resume=false")
         if job.training.param_dtype != "fp32":
             raise ValueError("the baseline keeps fp32 weights (its optimizer is torch AdamW): leave "
                              "training.param_dtype=fp32")
 
     def check_memory(self, trainer) -> None:
-        """None: with CPUOffloadPolicy the state lives on the host, and HSDP replicas hold more than 1/W
-        of it; the sweep records an OOM instead."""
+        """None for the device: with CPUOffloadPolicy or optimizer_offload the state lives on the host,
+        and HSDP replicas hold more than 1/W of it; the sweep records an OOM instead. The host memory
+        of optimizer_offload is checked when that optimizer is built (`build_optimizer`)."""
 
     def build_loader(self, trainer):
         """The tp x cp ranks of a replica group read the same (whole) sequences; CP shards them later."""
@@ -347,6 +355,18 @@ class FSDPBestStrategy(MoPStrategy):
         model.train()
         return model
 
+    def build_optimizer(self, trainer) -> None:
+        """With `optimizer_offload`: replace the trainer's device AdamW (its state is allocated at the
+        first step, so nothing was spent on it) by `HostOffloadAdamW` over the same parameter groups and
+        hyperparameters, and rebuild the lr scheduler on it with the same schedule. Called by
+        `baseline_trainer` right after the Trainer is built (the Trainer has no optimizer hook)."""
+        if not self.config.optimizer_offload:
+            return
+        local_numel = sum(local_shard(p).numel() for p in trainer.model.parameters() if p.requires_grad)
+        check_host_memory(local_numel, trainer.proc.local_world, trainer.device, trainer._all_reduce)
+        trainer.optimizer = HostOffloadAdamW.replacing(trainer.optimizer)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer.scheduler.lr_lambdas)
+
     def tokens_per_device_per_step(self, trainer) -> int:
         t = trainer.job.training
         return t.batch_size * t.seq_len * t.grad_accum // self.config.replicas
@@ -378,7 +398,11 @@ class FSDPBestStrategy(MoPStrategy):
             local.copy_(buf)
 
     def grad_norm_and_clip(self, trainer) -> torch.Tensor:
-        """Global L2 norm: each local shard weighted by 1/(number of ranks holding the same shard)."""
+        """Global L2 norm: each local shard weighted by 1/(number of ranks holding the same shard); the
+        gradients are clipped in place, so a host optimizer copies the clipped ones."""
+        if self.config.optimizer_offload and not isinstance(trainer.optimizer, HostOffloadAdamW):
+            raise RuntimeError("baseline.optimizer_offload: build the trainer with mop.baselines.baseline_trainer "
+                               "(it installs the host optimizer); this one still has the device AdamW")
         world = trainer.proc.world
         sq = torch.zeros((), device=trainer.device, dtype=torch.float32)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -410,4 +434,7 @@ class FSDPBestStrategy(MoPStrategy):
 
 def baseline_trainer(job: JobConfig, baseline: BaselineConfig, proc: ProcessInfo | None = None) -> Trainer:
     """A `Trainer` running the FSDP-best baseline config `baseline` (see the module docstring)."""
-    return Trainer(job, proc, strategy=FSDPBestStrategy(baseline))
+    strategy = FSDPBestStrategy(baseline)
+    trainer = Trainer(job, proc, strategy=strategy)
+    strategy.build_optimizer(trainer)
+    return trainer
