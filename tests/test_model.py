@@ -337,3 +337,57 @@ def test_recompute_reuses_the_routers_reduced_statistics():
         assert torch.equal(aux, results[0][0])
         for n, g in grads.items():
             assert torch.equal(g, results[0][1][n]), n
+
+
+def test_routers_statistics_are_reduced_asynchronously_and_waited_for_after_the_last_block():
+    """With a reducer that can start a sum (`start` -> handle.wait()), every router launches its
+    all-reduce in its forward and the model waits for them all after its last block (PendingAux),
+    instead of one blocking all-reduce per layer. The aux loss and every gradient are bit-identical
+    to the blocking reducer's, under every activation policy, and a recompute launches nothing."""
+    from mop.config import build_config
+    from mop.models.transformer import Transformer
+
+    cfg = build_config(None, ["--model.shape=debug", "--model.n_layers=3", "--model.aux_loss_coef=0.1"]).model
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(32).expand(2, 32)
+
+    class Reducer:  # doubles the counts: a stand-in for the other ranks' tokens
+        def __init__(self, log):
+            self.log = log
+
+        def __call__(self, s):
+            self.log.append("sync")
+            return s * 2
+
+        def start(self, s):
+            self.log.append("start")
+            log = self.log
+
+            class Handle:
+                def wait(self):
+                    log.append("wait")
+                    return s * 2
+            return Handle()
+
+    def run(policies, asynchronous):
+        model = Transformer(cfg)
+        model.init_weights(0)
+        model.block_policies = policies
+        log = []
+        for r in model.routers():
+            r.reduce_stats = Reducer(log) if asynchronous else (lambda s, log=log: log.append("sync") or s * 2)
+        ce, aux = model(tokens, positions, tokens)
+        forward_log = list(log)
+        (ce + aux).backward()
+        assert log == forward_log  # backward (and its recomputes) reduces nothing
+        return aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, forward_log
+
+    n = len(Transformer(cfg).routers())
+    ref_aux, ref_grads, ref_log = run(["none"] * 3, asynchronous=False)
+    assert ref_log == ["sync"] * n
+    for policies in (["none"] * 3, ["full"] * 3, ["selective", "offload", "full"]):
+        aux, grads, log = run(policies, asynchronous=True)
+        assert log == ["start"] * n + ["wait"] * n, (policies, log)  # every launch before the first wait
+        assert torch.equal(aux, ref_aux), policies
+        for name, g in grads.items():
+            assert torch.equal(g, ref_grads[name]), (policies, name)

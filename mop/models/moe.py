@@ -18,12 +18,41 @@ from mop.models.layers import FeedForward
 from mop.ops.grouped_mm import grouped_mm
 
 
+class PendingAux:
+    """A router's auxiliary loss whose global statistics are still being summed over the ranks.
+
+    With a reducer that can start a sum without waiting (`start(stats)` -> handle with `wait()`),
+    the router launches the all-reduce in its forward and the model forms the loss after its last
+    block (`value()`), where the loss is first needed. A synchronous all-reduce per layer stalled
+    each block's forward until the slowest rank arrived, behind whatever collectives were queued
+    before it (FSDP's prefetched all-gather of the next block); now one wait per forward remains.
+    The arithmetic is unchanged, so the loss and gradients keep their bits. Autograd flows through
+    `probs_sum_E`, a block output, so a checkpoint's recompute rebuilds it; the recompute itself
+    launches nothing (`handle` None: its loss is never formed).
+    """
+
+    def __init__(self, router: "Router", probs_sum_E: torch.Tensor, handle):
+        self.router, self.probs_sum_E, self.handle = router, probs_sum_E, handle
+
+    def value(self) -> torch.Tensor:
+        if self.handle is None:
+            raise RuntimeError("PendingAux.value() of a recompute: its statistics were never reduced")
+        return self.router.aux_from(self.handle.wait(), self.probs_sum_E)
+
+
+def resolve_aux(aux) -> torch.Tensor:
+    """A block's auxiliary loss as a tensor (`PendingAux` waits for its statistics here)."""
+    return aux.value() if isinstance(aux, PendingAux) else aux
+
+
 class Router(nn.Module):
     """Token-choice top-k router (softmax or sigmoid scores), optional aux loss and selection bias.
 
     `reduce_stats` sums per-expert statistics over every rank that shares the global batch; it is
     the identity on one device, and `parallelize()` sets it to an all-reduce so the auxiliary loss
     uses global load fractions (lossless: the sum of per-rank aux losses equals the global one).
+    When the reducer can start a sum asynchronously and `defer_stats` is set, the forward returns a
+    `PendingAux` instead of the loss (see there).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -40,12 +69,14 @@ class Router(nn.Module):
         # Tokens per expert of the last forward (overwritten, so recomputation does not double count).
         self.register_buffer("last_tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
         self.reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.defer_stats = True  # use the reducer's `start` when it has one (PendingAux)
         # The last forward's reduced statistics, reused by its checkpoint recompute (the backward of
-        # the same micro-batch comes before the next forward of this router).
+        # the same micro-batch comes before the next forward of this router). Synchronous path only.
         self._reduced_stats: torch.Tensor | None = None
 
     def forward(self, x_TH: torch.Tensor):
-        """Returns (topk_idx [T,k] int64, topk_weight [T,k] in x dtype, aux_loss scalar fp32)."""
+        """Returns (topk_idx [T,k] int64, topk_weight [T,k] in x dtype, aux_loss: a scalar fp32 tensor,
+        or a `PendingAux` while its global statistics are in flight)."""
         bias = self.gate.bias.float() if self.gate.bias is not None else None
         logits_TE = F.linear(x_TH.float(), self.gate.weight.float(), bias)
         scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
@@ -63,7 +94,14 @@ class Router(nn.Module):
         if self.aux_loss_coef > 0 and self.training:
             # Switch-style: coef * E * sum_e f_e * P_e with global f (detached) and global mean prob P.
             probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            probs_sum_E = probs_TE.sum(0)
             stats = torch.cat([counts_E, counts_E.new_tensor([x_TH.shape[0]])])
+            # Not inside torch.compile: an async collective and its handle would break the graph.
+            if (self.reduce_stats is not None and self.defer_stats and hasattr(self.reduce_stats, "start")
+                    and not torch.compiler.is_compiling()):
+                recompute = checkpoint_phase() == "recompute"
+                return (topk_idx_TK, topk_w_TK.to(x_TH.dtype),
+                        PendingAux(self, probs_sum_E, None if recompute else self.reduce_stats.start(stats)))
             if self.reduce_stats is not None:
                 if checkpoint_phase() == "recompute" and self._reduced_stats is not None:
                     # A checkpointed block's recompute: the statistics this forward all-reduced, not
@@ -72,10 +110,15 @@ class Router(nn.Module):
                     stats = self._reduced_stats
                 else:
                     stats = self._reduced_stats = self.reduce_stats(stats)
-            global_counts_E, global_tokens = stats[:-1], stats[-1]
-            f_E = global_counts_E / (global_tokens * self.top_k)
-            aux = self.aux_loss_coef * self.n_experts * (f_E * probs_TE.sum(0) / global_tokens).sum()
+            aux = self.aux_from(stats, probs_sum_E)
         return topk_idx_TK, topk_w_TK.to(x_TH.dtype), aux
+
+    def aux_from(self, stats: torch.Tensor, probs_sum_E: torch.Tensor) -> torch.Tensor:
+        """The auxiliary loss from global statistics [counts_E..., tokens] and this rank's summed
+        routing probabilities (the only term with a gradient)."""
+        global_counts_E, global_tokens = stats[:-1], stats[-1]
+        f_E = global_counts_E / (global_tokens * self.top_k)
+        return self.aux_loss_coef * self.n_experts * (f_E * probs_sum_E / global_tokens).sum()
 
     def _limit_to_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
         """Group-limited routing (DeepSeek-V3): keep the experts of each token's best `topk_groups`

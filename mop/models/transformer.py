@@ -22,7 +22,7 @@ from mop.models.activation_policy import checkpoint_block
 from mop.models.config import ModelConfig
 from mop.models.layers import Attention, FeedForward, RMSNorm
 from mop.models.mla import MultiHeadLatentAttention
-from mop.models.moe import MoE
+from mop.models.moe import MoE, resolve_aux
 from mop.models.rope import Rotary
 from mop.models.activation_offload import HostStash, checkpoint_block_offloaded
 from mop.ops.cross_entropy import OutputHead
@@ -49,7 +49,7 @@ class Block(nn.Module):
             self.feed_forward = FeedForward(cfg.dim, cfg.dense_dim)
 
     def forward(self, x_BSH, positions_BS):
-        """Returns (x_BSH, aux_loss)."""
+        """Returns (x_BSH, aux_loss), the loss possibly still pending (mop.models.moe.PendingAux)."""
         x_BSH = x_BSH + self.attention(self.attention_norm(x_BSH), positions_BS)
         h = self.ffn_norm(x_BSH)
         if self.is_moe:
@@ -121,7 +121,7 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor):
         """Final-norm hidden states [B, S, H] and the summed auxiliary loss."""
         h = self.tok_embeddings(tokens_BS)
-        aux_total = h.new_zeros((), dtype=torch.float32)
+        auxes = []
         policies = self.block_policies if (self.training and torch.is_grad_enabled()) else ["none"] * len(self.layers)
         for i, (block, policy) in enumerate(zip(self.layers.values(), policies)):
             if policy == "offload":
@@ -130,7 +130,12 @@ class Transformer(nn.Module):
                 h, aux = checkpoint_block(block, h, positions_BS, keep_attention=policy == "selective")
             else:
                 h, aux = block(h, positions_BS)
-            aux_total = aux_total + aux
+            auxes.append(aux)
+        # After the last block: the routers' statistics all-reduces started in their forwards have
+        # had the whole forward to finish (mop.models.moe.PendingAux). Summed in layer order.
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for aux in auxes:
+            aux_total = aux_total + resolve_aux(aux)
         return self.norm(h), aux_total
 
     @property

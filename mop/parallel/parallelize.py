@@ -41,6 +41,23 @@ class AllReduceSum:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
+    def start(self, stats: torch.Tensor) -> "_PendingSum":
+        """Launch the sum and return at once; `wait()` on the result gives it (a router's aux loss
+        waits after the model's last block: mop.models.moe.PendingAux)."""
+        out = stats.detach().clone()
+        return _PendingSum(out, dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+
+
+class _PendingSum:
+    def __init__(self, out: torch.Tensor, work):
+        self.out, self.work = out, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()  # on CUDA: the current stream waits for the collective, the host does not
+            self.work = None
+        return self.out
+
 
 def apply_sequence_parallel(model, layout: Layout, cfg: SeqParallelConfig) -> None:
     """Swap each attention core for Ulysses attention over the sequence group.
