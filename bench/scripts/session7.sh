@@ -11,6 +11,10 @@
 #   PART=c  #17 items 2-3 at the widths still owed (session5.sh PART=e) then item 4, the host
 #           optimizer's exposed share at W = 2 (session5.sh PART=c's first stage).
 #   PART=d  #15: Kimi-K2 with MLA (families_2gpu.sh PART=a).
+#   PART=e  #12: the baseline at 128K and 256K with its optimizer on the host (BaselineConfig.
+#           optimizer_offload, new in session 6: FSDP2 keeps fp32 weights and gradients on the
+#           device; 16 B/param on the host = 232 GiB for both ranks of 252), CP2 + EP2 + full AC +
+#           chunked loss; the first FSDP-best numbers from 128K on.
 # Usage: OUT=dir PART=a bash bench/scripts/session7.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-570} - SECONDS )); }
@@ -51,6 +55,15 @@ c)
     --optimizer-ablation --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream --training.param_dtype=bf16" \
     --out "$OUT/ablation_32k" > "$OUT/ablation_32k.log" 2>&1; show "$OUT/ablation_32k"
   sed -n '/Optimizer exposed/,$p' "$OUT/ablation_32k/results.md" 2>/dev/null
+  ;;
+e)
+  C='[{"ep": 2, "cp": 2, "chunked_loss": true, "optimizer_offload": true}]'
+  for X in 128K 256K; do
+    timeout $(left $([ $X = 128K ] && echo 250 || echo 575)) $B --contexts $X --batch-setting paper --systems baseline \
+      --warmup 1 --steps 1 --timeout 240 --baseline-configs "$C" --out "$OUT/optoff_$X" > "$OUT/optoff_$X.log" 2>&1
+    show "$OUT/optoff_$X"; sed -n '/Baseline sweeps/,$p' "$OUT/optoff_$X/results.md" | grep -v "^$" | tail -3
+    pack session7_e
+  done
   ;;
 d)
   OUT="$OUT" PART=a timeout $(left 575) bash "$(dirname "$0")/families_2gpu.sh" > "$OUT/families_a.log" 2>&1

@@ -58,7 +58,8 @@ def parse_args(argv: list[str]):
                    help="JSON list of BaselineConfig dicts to run instead of the sweep, e.g. '[{\"ep\": 4}]'")
     p.add_argument("--sweep", choices=("quick", "full"), default="quick", help="baseline sweep breadth")
     p.add_argument("--sweep-offload", choices=("auto", "always", "never"), default="auto",
-                   help="try FSDP2 CPUOffloadPolicy configs: only when nothing fits on the device (auto)")
+                   help="try offloaded baseline configs: only when nothing fits on the device (auto), first with "
+                        "the optimizer alone on the host (baseline.optimizer_offload), then FSDP2's CPUOffloadPolicy")
     p.add_argument("--sweep-max", type=int, default=None, help="at most this many baseline runs per point")
     p.add_argument("--skew", type=float, default=0.0, help="share of top-k slots routed to top_k hot experts")
     p.add_argument("--mop-layout", choices=("rule", "plan"), default="rule",
