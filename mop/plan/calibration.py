@@ -9,16 +9,32 @@ measured peaks, not derived; each field's comment says where it comes from.
 Kernel rates follow a saturating curve, rate(w) = peak * w / (w + half): `half` is the work size
 (FLOPs of one call, or rows per expert, or sequence length) at which the kernel reaches half its
 peak; small calls are slow, large ones approach the peak.
+
+What a micro-benchmark measures and how much of it a training step gets are kept apart: the rates
+are the micro-benchmarks' own, and one in-step efficiency per term (`EFFICIENCIES`: attention,
+expert GEMM, dense GEMM, memory-bound work, collective links) scales them where the time model
+uses them (`Calibration.in_step`). The efficiencies are fitted to measured steps by `mop plan fit`
+(mop.plan.fit), which records in `fit` the points it used and its leave-one-out error; a factor
+the measured steps do not determine stays 1.0 (the micro-benchmark as measured).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CALIBRATION_DIR = Path(__file__).parent / "calibration"
+
+# In-step efficiency factors: term -> (the factor's field, the measured rates it multiplies).
+EFFICIENCIES = {
+    "attention": ("attn_efficiency", ("attn_flops",)),
+    "expert": ("expert_efficiency", ("expert_flops",)),
+    "gemm": ("gemm_efficiency", ("gemm_flops",)),  # the dense GEMMs and the vocabulary's
+    "memory": ("memory_efficiency", ("hbm_bw",)),  # memory-bound work, FSDP's copies, device optimizer
+    "link": ("link_efficiency", ("intra_bw", "alltoall_bw", "inter_bw")),  # every collective
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,40 @@ class Calibration:
     expert_token_factor: float = 2.0  # live bytes per token / (k * H * act_bytes), pipelined (fitted)
     strip_bytes_per_element: float = 6.0  # loss strip: bf16 logits + fp32 math + bf16 gradient (fitted)
     host_process_bytes: float = 2.2e9  # host RSS of one rank before any pinned state (measured)
+    # In-step efficiency per term (`EFFICIENCIES`): the share of the rate above that a training step
+    # achieves. 1.0: the micro-benchmark as measured. Fitted by `mop plan fit`; `mop plan calibrate`
+    # carries them over from the shipped calibration of the same device type.
+    attn_efficiency: float = 1.0
+    expert_efficiency: float = 1.0
+    gemm_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
+    link_efficiency: float = 1.0
+    # What `mop plan fit` did: the factors it fitted, the points it fitted them on (and those it left
+    # out, with why), its in-sample and leave-one-out errors. Empty: never fitted.
+    fit: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # field -> where its value comes from, where that needs saying
+
+    def efficiencies(self) -> dict[str, float]:
+        """The in-step efficiency of each term (`EFFICIENCIES`' names)."""
+        return {term: getattr(self, name) for term, (name, _) in EFFICIENCIES.items()}
+
+    def with_efficiencies(self, factors: dict[str, float]) -> "Calibration":
+        """The same calibration with these terms' efficiencies (`{"attention": 0.66}`)."""
+        unknown = sorted(set(factors) - set(EFFICIENCIES))
+        if unknown:
+            raise ValueError(f"efficiency terms {unknown} unknown; known: {sorted(EFFICIENCIES)}")
+        return dataclasses.replace(self, **{EFFICIENCIES[t][0]: float(f) for t, f in factors.items()})
+
+    def in_step(self) -> "Calibration":
+        """The rates a training step achieves: each measured rate times its term's efficiency (the
+        efficiencies then 1.0, so applying this twice changes nothing)."""
+        changes = {}
+        for name, rates in EFFICIENCIES.values():
+            factor = getattr(self, name)
+            changes[name] = 1.0
+            for rate in rates:
+                changes[rate] = getattr(self, rate) * factor
+        return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

@@ -41,7 +41,7 @@ over the host link, or computes on host cores, overlaps the next step's first fo
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from mop.optim.registry import engine_class
 from mop.plan.calibration import Calibration
@@ -187,9 +187,17 @@ def _bw(cluster: Cluster, cal: Calibration, spans_nodes: bool, alltoall: bool = 
 
 def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, device_fraction: float | None = None
                   ) -> TimeEstimate:
-    """Step time of `step`; `device_fraction` overrides the step's (e.g. the one memory resolved)."""
+    """Step time of `step`; `device_fraction` overrides the step's (e.g. the one memory resolved).
+
+    Every rate is the calibration's measured one times its term's in-step efficiency
+    (`Calibration.in_step`); link bandwidths given by the cluster are scaled like the measured ones.
+    """
     m, ly, a = step.model, step.layout, step.act_bytes
     cluster = cluster or Cluster(gpus_per_node=ly.world)
+    link = cal.link_efficiency
+    cluster = replace(cluster, intra_bw=cluster.intra_bw and cluster.intra_bw * link,
+                      inter_bw=cluster.inter_bw and cluster.inter_bw * link)
+    cal = cal.in_step()
     G, W = cluster.gpus_per_node, ly.world
     N, S, b = step.tokens, step.seq_len, step.batch_size
     H, q, kv, k, I = m.dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.top_k, m.expert_dim
