@@ -7,9 +7,13 @@ torchrun with more than one rank, all-gather and all-to-all bus bandwidth (torch
 Each rate curve rate(w) = peak * w / (w + half) is fitted by least squares on 1/rate = 1/peak +
 (half/peak) / w. On CPU everything runs in fp32 at small sizes: a fallback for tests, not a result.
 
-The memory factors and the fitted overheads (`elementwise_factor`, `layer_overhead_s`, expert and
-strip factors, allocator slack) are not micro-benchmarks: they are carried over from the base
-calibration (H200), which fitted them to measured training steps.
+What a training step gets of these rates is not a micro-benchmark: the in-step efficiencies
+(`Calibration.in_step`, fitted by `mop plan fit`), the grouped GEMM's half rate, the memory factors
+and the fitted overheads (`elementwise_factor`, `layer_overhead_s`, expert and strip factors,
+allocator slack) are carried over from the shipped calibration of the same device type
+(`with_base_in_step`; H200's when there is none), which fitted them to measured training steps, so
+that a fresh calibration predicts steps, not micro-benchmarks. `mop plan fit` refits them once this
+machine's steps are measured.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 
 import torch
 
-from mop.plan.calibration import CALIBRATION_DIR, Calibration
+from mop.plan.calibration import CALIBRATION_DIR, EFFICIENCIES, Calibration, for_device
 
 
 REPS = {"n": 5}  # timed repetitions per measurement; `calibrate(quick=True)` lowers it
@@ -116,13 +120,36 @@ def host_link_bandwidth(device, numel: int) -> float:
     return 4 * numel / t
 
 
-def host_adamw_rate(numel: int) -> float:
-    """Parameters per second of a host (CPU) AdamW step over fp32 state."""
-    p = torch.nn.Parameter(torch.zeros(numel))
-    p.grad = torch.randn(numel) * 1e-3
-    opt = torch.optim.AdamW([p], lr=1e-3, foreach=True)
-    t = _timeit(opt.step, torch.device("cpu"))
-    return numel / t
+def host_adamw_rate(numel: int) -> tuple[float, int]:
+    """(parameters per second, threads) of the trainer's host AdamW update over fp32 state.
+
+    The trainer's cpu engine runs `adamw_flat_` on slices of a bucket in a `HostThreadPool` (one
+    intra-op thread per worker) and casts the new weights to bf16 there; this times the same work
+    with the same thread count, `HostAdamW`'s own default (the host's cores over its local ranks).
+    Not torch's intra-op setting: torchrun sets OMP_NUM_THREADS=1, under which session 6's
+    calibration measured one thread per rank (0.17 Gparam/s, against 2.2 per node measured by the
+    engine itself).
+    """
+    from mop.optim import HostAdamW
+    from mop.optim.buckets import AdamWHyper, HostThreadPool, adamw_flat_
+
+    threads = HostAdamW([torch.nn.Parameter(torch.zeros(1))], engine="cpu").cpu_threads  # the trainer's default
+    pool = HostThreadPool(threads)
+    master, exp_avg, exp_avg_sq = torch.zeros(numel), torch.zeros(numel), torch.zeros(numel)
+    grad = (torch.randn(numel) * 1e-3).to(torch.bfloat16)
+    weight = torch.empty(numel, dtype=torch.bfloat16)
+    hyper = AdamWHyper(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+    def update_slice(start: int, end: int) -> None:
+        adamw_flat_(master[start:end], exp_avg[start:end], exp_avg_sq[start:end], grad[start:end], hyper, 1, None)
+        weight[start:end].copy_(master[start:end])
+
+    tasks = [lambda a=a, b=b: update_slice(a, b) for a, b in pool.slices(0, numel)]
+    try:
+        t = _timeit(lambda: pool.run(tasks), torch.device("cpu"))
+    finally:
+        pool.shutdown()
+    return numel / t, threads
 
 
 def collective_bandwidths(device, numel: int) -> tuple[float, float] | None:
@@ -142,12 +169,54 @@ def collective_bandwidths(device, numel: int) -> tuple[float, float] | None:
     return bus / t_ag, 2 * numel * w * (w - 1) / w / t_a2a
 
 
-def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bool = False, base="h200",
+# Constants fitted as seconds of measured steps but stored as bytes moved at `hbm_bw`: on the same
+# device type a new `hbm_bw` rescales them, so that they keep the seconds they were fitted to.
+HBM_FITTED = ("elementwise_factor", "device_adam_bytes", "device_master_update_bytes")
+
+
+def with_base_in_step(measured: Calibration, base: Calibration, log=lambda *a: None) -> Calibration:
+    """`measured` with `base`'s in-step constants: its efficiencies, its grouped GEMM half rate and,
+    where `base` is of the same device type, its `HBM_FITTED` constants at the measured bandwidth.
+
+    The grouped GEMM's half rate is kept from `base` because the micro-benchmark's is not what a
+    step sees: it times one call of 32 experts, synchronised, where a step runs 64-128 local experts
+    back to back. (Session 6 measured half at 718 rows per expert; the step profiles took the same
+    time at 512 rows x 128 experts and 1024 x 64, and ran at 416 TFLOP/s at 2048 rows: half at 32.)
+    """
+    same_type = base.device_name.lower() in measured.device_name.lower()
+    changes = {name: getattr(base, name) for name, _ in EFFICIENCIES.values()}
+    changes["expert_half_rows"] = base.expert_half_rows
+    notes = dict(measured.notes)
+    notes["expert_half_rows"] = (f"{base.name}'s (see mop.plan.microbench.with_base_in_step); the micro-benchmark "
+                                 f"measured {measured.expert_half_rows:.0f} rows per expert in one synchronised call")
+    if same_type and base.hbm_bw > 0:
+        for name in HBM_FITTED:
+            changes[name] = round(getattr(base, name) * measured.hbm_bw / base.hbm_bw, 3)
+        notes["hbm_fitted"] = (f"{', '.join(HBM_FITTED)}: {base.name}'s, fitted as seconds at {base.hbm_bw / 1e12:.3f} "
+                               f"TB/s, rescaled to the measured {measured.hbm_bw / 1e12:.3f} TB/s")
+    fitted = base.fit.get("fitted", {}) if base.fit else {}
+    fit = dict(carried_over=base.name, fitted=dict(fitted), points=len(base.fit.get("points", [])) if base.fit else 0,
+               refit="mop plan fit --calibration THIS_FILE (with this machine's measured bench results)")
+    factors = ", ".join(f"{t} {f:.3g}" for t, f in base.efficiencies().items())
+    log(f"in-step constants carried over from {base.name} ({base.device_name}"
+        + ("" if same_type else f", not this {measured.device_name}: a guess until this machine's steps are measured")
+        + (f"; fitted on {fit['points']} measured steps" if fit["points"] else "; never fitted")
+        + f"): efficiencies {factors}; grouped GEMM half rate "
+        f"{base.expert_half_rows:.0f} rows/expert (measured here: {measured.expert_half_rows:.0f})"
+        + ("; the fitted byte constants rescaled to this memory bandwidth" if same_type else "")
+        + ". Refit them with `mop plan fit --calibration <this file>` once bench results of this machine exist.")
+    return dataclasses.replace(measured, **changes, notes=notes, fit=fit)
+
+
+def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bool = False, base: str | None = None,
               log=lambda *a: None) -> tuple[Calibration, object]:
-    """Run the micro-benchmarks, write the calibration file, return (calibration, path)."""
+    """Run the micro-benchmarks, write the calibration file, return (calibration, path).
+
+    `base`: the calibration whose in-step constants are carried over (`with_base_in_step`); by
+    default the shipped one of this device type.
+    """
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    cal = Calibration.load(base)
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
@@ -156,6 +225,7 @@ def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bo
     else:
         dev_name = "cpu"
         dev_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    cal = Calibration.load(base) if base else for_device(dev_name)
     small = quick or not cuda
     REPS["n"] = 2 if quick else 5
     gemm = fit_saturating(gemm_points(dev, dtype, (64, 128, 256) if quick else (1024, 2048, 4096, 8192)
@@ -171,8 +241,9 @@ def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bo
     numel = 2**20 if small else 2**28
     hbm = copy_bandwidth(dev, numel)
     h2d = host_link_bandwidth(dev, numel)
-    adam = host_adamw_rate(2**18 if small else 2**26)
-    log(f"memory {hbm / 1e9:.0f} GB/s, host link {h2d / 1e9:.1f} GB/s, host AdamW {adam / 1e9:.2f} Gparam/s")
+    adam, threads = host_adamw_rate(2**18 if small else 2**26)
+    log(f"memory {hbm / 1e9:.0f} GB/s, host link {h2d / 1e9:.1f} GB/s, host AdamW {adam / 1e9:.2f} Gparam/s "
+        f"on {threads} threads (the trainer's)")
     fields = dict(name=name or ("cpu" if not cuda else dev_name.split()[-1].lower()), device_name=dev_name,
                   device_bytes=dev_bytes, gemm_flops=gemm[0], gemm_half=gemm[1], expert_flops=grouped[0],
                   expert_half_rows=grouped[1], attn_flops=attn[0], attn_half_seq=attn[1], attn_bwd_ratio=ratio,
@@ -187,7 +258,9 @@ def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bo
                       host_adam_cpu=adam * local, host_adam_stream=cal.host_adam_stream)
         log(f"all-gather {coll[0] / 1e9:.0f} GB/s, all-to-all {coll[1] / 1e9:.0f} GB/s (bus, per rank); "
             f"host link {h2d * local / 1e9:.0f} GB/s per node with {local} GPUs copying")
-    cal = dataclasses.replace(cal, **fields)
+    # The base's notes on what this calibration measured afresh no longer apply.
+    measured = dataclasses.replace(cal, **fields, notes={k: v for k, v in cal.notes.items() if k not in fields})
+    cal = with_base_in_step(measured, cal, log)
     if str(out) == os.devnull:  # a non-zero rank under torchrun: measured, not written
         return cal, out
     path = cal.save(out or CALIBRATION_DIR / f"{cal.name}.json")
