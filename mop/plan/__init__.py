@@ -3,12 +3,14 @@
 Modules:
   step         `Step` (the options of one training step that matter) and `Cluster` (the machines)
   state        exact per-rank bytes of weights, gradients and optimizer state (the pre-flight check)
-  calibration  measured constants per GPU type (kernel rates, link bandwidths, allocator slack)
+  calibration  measured constants per GPU type (kernel rates, link bandwidths, allocator slack) and the
+               in-step efficiency of each term (what a training step gets of a micro-benchmark's rate)
   memory       peak device memory and host memory of one step, by term
   timing       step time, by term (attention, expert GEMMs, dense GEMMs, vocabulary, collectives, optimizer)
   search       `choose(...) -> Plan`: the fastest configuration that fits, runner-ups, reasons for rejections
-  cli          the `mop plan` command (plan, calibrate, accuracy)
+  cli          the `mop plan` command (plan, calibrate, fit, accuracy, explain)
   accuracy     predicted against measured, from bench results
+  fit          `mop plan fit`: the in-step efficiencies fitted to measured steps, with leave-one-out errors
   microbench   the micro-benchmarks behind `mop plan calibrate`
 
 Python API (what `parallel.plan = "auto"` in `mop train` / `mop bench` uses):

@@ -7,6 +7,7 @@
     mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
     torchrun --nproc-per-node 8 -m mop.cli plan calibrate        # ... and the collectives of 8 GPUs
     mop plan accuracy bench/results/*/*/results.json             # predicted vs measured, Markdown
+    mop plan fit --calibration calibration.json --out fitted.json # in-step efficiencies from measured steps
     mop plan explain --gpus 2 --model.shape=qwen3-30b-a3b --parallel.seq.degree=2 --training.seq_len=131072 ...
                                                                  # one configuration, term by term
 """
@@ -35,7 +36,8 @@ def parse_tokens(text: str) -> int:
 def _plan_args(argv):
     p = argparse.ArgumentParser(prog="mop plan", description="The fastest configuration that fits (mop.plan).",
                                 epilog="also: mop plan explain (one configuration, term by term), mop plan calibrate "
-                                       "(measure this machine), mop plan accuracy (predicted vs measured)")
+                                       "(measure this machine), mop plan fit (in-step efficiencies from measured "
+                                       "steps), mop plan accuracy (predicted vs measured)")
     p.add_argument("--shape", required=True, help="a registered shape (mop.models.shapes) or hf:PATH")
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs (W)")
@@ -138,6 +140,36 @@ def accuracy_main(argv: list[str]) -> int:
     return 0
 
 
+def fit_main(argv: list[str]) -> int:
+    """Fit a calibration's in-step efficiencies to measured steps (mop.plan.fit); write it, print the fit."""
+    from pathlib import Path
+
+    from mop.plan.accuracy import accuracy_rows
+    from mop.plan.calibration import CALIBRATION_DIR, EFFICIENCIES, Calibration
+    from mop.plan.fit import fit_calibration, render
+
+    p = argparse.ArgumentParser(prog="mop plan fit",
+                                description="Fit the in-step efficiency of each term (attention, expert and dense "
+                                            "GEMMs, memory-bound work, links) to measured step times.")
+    p.add_argument("results", nargs="*", help="results.json files (default: every bench/results/**/results.json, "
+                                               "and the report points of mop.plan.accuracy; the calibration's device "
+                                               "type only)")
+    p.add_argument("--calibration", default="h200", help="a calibration name (h200) or .json path (from `mop plan "
+                                                          "calibrate`)")
+    p.add_argument("--out", default=None, help="where to write the fitted calibration (default: over --calibration)")
+    p.add_argument("--terms", default="auto", help="comma-separated terms to fit, of " + ",".join(EFFICIENCIES)
+                   + "; auto: forward selection by leave-one-out error")
+    args = p.parse_args(argv)
+    cal = Calibration.load(args.calibration)
+    terms = None if args.terms == "auto" else tuple(t.strip() for t in args.terms.split(",") if t.strip())
+    result = fit_calibration(cal, accuracy_rows(args.results or None, cal), terms, base=str(args.calibration))
+    out = args.out or (args.calibration if Path(args.calibration).suffix else CALIBRATION_DIR / f"{args.calibration}.json")
+    path = result.calibration.save(out)
+    print(render(result))
+    print(f"\nwrote {path}")
+    return 0
+
+
 def explain_main(argv: list[str]) -> int:
     """Predicted memory and time, by term, of one given configuration (its `mop train` options)."""
     from mop.plan.accuracy import predict
@@ -167,8 +199,8 @@ def explain_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Dispatch `mop plan [calibrate|accuracy|explain] ...`; a bad option is one line, not a traceback."""
-    sub = {"explain": explain_main, "calibrate": calibrate_main, "accuracy": accuracy_main}
+    """Dispatch `mop plan [calibrate|accuracy|fit|explain] ...`; a bad option is one line, not a traceback."""
+    sub = {"explain": explain_main, "calibrate": calibrate_main, "accuracy": accuracy_main, "fit": fit_main}
     run = sub.get(argv[0], plan_main) if argv else plan_main
     try:
         return run(argv[1:] if argv and argv[0] in sub else argv)
