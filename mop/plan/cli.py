@@ -151,9 +151,9 @@ def fit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mop plan fit",
                                 description="Fit the in-step efficiency of each term (attention, expert and dense "
                                             "GEMMs, memory-bound work, links) to measured step times.")
-    p.add_argument("results", nargs="*", help="results.json files (default: every bench/results/**/results.json, "
-                                               "and the report points of mop.plan.accuracy; the calibration's device "
-                                               "type only)")
+    p.add_argument("results", nargs="*", help="results.json files (default: every bench/results/**/results.json); "
+                                               "the report points of mop.plan.accuracy (EXTRA_POINTS) always join "
+                                               "them; points of the calibration's device type only")
     p.add_argument("--calibration", default="h200", help="a calibration name (h200) or .json path (from `mop plan "
                                                           "calibrate`)")
     p.add_argument("--out", default=None, help="where to write the fitted calibration (default: over --calibration)")
