@@ -153,9 +153,24 @@ def test_recompute_no_longer_reduces_router_statistics():
     FSDP collectives hide behind the whole backward; measured code before it narrowed that window
     (`router_recompute_sync`, applied to every source measured so far)."""
     step = _step(policies="full", device_fraction=1.0)
-    now = estimate_time(step, H200)
-    old = estimate_time(replace(step, router_recompute_sync=True), H200)
+    # (code that all-reduced in the recompute also did in the forward: b186d27 came later)
+    old = estimate_time(replace(step, router_recompute_sync=True, router_forward_sync=True), H200)
+    now = estimate_time(replace(step, router_forward_sync=True), H200)
     assert now.comm_exposed < old.comm_exposed
     assert now.step < old.step
     assert legacy_code("2026-11-30-session5-2xh200/g-bf16-reduce/g8k")["router_recompute_sync"]
     assert not legacy_code("2026-12-01-session6-2xh200/m-1m/m8k")["router_recompute_sync"]
+
+
+def test_forward_no_longer_waits_for_router_statistics():
+    """Since b186d27 the routers start their statistics all-reduce and the model waits once after
+    its last block, so a block's FSDP collectives hide behind its whole forward; code before it
+    (every source up to session 6: `router_forward_sync`) waited for them after the attention half."""
+    # 2K tokens per rank: a block's attention half is shorter than its gather
+    step = _step(policies="none", device_fraction=1.0, seq_len=2048)
+    now = estimate_time(step, H200)
+    old = estimate_time(replace(step, router_forward_sync=True), H200)
+    assert now.comm_exposed < old.comm_exposed and now.step < old.step
+    assert legacy_code("2026-11-30-session6-2xh200/a-1M/m8K")["router_forward_sync"]
+    assert legacy_code("2026-11-30-session5-2xh200/g-bf16-reduce/g8k")["router_forward_sync"]
+    assert not legacy_code("2026-12-01-session7-2xh200/a/p8k")["router_forward_sync"]

@@ -83,6 +83,10 @@ LEGACY_REDUCE_FP32 = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session-2"
 LEGACY_ROUTER_RECOMPUTE_SYNC = ("2026-11-28-", "2026-11-29-", "2xH200 report", "session-2", "bench-1gpu",
                                 "2026-11-30-session5-2xh200/")
 
+# Sources measured before b186d27, whose routers all-reduced their statistics synchronously in every
+# MoE block's forward (`Step.router_forward_sync`): every source up to session 6.
+LEGACY_ROUTER_FORWARD_SYNC = LEGACY_ROUTER_RECOMPUTE_SYNC + ("2026-11-30-session6-2xh200/",)
+
 # Sources `mop plan fit` leaves out (their step times describe code whose cost the model does not
 # describe), with why; the accuracy table still predicts them.
 FIT_EXCLUDED = {
@@ -120,12 +124,14 @@ def legacy_code(label: str) -> dict:
                 optimizer_competes=not any(k in label for k in LEGACY_SPLIT),
                 ep1_dispatcher=any(k in label for k in LEGACY_EP1_DISPATCHER),
                 reduce_default="fp32" if any(k in label for k in LEGACY_REDUCE_FP32) else "auto",
-                router_recompute_sync=any(k in label for k in LEGACY_ROUTER_RECOMPUTE_SYNC))
+                router_recompute_sync=any(k in label for k in LEGACY_ROUTER_RECOMPUTE_SYNC),
+                router_forward_sync=any(k in label for k in LEGACY_ROUTER_FORWARD_SYNC))
 
 
 def predict(options: list[str], world: int, cal: Calibration, chosen: str | None = None,
             device_fraction: float | None = None, attention_forwards: int = 2, optimizer_competes: bool = True,
-            ep1_dispatcher: bool = False, reduce_default: str = "auto", router_recompute_sync: bool = False):
+            ep1_dispatcher: bool = False, reduce_default: str = "auto", router_recompute_sync: bool = False,
+            router_forward_sync: bool = False):
     """(step, memory, time, note) for the run described by `--section.key=value` options.
 
     `activation_checkpoint=auto`: the policies the run chose (`chosen`, recorded by newer bench
@@ -134,7 +140,8 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
     `optimizer_competes=False` for code before a271e05). `ep1_dispatcher`: code before 2e437ce (a
     dispatcher at Ep = 1); `reduce_default`: the reduce dtype of a command that does not name one
     (fp32 before "auto"); `router_recompute_sync`: code before 4e813c6 (a recompute all-reduced the
-    routers' statistics again).
+    routers' statistics again); `router_forward_sync`: code before b186d27 (a blocking all-reduce of
+    the routers' statistics in every MoE block's forward).
     """
     model = build_config(None, [o for o in options if o.startswith("--model.")]).model
     note = ""
@@ -156,6 +163,8 @@ def predict(options: list[str], world: int, cal: Calibration, chosen: str | None
         step = replace(step, ep1_dispatcher=True)
     if router_recompute_sync:
         step = replace(step, router_recompute_sync=True)
+    if router_forward_sync:
+        step = replace(step, router_forward_sync=True)
     if auto and not chosen:
         cluster = Cluster(gpus_per_node=world)
         if step.offload != "none":

@@ -98,6 +98,11 @@ class Step:
     # wait on the compute stream behind backward's collectives); since then the recompute reuses the
     # forward's. Kept for old measurements.
     router_recompute_sync: bool = False
+    # Code before b186d27 all-reduced the routers' statistics synchronously in every MoE block's
+    # forward (behind the FSDP collectives queued on the same communicator); since then it starts the
+    # all-reduce and waits once after the last block (mop.models.moe.PendingAux). Kept for old
+    # measurements.
+    router_forward_sync: bool = False
     act_bytes: int = 2  # 2: bf16 compute (GPU); 4: fp32 (the CPU path)
     cpu: bool = False  # CPU kernels: composite RMSNorm (one more saved tensor), no GQA expansion
     max_strip_elements: int = 2**28

@@ -23,10 +23,10 @@ Communication: every collective's bytes per rank over the bandwidth of its group
 the group fits in a node, else inter-node). FSDP's all-gathers (compute dtype; forward, and again
 in backward after `reshard_after_forward`) and reduce-scatters (`parallel.fsdp.reduce_dtype`) of a
 block's weights, the routed experts' too at Ep = 1 (`Step.experts_as_dense`), run beside the
-block's forward and backward, so only what exceeds them is exposed; the router's statistics
-all-reduce on the same communicator shortens that window to the block's attention half, and the
-first gather of each pass and the last reduce-scatter have no compute beside them. With gradient
-accumulation, `parallel.fsdp.accumulation` keeps the gathered weights between micro-batches
+block's forward and backward, so only what exceeds them is exposed (code before b186d27: the
+router's synchronous statistics all-reduce on the same communicator shortened that window to the
+block's attention half, `Step.router_forward_sync`), and the first gather of each pass and the
+last reduce-scatter have no compute beside them. With gradient accumulation, `parallel.fsdp.accumulation` keeps the gathered weights between micro-batches
 ("keep_gathered": each block gathered once per step, in the first forward) and also the unsharded
 gradients ("keep_all": reduce-scattered once, in the last backward): `fsdp_micro_batches`.
 ExpertParallelExperts gathers and reduce-scatters its own shards on the compute path (exposed).
@@ -268,14 +268,15 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         unit = fsdp_unit_params(step, is_moe)
         t_ag = unit * a * (W - 1) / W / fsdp_bw
         t_rs = unit * step.reduce_bytes * (W - 1) / W / fsdp_bw
-        # What hides them: the block's compute, unless a collective on the same communicator queues
-        # behind them. The router sums its load statistics over all W ranks (aux loss) on the
-        # world group, FSDP's group: that all-reduce, synchronous on the compute stream, waits for
-        # the gathers and reduce-scatters issued before it, so only the attention half of the
-        # block's forward hides them. (A checkpoint's recompute reuses the forward's statistics;
-        # code before 4e813c6 all-reduced them again there: `Step.router_recompute_sync`.)
+        # What hides them: the block's compute. (Code before b186d27, `Step.router_forward_sync`:
+        # the router summed its load statistics over all W ranks on FSDP's communicator with a
+        # synchronous all-reduce on the compute stream, which waited for the gathers and
+        # reduce-scatters issued before it, so only the attention half of the block's forward hid
+        # them; code before 4e813c6 all-reduced them again in a checkpoint's recompute:
+        # `Step.router_recompute_sync`. Now the all-reduce is started in the forward and waited for
+        # after the last block.)
         fwd_window, bwd_window = t_fwd, t_bwd
-        if is_moe and router_sync:
+        if is_moe and router_sync and step.router_forward_sync:
             fwd_window = t_attn_f + t_dense_f * attn_share + t_mem / 3 * mem_share
             if ckpt and step.router_recompute_sync:  # a selective block keeps its attention
                 bwd_window = fwd_window - (t_attn_f if policy == "selective" else 0.0)
