@@ -299,3 +299,16 @@ def test_plan_auto_applies_the_chosen_accumulation(tmp_path, capsys):
     assert f"--parallel.fsdp.accumulation={chosen}" in capsys.readouterr().out  # said with the configuration
     trainer.train()
 
+
+
+def test_bf16_weights_are_not_offered_with_accumulation_when_fp32_is():
+    """bf16 weights accumulate their gradients in bf16 (FSDP's bf16 shard gradient, or keep_all's
+    buffer in the bf16 reduce dtype): with fp32 on offer, a 2^20-token step keeps fp32 weights."""
+    cfg = CFG
+    plan = choose(cfg, gpus=2, context=8192, tokens_per_step=2**20, param_dtypes=("fp32", "bf16"),
+                  offloads=("gpu_stream",))
+    assert all(c.step.param_dtype == "fp32" for c in [plan.best, *plan.runners_up])
+    only = choose(cfg, gpus=2, context=8192, tokens_per_step=2**20, param_dtypes=("bf16",), offloads=("gpu_stream",))
+    assert only.best.step.param_dtype == "bf16"  # the caller's explicit choice stands
+    one = choose(cfg, gpus=2, context=8192, param_dtypes=("fp32", "bf16"), offloads=("gpu_stream",))
+    assert one.best.step.param_dtype == "bf16"  # one micro-batch: nothing accumulates

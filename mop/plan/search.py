@@ -233,7 +233,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
     `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
     sequences). `param_dtypes` ("fp32", "bf16"): the `training.param_dtype` values to consider (bf16
-    only with a host optimizer); `reduce_dtype`: `parallel.fsdp.reduce_dtype` ("auto": the
+    only with a host optimizer, and with gradient accumulation only when fp32 is not offered: bf16
+    weights accumulate their gradients in bf16); `reduce_dtype`: `parallel.fsdp.reduce_dtype` ("auto": the
     parameters'). Ep = 1 with a dispatcher that does not chunk is the experts sharded as dense
     (`Step.experts_as_dense`), so the search weighs that against expert parallelism.
     `accumulations`: the `parallel.fsdp.accumulation` modes to consider where a layout accumulates
@@ -280,6 +281,11 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                         for dtype in param_dtypes:
                             if dtype != "fp32" and off == "none":
                                 continue  # bf16 weights need the host optimizer's fp32 master
+                            if dtype != "fp32" and accum > 1 and "fp32" in param_dtypes:
+                                # bf16 weights accumulate their gradients in bf16 (FSDP's shard or
+                                # keep_all's unsharded buffer): the numbers of a different run. Only
+                                # when bf16 is all the caller allows.
+                                continue
                             cands = []
                             for mode in modes:
                                 base = Step(model=model, layout=layout, seq_len=context, batch_size=1,
