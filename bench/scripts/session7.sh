@@ -11,6 +11,9 @@
 #   PART=c  #17 items 2-3 at the widths still owed (session5.sh PART=e) then item 4, the host
 #           optimizer's exposed share at W = 2 (session5.sh PART=c's first stage).
 #   PART=d  #15: Kimi-K2 with MLA (families_2gpu.sh PART=a).
+#   PART=f  #12/#13, paper batch: mop as `mop plan` lays it out (8K: Ep = 2 with the pipelined
+#           dispatcher, no block checkpointing, the optimizer on the device: predicted 12,280
+#           tok/s/GPU against the rule's measured 10,464) against the baseline's best, 8K and 32K.
 #   PART=e  #12: the baseline at 128K and 256K with its optimizer on the host (BaselineConfig.
 #           optimizer_offload, new in session 6: FSDP2 keeps fp32 weights and gradients on the
 #           device; 16 B/param on the host = 232 GiB for both ranks of 252), CP2 + EP2 + full AC +
@@ -55,6 +58,13 @@ c)
     --optimizer-ablation --mop-overrides "--parallel.experts.dispatcher=llep --optimizer.offload=gpu_stream --training.param_dtype=bf16" \
     --out "$OUT/ablation_32k" > "$OUT/ablation_32k.log" 2>&1; show "$OUT/ablation_32k"
   sed -n '/Optimizer exposed/,$p' "$OUT/ablation_32k/results.md" 2>/dev/null
+  ;;
+f)
+  for X in 8K 32K; do
+    timeout $(left $([ $X = 8K ] && echo 270 || echo 575)) $B --contexts $X --batch-setting paper --warmup 1 --steps 2 \
+      --timeout 200 --mop-layout plan --baseline-configs '[{"ep": 1}]' --out "$OUT/plan_$X" > "$OUT/plan_$X.log" 2>&1
+    show "$OUT/plan_$X"; grep "parallel.plan=auto chose" "$OUT/plan_$X.log" | head -1; pack session7_f
+  done
   ;;
 e)
   C='[{"ep": 2, "cp": 2, "chunked_loss": true, "optimizer_offload": true}]'
