@@ -69,6 +69,7 @@ class Trainer:
         # How the model is laid out and reduced (mop.strategies): the MoP layout unless told otherwise.
         self.strategy = strategy or MoPStrategy()
         self.strategy.validate(job, self.proc)
+        self.plan_overrides: list[str] = []  # what parallel.plan=auto applied (recorded by `mop bench`)
         if job.parallel.plan == "auto":
             job = self._apply_plan(job)
         self.job = job
@@ -176,6 +177,7 @@ class Trainer:
             print(f"mop: parallel.plan=auto chose {' '.join(overrides[:-1])} (predicted "
                   f"{plan.best.time.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, "
                   f"{plan.best.memory.reserved / 2**30:.1f} GiB per GPU)", flush=True)
+        self.plan_overrides = overrides[:-1]
         return apply_overrides(job, overrides)
 
     def _build_model(self) -> Transformer:

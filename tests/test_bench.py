@@ -251,3 +251,23 @@ def test_kill_point_takes_workers_in_their_own_sessions(tmp_path):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_bench_records_what_the_plan_chose(tmp_path):
+    """--mop-layout plan: the point records the overrides parallel.plan=auto applied, its label shows
+    them (not only the rule's layout they replaced), and mop plan accuracy predicts what ran."""
+    from mop.cli import main
+    from mop.plan.accuracy import _points
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--device", "cpu", "--shape", "debug", "--gpus", "2", "--contexts", "64", "--systems", "mop",
+            "--warmup", "1", "--steps", "1", "--mop-layout", "plan", "--out", str(out)]
+    assert main(argv) == 0
+    (point,) = json.loads((out / "results.json").read_text())["points"]
+    assert point["status"] == "ok", point.get("output_tail", point)
+    chosen = point["plan_overrides"]
+    assert chosen and all(o.startswith("--") for o in chosen) and "--parallel.plan=none" not in chosen
+    assert any(o.startswith("--parallel.seq.degree=") for o in chosen)
+    assert "-> plan: " + " ".join(chosen) in point["label"]
+    (measured,) = list(p for p in _points([out / "results.json"]) if p["label"] != "" and p["step_s"])
+    assert "--parallel.plan=auto" not in measured["opts"] and measured["opts"][-len(chosen):] == chosen

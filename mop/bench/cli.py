@@ -227,7 +227,10 @@ def main(argv: list[str]) -> int:
                                 **common)
                 _store_profile(rec, out_dir, f"mop-{context}-{setting}")
                 print(f"  -> {rec['status']}", flush=True)
-                points.append({"system": "mop", "label": " ".join(extra), "context": context,
+                label = " ".join(extra)
+                if rec.get("plan_overrides"):  # the layout the plan chose, not the rule's it replaced
+                    label += " -> plan: " + " ".join(rec["plan_overrides"])
+                points.append({"system": "mop", "label": label, "context": context,
                                "batch_setting": setting, **rec})
                 save()
             if "baseline" in args.system_list and ("baseline", context, setting) not in done:

@@ -231,6 +231,9 @@ def run(args, overrides: list[str]) -> dict:
         "activation_policies": _describe_policies(trainer.model),
         "optimizer_device_fraction": getattr(trainer, "device_fraction", None),
         "activation_plan": _plan_record(getattr(trainer, "activation_plan", None)),
+        # What parallel.plan=auto applied on top of the command's options (empty without it): the
+        # layout and settings this point really ran (mop.plan.accuracy reads them).
+        "plan_overrides": list(getattr(trainer, "plan_overrides", [])),
         **imbalance,
         **ablation,
         **profile,

@@ -190,7 +190,9 @@ def _points(paths):
         for p in data["points"]:
             if p.get("system") != "mop" or p.get("status") != "ok":
                 continue
-            yield dict(label=label, world=p["world"], opts=_options(p["command"]), peak=p.get("peak_alloc_gib"),
+            # parallel.plan=auto: the plan's overrides came after the command's options (later wins)
+            opts = [o for o in _options(p["command"]) if o != "--parallel.plan=auto"] + p.get("plan_overrides", [])
+            yield dict(label=label, world=p["world"], opts=opts, peak=p.get("peak_alloc_gib"),
                        step_s=p.get("step_s"), tps=p.get("tokens_per_s_per_gpu"), host=p.get("host_rss_peak_gib"),
                        note=note, chosen=p.get("activation_policies"), frac=p.get("optimizer_device_fraction"),
                        device=p.get("device_name") or "")
@@ -214,7 +216,7 @@ def oom_rows(paths=None, calibration: str | Calibration = "h200") -> list[dict]:
         for p in data["points"]:
             if p.get("system") != "mop" or p.get("status") != "oom" or not p.get("command"):
                 continue
-            opts = _options(p["command"])
+            opts = [o for o in _options(p["command"]) if o != "--parallel.plan=auto"] + p.get("plan_overrides", [])
             if tuple(opts) in seen:
                 continue
             seen.add(tuple(opts))
