@@ -96,6 +96,11 @@ class MoPStrategy:
     def build_model(self, trainer):
         return None
 
+    def build_optimizer(self, trainer, groups: list[dict]):
+        """The optimizer over `groups` (params + weight_decay), or None for the trainer's own (device
+        AdamW, or mop's host optimizer with `optimizer.offload`)."""
+        return None
+
     def parallelize(self, trainer, model) -> None:
         from mop.parallel.parallelize import parallelize
 

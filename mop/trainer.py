@@ -256,6 +256,9 @@ class Trainer:
         for name, p in self.model.named_parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        custom = self.strategy.build_optimizer(self, groups)
+        if custom is not None:
+            return custom
         if o.engine is not None:
             from mop.optim import HostAdamW
 

@@ -140,9 +140,13 @@ def test_bad_combinations_refused_in_one_line(tmp_path):
         baseline_trainer(_job(str(tmp_path / "ckpt"), ["--checkpoint.enabled=true"]),
                          BaselineConfig(optimizer_offload=True, compile_loss=False), proc)
     assert "\n" not in str(e.value)
-    # Built without baseline_trainer, the trainer would silently keep the device AdamW: refused at the first step.
+    # The strategy builds the optimizer (Strategy.build_optimizer), so a Trainer built directly with
+    # it gets the host optimizer too, never a silent device AdamW.
+    from mop.baselines.optimizer_offload import HostOffloadAdamW
+
     trainer = Trainer(_job(str(tmp_path / "direct")), proc,
                       strategy=FSDPBestStrategy(BaselineConfig(optimizer_offload=True, compile_loss=False)))
-    with pytest.raises(RuntimeError, match="baseline_trainer"):
-        trainer.train_step()
+    assert isinstance(trainer.optimizer, HostOffloadAdamW)
+    assert trainer.scheduler.optimizer is trainer.optimizer
+    trainer.train_step()
     trainer.run_dir.unlock()

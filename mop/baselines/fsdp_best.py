@@ -15,7 +15,7 @@ baseline's, and its model is sharded by `parallelize_baseline`, in this order on
 6. `apply_fsdp`        FSDP2 `fully_shard` per block (+ experts on their own mesh) and the root, over
                         dp_shard x cp (HSDP with dp_replicate), optional `CPUOffloadPolicy`
 
-With `optimizer_offload` the trainer's device AdamW is replaced, once built, by `HostOffloadAdamW`
+With `optimizer_offload` the strategy builds `HostOffloadAdamW` instead of the device AdamW
 (mop.baselines.optimizer_offload: fp32 master shards and moments on the host, torch AdamW on the CPU).
 
 Context parallelism wraps each micro-batch in `context_parallel` (PyTorch's ring attention over
@@ -355,17 +355,15 @@ class FSDPBestStrategy(MoPStrategy):
         model.train()
         return model
 
-    def build_optimizer(self, trainer) -> None:
-        """With `optimizer_offload`: replace the trainer's device AdamW (its state is allocated at the
-        first step, so nothing was spent on it) by `HostOffloadAdamW` over the same parameter groups and
-        hyperparameters, and rebuild the lr scheduler on it with the same schedule. Called by
-        `baseline_trainer` right after the Trainer is built (the Trainer has no optimizer hook)."""
+    def build_optimizer(self, trainer, groups: list[dict]):
+        """With `optimizer_offload`, `HostOffloadAdamW` over the trainer's parameter groups (host memory
+        checked on every rank first); otherwise the trainer's device AdamW."""
         if not self.config.optimizer_offload:
-            return
-        local_numel = sum(local_shard(p).numel() for p in trainer.model.parameters() if p.requires_grad)
+            return None
+        o = trainer.job.optimizer
+        local_numel = sum(local_shard(p).numel() for g in groups for p in g["params"] if p.requires_grad)
         check_host_memory(local_numel, trainer.proc.local_world, trainer.device, trainer._all_reduce)
-        trainer.optimizer = HostOffloadAdamW.replacing(trainer.optimizer)
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer.scheduler.lr_lambdas)
+        return HostOffloadAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
     def tokens_per_device_per_step(self, trainer) -> int:
         t = trainer.job.training
@@ -400,9 +398,6 @@ class FSDPBestStrategy(MoPStrategy):
     def grad_norm_and_clip(self, trainer) -> torch.Tensor:
         """Global L2 norm: each local shard weighted by 1/(number of ranks holding the same shard); the
         gradients are clipped in place, so a host optimizer copies the clipped ones."""
-        if self.config.optimizer_offload and not isinstance(trainer.optimizer, HostOffloadAdamW):
-            raise RuntimeError("baseline.optimizer_offload: build the trainer with mop.baselines.baseline_trainer "
-                               "(it installs the host optimizer); this one still has the device AdamW")
         world = trainer.proc.world
         sq = torch.zeros((), device=trainer.device, dtype=torch.float32)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -434,7 +429,4 @@ class FSDPBestStrategy(MoPStrategy):
 
 def baseline_trainer(job: JobConfig, baseline: BaselineConfig, proc: ProcessInfo | None = None) -> Trainer:
     """A `Trainer` running the FSDP-best baseline config `baseline` (see the module docstring)."""
-    strategy = FSDPBestStrategy(baseline)
-    trainer = Trainer(job, proc, strategy=strategy)
-    strategy.build_optimizer(trainer)
-    return trainer
+    return Trainer(job, proc, strategy=FSDPBestStrategy(baseline))

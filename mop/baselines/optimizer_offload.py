@@ -99,14 +99,6 @@ class HostOffloadAdamW(torch.optim.Optimizer):
                        for g in self.param_groups]
         self.host = torch.optim.AdamW(host_groups, fused=True)
 
-    @classmethod
-    def replacing(cls, optimizer: torch.optim.Optimizer) -> "HostOffloadAdamW":
-        """The offloaded twin of a device `torch.optim.AdamW`: same parameters, groups and
-        hyperparameters (each group's base lr: "initial_lr" once a scheduler has set it)."""
-        groups = [{"params": g["params"], "lr": g.get("initial_lr", g["lr"]), "betas": g["betas"], "eps": g["eps"],
-                   "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        return cls(groups)
-
     @property
     def host_bytes(self) -> int:
         """Host memory this optimizer holds now (master, staging and, after the first step, moments)."""
