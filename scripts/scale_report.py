@@ -1,7 +1,7 @@
 """The MoP paper's settings on paper: what `mop plan` predicts for 120B / 600B / 1T on 16 / 64 / 96 H200s.
 
     python scripts/scale_report.py [--out bench/results/2026-11-29-plan-scale-report-session4] [--host-mem-gib 2048] \
-        [--param-dtype any] [--compare bench/results/2026-11-29-plan-scale-report/plans.json]
+        [--param-dtype any] [--compare bench/results/2026-11-29-plan-scale-report/plans.json] [--host-link-node-bw 220]
 
 For each model (`mop-120b`, `mop-600b`, `mop-1t`: Kimi-K2-like, MLA, H 7168, 384 experts top-8 of
 width 2048, V 200K) and context (64K to 1M) on 8-GPU nodes: the configuration `mop plan` chooses,
@@ -13,7 +13,10 @@ GPUs we have, `mop plan accuracy`). Predictions, not measurements: this machine 
 `--param-dtype` is `mop plan`'s: which `training.param_dtype` the planner may choose (`any`: fp32 or
 bf16, each row names its choice; where it chose bf16 the fp32-only plan is recorded beside it).
 `--compare` an earlier report's plans.json writes CHANGES.md: the two reports' rows side by side with
-the time and memory terms that moved most.
+the time and memory terms that moved most. `--host-link-node-bw` is `mop plan`'s (GB/s per node): the
+calibration's host-link total was measured on fewer GPUs than a node here has, so without it each GPU
+is assumed its own link at the one-GPU rate (`Calibration.host_link_node_total`); TABLE.md and every
+row of plans.json say which.
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ def _dtype_options(param_dtypes: tuple[str, ...]) -> dict:
 
 
 def fsdp_style(model, gpus: int, context: int, cal: Calibration, host_bytes: float,
-               param_dtypes: tuple[str, ...]) -> dict:
+               param_dtypes: tuple[str, ...], host_link_node_bw: float | None = None) -> dict:
     """The fastest D = 1 configuration that fits, or the leanest one's memory when none does."""
     try:
         plan = choose(model, gpus=gpus, context=context, gpus_per_node=8, host_bytes=host_bytes, calibration=cal,
-                      seq_degrees=(1,), **_dtype_options(param_dtypes))
+                      host_link_node_bw=host_link_node_bw, seq_degrees=(1,), **_dtype_options(param_dtypes))
         b = plan.best
         return {"fits": True, "tokens_per_s_per_gpu": b.time.tokens_per_s_per_gpu,
                 "device_gib": b.memory.reserved / GIB, "config": b.label(), "param_dtype": b.step.param_dtype}
@@ -71,11 +74,11 @@ def fsdp_style(model, gpus: int, context: int, cal: Calibration, host_bytes: flo
 
 
 def plan_row(model, gpus: int, context: int, cal: Calibration, host_bytes: float,
-             param_dtypes: tuple[str, ...]) -> dict:
+             param_dtypes: tuple[str, ...], host_link_node_bw: float | None = None) -> dict:
     """The plan `mop plan` chooses, as one flat row (or `fits: False` with the refusal's closest line)."""
     try:
         plan = choose(model, gpus=gpus, context=context, gpus_per_node=8, host_bytes=host_bytes, calibration=cal,
-                      **_dtype_options(param_dtypes))
+                      host_link_node_bw=host_link_node_bw, **_dtype_options(param_dtypes))
     except NoPlan as e:
         return {"fits": False, "reason": str(e).splitlines()[1] if "\n" in str(e) else str(e)}
     b = plan.best
@@ -97,22 +100,27 @@ def plan_row(model, gpus: int, context: int, cal: Calibration, host_bytes: float
                 overrides=plan.overrides())
 
 
-def run(out: Path, host_gib: float, param_dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
+def run(out: Path, host_gib: float, param_dtypes: tuple[str, ...] = ("fp32", "bf16"),
+        host_link_node_bw: float | None = None) -> list[dict]:
+    """Every (model, context) row: the chosen plan, the fp32-only plan where bf16 was chosen, the
+    FSDP-style (D = 1) plan; written to `out`/plans.json."""
     cal = Calibration.load("h200")
+    link = host_link_node_bw
     rows = []
     for shape, gpus in SETTINGS:
         model = get_shape(shape)
         for ctx in CONTEXTS:
             row = {"model": shape, "params_b": model.param_counts()["total"] / 1e9, "gpus": gpus, "context": ctx,
-                   "paper": PAPER.get((shape, ctx)), "param_dtypes": list(param_dtypes)}
-            row.update(plan_row(model, gpus, ctx, cal, host_gib * GIB, param_dtypes))
+                   "paper": PAPER.get((shape, ctx)), "param_dtypes": list(param_dtypes),
+                   "host_link": cal.host_link_basis(8, link)}
+            row.update(plan_row(model, gpus, ctx, cal, host_gib * GIB, param_dtypes, link))
             if len(param_dtypes) > 1 and row.get("param_dtype", "bf16") != "fp32":
                 # what bf16 buys: the plan with fp32 parameters only (the first report's only choice)
-                fp32 = plan_row(model, gpus, ctx, cal, host_gib * GIB, ("fp32",))
+                fp32 = plan_row(model, gpus, ctx, cal, host_gib * GIB, ("fp32",), link)
                 row["fp32_only"] = {k: fp32[k] for k in ("fits", "reason", "D", "Ep", "P", "ac", "optimizer",
                                                          "device_fraction", "tokens_per_s_per_gpu", "device_gib")
                                     if k in fp32}
-            row["fsdp"] = fsdp_style(model, gpus, ctx, cal, host_gib * GIB, param_dtypes)
+            row["fsdp"] = fsdp_style(model, gpus, ctx, cal, host_gib * GIB, param_dtypes, link)
             rows.append(row)
             print(shape, _k(ctx), row.get("param_dtype"), row.get("tokens_per_s_per_gpu"),
                   row.get("fp32_only", {}).get("tokens_per_s_per_gpu"), row["fsdp"].get("device_gib"), flush=True)
@@ -206,16 +214,18 @@ def _moved(old: dict, new: dict, unit: str, n: int = 3) -> str:
                      if abs(new.get(k, 0.0) - old.get(k, 0.0)) >= 0.005)
 
 
-def same_plan_today(old: dict, cal: Calibration, host_bytes: float):
+def same_plan_today(old: dict, cal: Calibration, host_bytes: float, host_link_node_bw: float | None = None):
     """An earlier report's chosen plan (its exact `mop train` options) predicted by today's model."""
     model = get_shape(old["model"])
     gpus = old["gpus"]
     step = step_from_overrides(model, old["overrides"], gpus)
-    cluster = Cluster(gpus_per_node=8, nodes=gpus // 8, device_bytes=cal.device_bytes, host_bytes=host_bytes)
+    cluster = Cluster(gpus_per_node=8, nodes=gpus // 8, device_bytes=cal.device_bytes, host_bytes=host_bytes,
+                      host_link_node_bw=host_link_node_bw)
     return evaluate(step, cal, cluster, cal.device_bytes)
 
 
-def changes(old_rows: list[dict], rows: list[dict], old_name: str, cal: Calibration, host_bytes: float) -> str:
+def changes(old_rows: list[dict], rows: list[dict], old_name: str, cal: Calibration, host_bytes: float,
+            host_link_node_bw: float | None = None) -> str:
     """CHANGES.md: an earlier report's plans.json against this one. First each earlier plan as it was
     predicted then and as today's model predicts the same options (so the terms that moved are the
     model's doing), then the two reports' chosen plans side by side."""
@@ -232,7 +242,7 @@ def changes(old_rows: list[dict], rows: list[dict], old_name: str, cal: Calibrat
     for o, _ in pairs:
         if not o["fits"]:
             continue
-        c = same_plan_today(o, cal, host_bytes)
+        c = same_plan_today(o, cal, host_bytes, host_link_node_bw)
         mem = {k: v / GIB for k, v in c.memory.device_terms().items()}
         out.append(f"| {o['model']} | {o['gpus']} | {_k(o['context'])} | {_plan_label(o)} | "
                    f"{o['tokens_per_s_per_gpu']:,.0f} -> {c.time.tokens_per_s_per_gpu:,.0f} | "
@@ -263,15 +273,21 @@ def main() -> None:
                          "weights and gradients in bf16 (host optimizer only); any: either, each row says which")
     ap.add_argument("--compare", type=Path, default=None,
                     help="an earlier report's plans.json: write CHANGES.md, its rows beside these")
+    ap.add_argument("--host-link-node-bw", type=float, default=None,
+                    help="GB/s over an 8-GPU node's host links, all GPUs copying (as mop plan --host-link-node-bw); "
+                         "default: the calibration's rule, one link per GPU beyond the GPUs it was measured with")
     args = ap.parse_args()
     out = Path(args.out)
-    rows = run(out, args.host_mem_gib, DTYPE_CHOICES[args.param_dtype])
+    link = args.host_link_node_bw * 1e9 if args.host_link_node_bw else None
+    rows = run(out, args.host_mem_gib, DTYPE_CHOICES[args.param_dtype], link)
     plot(rows, out / "scale.png")
-    (out / "TABLE.md").write_text(table(rows) + "\n")
+    basis = Calibration.load("h200").host_link_basis(8, link)
+    (out / "TABLE.md").write_text(f"Host link of each 8-GPU node (host optimizer, offloaded checkpoints): {basis}.\n\n"
+                                  + table(rows) + "\n")
     if args.compare:
         old_rows = json.loads(args.compare.read_text())
         (out / "CHANGES.md").write_text(changes(old_rows, rows, str(args.compare.parent), Calibration.load("h200"),
-                                                args.host_mem_gib * GIB) + "\n")
+                                                args.host_mem_gib * GIB, link) + "\n")
     (out / "ACCURACY.md").write_text("# mop plan: predicted vs measured (calibration h200)\n\n"
                                      "Generated by `mop plan accuracy`.\n\n" + accuracy_table() + "\n")
     print(f"wrote {out}/plans.json, TABLE.md, ACCURACY.md, scale.png" + (", CHANGES.md" if args.compare else ""))

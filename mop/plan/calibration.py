@@ -73,7 +73,12 @@ class Calibration:
     alltoall_bw: float = 250e9  # NVLink all-to-all per GPU
     inter_bw: float = 50e9  # across nodes per GPU (400 Gb/s InfiniBand)
     h2d_bw: float = 55e9  # pinned host<->device, one GPU alone
-    h2d_node_bw: float = 153e9  # pinned host<->device, all GPUs of a node at once (total)
+    h2d_node_bw: float = 153e9  # pinned host<->device, `h2d_node_gpus` GPUs of a node at once (total)
+    # How many GPUs were copying at once when `h2d_node_bw` was measured (`mop plan calibrate` under
+    # torchrun: its LOCAL_WORLD_SIZE). The total is a measurement for nodes of at most that many
+    # GPUs only (`host_link_per_gpu`). 0: not recorded (files before this field): the total is
+    # taken for a node of any size, as it was then.
+    h2d_node_gpus: int = 0
     host_adam_cpu: float = 2.2e9  # params/s, cpu engine (host AdamW, 16 cores)
     host_adam_stream: float = 3.95e9  # params/s, gpu_stream engine, one GPU
     device_adam_bytes: float = 36.0  # bytes of device traffic per parameter of fused AdamW (fitted: 26 ms/3.1B)
@@ -101,6 +106,38 @@ class Calibration:
     # out, with why), its in-sample and leave-one-out errors. Empty: never fitted.
     fit: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)  # field -> where its value comes from, where that needs saying
+
+    def host_link_node_total(self, gpus_per_node: int, node_ceiling: float | None = None) -> float:
+        """Bytes/s over the host links of a node whose `gpus_per_node` GPUs all copy at once.
+
+        Up to `h2d_node_gpus` GPUs: the measured total. A larger node's total is not measured: each
+        GPU is assumed to get its own link at the one-GPU rate (`h2d_bw` x the GPUs), since a total
+        measured on fewer GPUs says nothing of how a bigger node's links are shared. `node_ceiling`
+        (bytes/s, `mop plan --host-link-node-bw`) caps the total of any node: the user's knowledge
+        of their node's PCIe switches, host memory or sockets.
+        """
+        if not self.h2d_node_gpus or gpus_per_node <= self.h2d_node_gpus:
+            total = self.h2d_node_bw
+        else:
+            total = self.h2d_bw * gpus_per_node
+        return min(total, node_ceiling) if node_ceiling else total
+
+    def host_link_per_gpu(self, gpus_per_node: int, node_ceiling: float | None = None) -> float:
+        """Bytes/s of one GPU's host link while the node's other GPUs copy too (`host_link_node_total`
+        shared evenly, at most the one-GPU rate)."""
+        return min(self.h2d_bw, self.host_link_node_total(gpus_per_node, node_ceiling) / gpus_per_node)
+
+    def host_link_basis(self, gpus_per_node: int, node_ceiling: float | None = None) -> str:
+        """Where `host_link_node_total` comes from for this node, in words (for reports)."""
+        total = self.host_link_node_total(gpus_per_node) / 1e9
+        if node_ceiling and node_ceiling < total * 1e9:
+            return f"{node_ceiling / 1e9:.0f} GB/s per node: the given ceiling (--host-link-node-bw)"
+        if not self.h2d_node_gpus:
+            return f"{total:.0f} GB/s per node: the calibration's total (GPU count not recorded)"
+        if gpus_per_node <= self.h2d_node_gpus:
+            return f"{total:.0f} GB/s per node: measured with {self.h2d_node_gpus} GPUs copying at once"
+        return (f"{total:.0f} GB/s per node: assumed, not measured ({gpus_per_node} GPUs x {self.h2d_bw / 1e9:.0f} "
+                f"GB/s, one link each; measured only with {self.h2d_node_gpus} GPUs; --host-link-node-bw caps it)")
 
     def efficiencies(self) -> dict[str, float]:
         """The in-step efficiency of each term (`EFFICIENCIES`' names)."""

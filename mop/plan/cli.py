@@ -3,7 +3,8 @@
     mop plan --shape qwen3-30b-a3b --gpus 2 --context 128K --layers 24
     mop plan --shape qwen3-30b-a3b --gpus 2 --context 8K --layers 24 --param-dtype bf16
     mop plan --shape qwen3-30b-a3b --gpus 2 --context 32K --layers 24 --tokens-per-step 1M   # + accumulation mode
-    mop plan --shape qwen3-235b-a22b --gpus 64 --gpus-per-node 8 --context 256K --host-mem-gib 2000
+    mop plan --shape qwen3-235b-a22b --gpus 64 --gpus-per-node 8 --context 256K --host-mem-gib 2000 \
+        --host-link-node-bw 220                                 # the node's host links, if known (GB/s)
     mop plan calibrate --out mop/plan/calibration/mygpu.json     # micro-benchmarks on this machine
     torchrun --nproc-per-node 8 -m mop.cli plan calibrate        # ... and the collectives of 8 GPUs
     mop plan accuracy bench/results/*/*/results.json             # predicted vs measured, Markdown
@@ -48,6 +49,10 @@ def _plan_args(argv):
     p.add_argument("--device-mem-gib", type=float, default=None, help="device memory per GPU (default: calibration)")
     p.add_argument("--intra-bw", type=float, default=None, help="GB/s per GPU inside a node (default: calibration)")
     p.add_argument("--inter-bw", type=float, default=None, help="GB/s per GPU across nodes (default: calibration)")
+    p.add_argument("--host-link-node-bw", type=float, default=None,
+                   help="GB/s over a node's host links with all its GPUs copying at once: a ceiling on the "
+                        "calibration's total, which is measured only for nodes of up to the GPUs it was measured "
+                        "with (h2d_node_gpus) and assumed one link per GPU at the one-GPU rate beyond")
     p.add_argument("--tokens-per-step", type=parse_tokens, default=None,
                    help="tokens per optimizer step (default: one sequence per sequence group)")
     p.add_argument("--param-dtype", choices=("fp32", "bf16", "any"), default="fp32",
@@ -82,6 +87,7 @@ def plan_main(argv: list[str]) -> int:
                       host_bytes=args.host_mem_gib * GIB if args.host_mem_gib else None,
                       intra_bw=args.intra_bw * 1e9 if args.intra_bw else None,
                       inter_bw=args.inter_bw * 1e9 if args.inter_bw else None, calibration=cal,
+                      host_link_node_bw=args.host_link_node_bw * 1e9 if args.host_link_node_bw else None,
                       device_bytes=args.device_mem_gib * GIB if args.device_mem_gib else None,
                       headroom=args.headroom,
                       param_dtypes=("fp32", "bf16") if args.param_dtype == "any" else (args.param_dtype,),

@@ -255,7 +255,7 @@ def calibrate(device: str = "auto", name: str | None = None, out=None, quick: bo
         # per-rank numbers are a node's total divided by its GPUs.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         fields.update(intra_bw=coll[0], alltoall_bw=coll[1], h2d_bw=cal.h2d_bw, h2d_node_bw=h2d * local,
-                      host_adam_cpu=adam * local, host_adam_stream=cal.host_adam_stream)
+                      h2d_node_gpus=local, host_adam_cpu=adam * local, host_adam_stream=cal.host_adam_stream)
         log(f"all-gather {coll[0] / 1e9:.0f} GB/s, all-to-all {coll[1] / 1e9:.0f} GB/s (bus, per rank); "
             f"host link {h2d * local / 1e9:.0f} GB/s per node with {local} GPUs copying")
     # The base's notes on what this calibration measured afresh no longer apply.

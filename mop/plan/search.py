@@ -82,6 +82,7 @@ class Plan:
     cluster: Cluster
     device_bytes: float
     headroom: float
+    host_link: str = ""  # where the node's host-link total comes from (Calibration.host_link_basis)
 
     def overrides(self) -> list[str]:
         """`mop train` options of the chosen configuration, the model shape included."""
@@ -103,7 +104,7 @@ class Plan:
                     "memory_gib": {k: v / GIB for k, v in c.memory.device_terms().items()},
                     "time_s": c.time.terms()}
         return {"best": cand(self.best), "command": self.command(), "runners_up": [cand(c) for c in self.runners_up],
-                "rejected": [cand(c) for c in self.rejected]}
+                "rejected": [cand(c) for c in self.rejected], "host_link": self.host_link}
 
     def render(self, n_rejected: int = 8) -> str:
         b = self.best
@@ -116,6 +117,8 @@ class Plan:
                  f"  host per rank: pinned state {m.host_pinned_state / GIB:.1f}, staging {m.host_staging / GIB:.1f}, "
                  f"offloaded checkpoints {m.host_checkpoints / GIB:.1f}, process {m.host_process / GIB:.1f} GiB; "
                  f"per node {m.host * self.cluster.gpus_per_node / GIB:.1f} GiB",
+                 *([f"  host link (optimizer, offloaded checkpoints): {self.host_link}"]
+                   if self.host_link and (b.step.offload != "none" or "offload" in b.step.policies) else []),
                  "", "run it:", "  " + self.command(), "", "runner-ups:"]
         lines += [f"  {c.summary()}" for c in self.runners_up] or ["  (none)"]
         lines += ["", "rejected (faster but too large; then layouts where nothing fits):"]
@@ -222,13 +225,15 @@ def split_candidate(base: Step, cal: Calibration, cluster: Cluster, device_bytes
 def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | None = None,
            tokens_per_step: int | None = None, host_bytes: float | None = None, intra_bw: float | None = None,
            inter_bw: float | None = None, calibration: Calibration | None = None, device_bytes: float | None = None,
-           headroom: float = 0.95, offloads=OFFLOADS,
+           host_link_node_bw: float | None = None, headroom: float = 0.95, offloads=OFFLOADS,
            dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
            param_dtypes=("fp32",), reduce_dtype: str = "auto", accumulations=ACCUMULATIONS, runners_up: int = 4,
            suggest: bool = True) -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
+    `host_link_node_bw`: bytes/s over a node's host links with all its GPUs copying, a ceiling on
+    the calibration's total (`Calibration.host_link_node_total`; None: none).
     `tokens_per_step`: tokens per optimizer step (default: one sequence per sequence group); the
     accumulation is derived per layout and a layout that cannot reach it exactly is skipped.
     `seq_degrees` restricts D (e.g. (1,) for an FSDP-style layout where every rank holds whole
@@ -250,7 +255,7 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     if gpus % G:
         raise NoPlan(f"--gpus {gpus} is not a multiple of --gpus-per-node {G}")
     cluster = Cluster(gpus_per_node=G, nodes=gpus // G, device_bytes=device_bytes, host_bytes=host_bytes,
-                      intra_bw=intra_bw, inter_bw=inter_bw)
+                      intra_bw=intra_bw, inter_bw=inter_bw, host_link_node_bw=host_link_node_bw)
     W = gpus
     if not accumulations or any(mode not in ACCUMULATIONS for mode in accumulations):
         raise ValueError(f"accumulations {tuple(accumulations)!r}: name one or more of {ACCUMULATIONS}")
@@ -332,7 +337,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     fit_layouts = {(c.step.layout.seq, c.step.layout.expert, c.step.layout.vocab) for c in fitting}
     never = sorted((c for k, c in closest.items() if k not in fit_layouts), key=lambda c: c.memory.reserved)
     rejected = sorted(faster.values(), key=_rank) + never
-    return Plan(best, tuple(ups), tuple(rejected), cluster, device_bytes, headroom)
+    return Plan(best, tuple(ups), tuple(rejected), cluster, device_bytes, headroom,
+                cal.host_link_basis(G, host_link_node_bw))
 
 
 def _policy_candidates(base: Step, cal, cluster, device_bytes, headroom, policies):
@@ -383,6 +389,7 @@ def _refusal(model, W, context, closest, cal, device_bytes, headroom, cluster, s
             try:  # the smallest larger cluster that fits (whole nodes), with its plan
                 plan = choose(model, gpus=more, context=context, gpus_per_node=G, host_bytes=cluster.host_bytes,
                               intra_bw=cluster.intra_bw, inter_bw=cluster.inter_bw, calibration=cal,
+                              host_link_node_bw=cluster.host_link_node_bw,
                               device_bytes=device_bytes, headroom=headroom, param_dtypes=param_dtypes,
                               reduce_dtype=reduce_dtype, suggest=False)
             except NoPlan:

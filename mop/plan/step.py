@@ -220,6 +220,13 @@ class Cluster:
     host_bytes: float | None = None  # per node; None: not checked
     intra_bw: float | None = None  # bytes/s per GPU inside a node (collective bus bandwidth)
     inter_bw: float | None = None  # bytes/s per GPU across nodes
+    # bytes/s over a node's host links with all its GPUs copying: a ceiling on the calibration's
+    # measured or assumed total (Calibration.host_link_node_total); None: no ceiling
+    host_link_node_bw: float | None = None
+
+    def host_link_per_gpu(self, cal) -> float:
+        """One GPU's host-link bytes/s while the node's other GPUs copy too (`Calibration.host_link_per_gpu`)."""
+        return cal.host_link_per_gpu(self.gpus_per_node, self.host_link_node_bw)
 
     @property
     def world(self) -> int:

@@ -36,6 +36,8 @@ Optimizer: device work is exposed in full (torch's AdamW, and a host optimizer's
 device share: the next forward waits for it and it shares the device); what a host engine moves
 over the host link, or computes on host cores, overlaps the next step's first forward
 (optimizer.overlap_update). The engine's properties (mop.optim.registry) say which rate applies.
+A node's GPUs share its host links (`Calibration.host_link_node_total`: measured for nodes of up to
+the GPUs it was measured with, assumed one link per GPU beyond, under the cluster's ceiling).
 """
 
 from __future__ import annotations
@@ -88,21 +90,22 @@ class TimeEstimate:
 
 
 def _optimizer_seconds(step: Step, cal: Calibration, local: float, frac: float, gpus_per_node: int,
-                       window: float) -> tuple[float, float]:
+                       host_link: float, window: float) -> tuple[float, float]:
     """(whole update, exposed part) of the optimizer, in seconds per step.
 
     Device work is exposed in full: torch's AdamW (`optimizer.offload=none`), and a host optimizer's
     update of its device share (the next forward waits for each bucket; the 8K profile after the
     split has the update's kernels serial with the forward's: 715 ms summed over streams, 711 active).
     What moves over the host link (or runs on host cores) overlaps the next forward (`window`) when
-    `overlap_update` is on. Which rate applies is the engine's property, not its name.
+    `overlap_update` is on. Which rate applies is the engine's property, not its name. `host_link`:
+    one GPU's host-link bytes/s with the node's other GPUs copying too (`Cluster.host_link_per_gpu`).
     """
     if step.offload == "none":
         t = local * cal.device_adam_bytes / cal.hbm_bw
         return t, t
     frac = min(max(frac, 0.0), 1.0)
     engine = engine_class(step.offload)
-    share = min(1.0, cal.h2d_node_bw / gpus_per_node / cal.h2d_bw)  # a node's GPUs share its host links
+    share = host_link / cal.h2d_bw  # a node's GPUs share its host links
     if engine.stages_on_device:  # state streamed through the device: bound by the host link
         host_rate = cal.host_adam_stream * share
     else:  # updated on host cores shared by the node's GPUs; gradients down and weights up the link
@@ -228,6 +231,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     windows = [m.layer_window(i) if hasattr(m, "layer_window") else 0 for i in range(m.n_layers)]
     groups = Counter(zip(step.policies, moe, windows))
     fsdp_bw = _bw(cluster, cal, W > G)
+    host_link = cluster.host_link_per_gpu(cal)
     for (policy, is_moe, window), n_blocks in sorted(groups.items()):
         attn0, exp0, dense0, mem0, over0, copies0 = attn, exp, dense, mem, over, fsdp_copies
         comm_exposed0, comm_hidden0, fwd0 = comm_exposed, comm_hidden, fwd_time
@@ -296,8 +300,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
         # behind the block's compute unless the host link is slower).
         if policy == "offload":
             block_compute = t_fwd + t_bwd
-            share = min(cal.h2d_bw, cal.h2d_node_bw / G)
-            t = 2 * N * H * a / share
+            t = 2 * N * H * a / host_link
             comm_exposed += max(0.0, t - block_compute)
             comm_hidden += min(t, block_compute)
         # Ulysses: q, k, v in and the output back, per attention pass (forward, recompute, backward).
@@ -348,7 +351,8 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     micro = attn + exp + dense + mem + fsdp_copies / acc + over + vocab  # a micro-batch, on average
     local = m.param_counts()["total"] / W
     frac = step.device_fraction if device_fraction is None else device_fraction
-    t_opt, opt_exposed = _optimizer_seconds(step, cal, local, frac, G, fwd_time + (micro if acc > 1 else 0.0))
+    window = fwd_time + (micro if acc > 1 else 0.0)
+    t_opt, opt_exposed = _optimizer_seconds(step, cal, local, frac, G, host_link, window)
     return TimeEstimate(attention=attn * acc, expert_gemm=exp * acc, dense_gemm=dense * acc, vocab=vocab * acc,
                         memory_bound=mem * acc, param_copies=fsdp_copies, overhead=over * acc + over_step,
                         comm_exposed=comm_exposed * acc + fsdp_exposed,
