@@ -293,8 +293,13 @@ def test_activation_policies_are_bit_identical_and_run_attention_as_planned(docs
         assert all(c.core._slots.output is None and c.core._slots.state is None
                    for c in (b.attention for b in model.layers.values()))  # nothing left behind
         results.append((ce.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    for ce, grads in results[1:]:
-        assert torch.equal(ce, results[0][0])
+    _assert_bit_identical(results)
+
+
+def _assert_bit_identical(results):
+    """results: [(loss, {name: grad})] per run; every run equals the first to the bit."""
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
         for n, g in grads.items():
             assert torch.equal(g, results[0][1][n]), n
 
@@ -333,10 +338,7 @@ def test_recompute_reuses_the_routers_reduced_statistics():
         (ce + aux).backward()
         assert len(calls) == len(model.routers()), policies  # once per router, in forward only
         results.append((aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    for aux, grads in results[1:]:
-        assert torch.equal(aux, results[0][0])
-        for n, g in grads.items():
-            assert torch.equal(g, results[0][1][n]), n
+    _assert_bit_identical(results)
 
 
 def test_routers_statistics_are_reduced_asynchronously_and_waited_for_after_the_last_block():
