@@ -51,8 +51,8 @@ class Router(nn.Module):
     `reduce_stats` sums per-expert statistics over every rank that shares the global batch; it is
     the identity on one device, and `parallelize()` sets it to an all-reduce so the auxiliary loss
     uses global load fractions (lossless: the sum of per-rank aux losses equals the global one).
-    When the reducer can start a sum asynchronously and `defer_stats` is set, the forward returns a
-    `PendingAux` instead of the loss (see there).
+    When the reducer can start a sum asynchronously (`start`), the forward returns a `PendingAux`
+    instead of the loss (see there).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -69,7 +69,6 @@ class Router(nn.Module):
         # Tokens per expert of the last forward (overwritten, so recomputation does not double count).
         self.register_buffer("last_tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
         self.reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.defer_stats = True  # use the reducer's `start` when it has one (PendingAux)
         # The last forward's reduced statistics, reused by its checkpoint recompute (the backward of
         # the same micro-batch comes before the next forward of this router). Synchronous path only.
         self._reduced_stats: torch.Tensor | None = None
@@ -97,7 +96,7 @@ class Router(nn.Module):
             probs_sum_E = probs_TE.sum(0)
             stats = torch.cat([counts_E, counts_E.new_tensor([x_TH.shape[0]])])
             # Not inside torch.compile: an async collective and its handle would break the graph.
-            if (self.reduce_stats is not None and self.defer_stats and hasattr(self.reduce_stats, "start")
+            if (self.reduce_stats is not None and hasattr(self.reduce_stats, "start")
                     and not torch.compiler.is_compiling()):
                 recompute = checkpoint_phase() == "recompute"
                 return (topk_idx_TK, topk_w_TK.to(x_TH.dtype),
