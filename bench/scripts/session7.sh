@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 7's device calls (2 x H200, qwen3-30b-a3b, 24 layers = 12 per GPU unless said), after
 # session 6 (bench/results/2026-11-30-session6-2xh200/SUMMARY.md). Run in this order.
-#   PART=a  (first: scripts/sdpa_gqa_check.py, ~20 s) #12, 2^20 tokens per step at 8K: mop as `mop plan` lays it out (--mop-layout plan:
+#   PART=a  #12, 2^20 tokens per step at 8K: mop as `mop plan` lays it out (--mop-layout plan:
 #           keep_gathered, P = 1; policies and optimizer share by the start-up probe) against the
 #           baseline's best, both profiled over two micro-batches; then mop by the rule with
 #           parallel.fsdp.accumulation=keep_gathered alone; then 32K the same way as the first.
@@ -27,9 +27,6 @@ ONE_M="--batch-setting 1M --warmup 1 --warmup-micro-batches 2 --steps 1"
 
 case ${PART:-a} in
 a)
-  # Does cuDNN take GQA's fewer K/V heads directly (enable_gqa) on this torch? (~20 s; decides
-  # whether mop.ops.attention can drop its repeat_interleave of K/V on CUDA.)
-  timeout 60 python scripts/sdpa_gqa_check.py > "$OUT/sdpa_gqa.jsonl" 2>&1; cat "$OUT/sdpa_gqa.jsonl"
   timeout $(left 320) $B --contexts 8K $ONE_M --timeout 240 --profile --mop-layout plan \
     --baseline-configs '[{"ep": 1}]' --out "$OUT/p8k" > "$OUT/p8k.log" 2>&1
   show "$OUT/p8k"; grep "parallel.plan=auto chose" "$OUT/p8k.log" | head -1
