@@ -132,6 +132,10 @@ def test_rejections_name_the_term_and_the_limit(capsys):
     assert plan_cli(["--shape", "qwen3-30b-a3b", "--gpus", "2", "--context", "128K"]) == 1  # all 48 layers
     err = capsys.readouterr().err
     assert "closest: D=" in err and "GiB >" in err and "4 GPUs would fit: D=" in err
+    # bf16 weights would fit these GPUs: the refusal says so, with the host memory that needs
+    assert "with --param-dtype bf16" in err and "GiB of host memory per node" in err and "--host-mem-gib" in err
+    assert plan_cli(["--shape", "qwen3-30b-a3b", "--gpus", "2", "--context", "128K", "--host-mem-gib", "252"]) == 1
+    assert "--param-dtype bf16" not in capsys.readouterr().err  # nor with the host it names
     assert plan_cli(["explain", "--gpus", "2", "--model.shape=qwen3-30b-a3b", "--parallel.seq.degree=2",
                      "--training.seq_len=65536", "--training.activation_checkpoint=full"]) == 0
     out = capsys.readouterr().out

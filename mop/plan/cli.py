@@ -81,19 +81,31 @@ def plan_main(argv: list[str]) -> int:
     if args.nodes and G * args.nodes != args.gpus:
         print(f"mop plan: --gpus {args.gpus} != --nodes {args.nodes} x --gpus-per-node {G}", file=sys.stderr)
         return 2
-    try:
-        plan = choose(model, gpus=args.gpus, context=args.context, gpus_per_node=G,
+    def search(param_dtypes, suggest=True):
+        return choose(model, gpus=args.gpus, context=args.context, gpus_per_node=G,
                       tokens_per_step=args.tokens_per_step,
                       host_bytes=args.host_mem_gib * GIB if args.host_mem_gib else None,
                       intra_bw=args.intra_bw * 1e9 if args.intra_bw else None,
                       inter_bw=args.inter_bw * 1e9 if args.inter_bw else None, calibration=cal,
                       host_link_node_bw=args.host_link_node_bw * 1e9 if args.host_link_node_bw else None,
                       device_bytes=args.device_mem_gib * GIB if args.device_mem_gib else None,
-                      headroom=args.headroom,
-                      param_dtypes=("fp32", "bf16") if args.param_dtype == "any" else (args.param_dtype,),
+                      headroom=args.headroom, param_dtypes=param_dtypes, suggest=suggest,
                       accumulations=ACCUMULATIONS if args.accumulation == "any" else (args.accumulation,))
+
+    dtypes = ("fp32", "bf16") if args.param_dtype == "any" else (args.param_dtype,)
+    try:
+        plan = search(dtypes)
     except NoPlan as e:
         print(f"mop plan: {e}", file=sys.stderr)
+        if "bf16" not in dtypes:  # the cheaper weights: would they fit these GPUs?
+            try:
+                best = search(("bf16",), suggest=False).best
+            except NoPlan:
+                return 1
+            host = best.memory.host * G / GIB
+            print(f"with --param-dtype bf16 (bf16 weights and gradients on the devices, fp32 masters in the host "
+                  f"optimizer) it would fit: {best.summary()}; {host:.1f} GiB of host memory per node"
+                  + ("" if args.host_mem_gib else " (give --host-mem-gib to check the host)"), file=sys.stderr)
         return 1
     if args.json:
         import json
