@@ -154,7 +154,7 @@ def kill_point(proc: subprocess.Popen, wait_s: float = 60.0) -> None:
 
 def terminate_points_on_sigterm() -> None:
     """Turn SIGTERM (e.g. `timeout`, a batch scheduler) into SystemExit, so the point in flight is
-    killed with its process group (`run_point`) instead of being orphaned."""
+    killed with its whole process tree (`run_point`, `kill_point`) instead of being orphaned."""
 
     def handler(signum, frame):
         raise SystemExit(128 + signum)
