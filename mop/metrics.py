@@ -332,3 +332,10 @@ def peak_breakdown(events: list[dict], base_bytes: int = 0, top: int = 25) -> st
     for site, (size, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{size / gib:8.3f} {n:7d}  {site}")
     return "\n".join(lines) + "\n"
+
+
+def describe_phases(phases: dict[str, float]) -> str:
+    """"85.2 s (setup 2.1, model 40.3, ...)": the total first, then each phase in the order run."""
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in phases.items() if k != "total")
+    total = phases.get("total", sum(phases.values()))
+    return f"{total:.1f} s ({parts})"

@@ -21,7 +21,8 @@ from mop.checkpoint import (CheckpointManager, RunDir, RunDirError, Stateful, ag
 from mop.config import JobConfig
 from mop.distributed import ProcessInfo, init_process, local_shard
 from mop.guard import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported for callers)
-from mop.metrics import MetricsLogger, Throughput, device_memory, host_rss_bytes, memory_snapshot, step_profiler
+from mop.metrics import (MetricsLogger, Throughput, describe_phases, device_memory, host_rss_bytes, memory_snapshot,
+                         step_profiler)
 from mop.models.transformer import Transformer
 from mop.parallel.parallelize import apply_activation_policy, set_accumulation_phase
 from mop.strategies import MoPStrategy
@@ -52,6 +53,19 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module._parameters[name] = done[id(p)]
 
 
+class _PhaseTimer:
+    def __init__(self, into: dict[str, float], name: str, device: torch.device):
+        self.into, self.name, self.device = into, name, device
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if exc[0] is None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.into[self.name] = time.perf_counter() - self.t0
+
+
 @dataclass
 class TrainResult:
     """What a run produced (for callers and tests)."""
@@ -64,6 +78,10 @@ class Trainer:
     """Builds everything from a `JobConfig` and trains. Works in-process under an existing group."""
 
     def __init__(self, job: JobConfig, proc: ProcessInfo | None = None, strategy=None):
+        started = time.perf_counter()
+        # Seconds per start-up phase (printed once built; `mop bench` records them): on a GPU, start-up
+        # of a large model takes minutes, and which phase takes them decides what to shorten.
+        self.startup_s: dict[str, float] = {}
         self.proc = proc or init_process(job.training.device)
         self.device = self.proc.device
         # How the model is laid out and reduced (mop.strategies): the MoP layout unless told otherwise.
@@ -71,7 +89,8 @@ class Trainer:
         self.strategy.validate(job, self.proc)
         self.plan_overrides: list[str] = []  # what parallel.plan=auto applied (recorded by `mop bench`)
         if job.parallel.plan == "auto":
-            job = self._apply_plan(job)
+            with self._phase("plan"):
+                job = self._apply_plan(job)
         self.job = job
         t = job.training
         if t.param_dtype == "bf16" and t.grad_accum > 1 and self.proc.is_main:
@@ -101,9 +120,13 @@ class Trainer:
         self.run_dir = RunDir(job.logging.run_dir)
         self._open_run_dir()
         resume_from = self._find_resume_checkpoint()  # verified before anything large is allocated
-        self.model = self.strategy.build_model(self) or self._build_model()
-        self._plan_memory()
-        self.optimizer = self._build_optimizer()
+        self.startup_s["setup"] = time.perf_counter() - started - self.startup_s.get("plan", 0.0)
+        with self._phase("model"):
+            self.model = self.strategy.build_model(self) or self._build_model()
+        with self._phase("memory_plan"):
+            self._plan_memory()
+        with self._phase("optimizer"):
+            self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.step = 0
@@ -111,7 +134,15 @@ class Trainer:
         self.guard = NonFiniteGuard(t.nonfinite, self.proc.rank, self.proc.world, self.device, self._all_reduce,
                                     lambda text: self._tell(text))
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            with self._phase("resume"):
+                self.load_checkpoint(resume_from)
+        self.startup_s["total"] = time.perf_counter() - started
+        if self.proc.is_main and self.device.type == "cuda":
+            self._print_main("mop: start-up " + describe_phases(self.startup_s))
+
+    def _phase(self, name: str):
+        """Time one start-up phase into `startup_s[name]` (device work included: it syncs at the end)."""
+        return _PhaseTimer(self.startup_s, name, self.device)
 
     # -- run directory and resume checks -----------------------------------------------------------
     def _print_main(self, text: str) -> None:

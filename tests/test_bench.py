@@ -36,8 +36,13 @@ def test_bench_cpu_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     header = "| " + " | ".join(COLUMNS) + " |"
     assert header in table and env["git_commit"] in table
-    rows = [line for line in table.splitlines() if line.startswith("| mop ") or line.startswith("| baseline ")]
+    main_table, wall = table.split("## Wall time per point")
+    rows = [line for line in main_table.splitlines() if line.startswith("| mop ") or line.startswith("| baseline ")]
+    rows += [line for line in wall.split("## Baseline sweeps")[1].splitlines() if line.startswith("| baseline ")]
     assert len(rows) == 2 + 2 and all(line.count("|") == len(COLUMNS) + 1 for line in rows)
+    # Each point's wall time beside its start-up phases (where device time went beyond the steps).
+    walls = [line for line in wall.split("## Baseline sweeps")[0].splitlines() if line.startswith("| ")][1:]
+    assert len(walls) == 2 and all(" s (setup " in line and "model" in line for line in walls)
     for png in ("throughput.png", "memory.png"):
         if (out / png).exists():
             assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -271,3 +276,48 @@ def test_bench_records_what_the_plan_chose(tmp_path):
     assert "-> plan: " + " ".join(chosen) in point["label"]
     (measured,) = list(p for p in _points([out / "results.json"]) if p["label"] != "" and p["step_s"])
     assert "--parallel.plan=auto" not in measured["opts"] and measured["opts"][-len(chosen):] == chosen
+
+
+def test_a_point_killed_while_profiling_keeps_its_measurement(tmp_path, monkeypatch):
+    """Session 7 lost an 8K x 2^20 point: its timed step had run, then the profiled step's trace
+    export outlived the 240 s timeout and the point was recorded as a timeout. The worker now hands
+    its record over before profiling, and the runner keeps it when the profile never finishes."""
+    from mop.bench import worker
+    from mop.bench.runner import point_record
+
+    args, overrides = worker.parse_args([
+        "--system", "mop", "--result-dir", str(tmp_path), "--warmup", "1", "--steps", "1", "--profile",
+        "--model.shape=debug", "--model.n_layers=1", "--training.seq_len=64", "--training.steps=3",
+        "--training.device=cpu", "--logging.progress=none", f"--logging.run_dir={tmp_path}/run",
+        "--checkpoint.enabled=false", "--data.dataset=synthetic"])
+    seen = []
+
+    def killed(*a, **k):
+        assert seen, "the measurement must be handed over before the profiled step"
+        raise TimeoutError("killed while profiling")
+
+    monkeypatch.setattr(worker, "_profiled_step", killed)
+    with pytest.raises(TimeoutError):
+        worker.run(args, overrides, measured=seen.append)
+    (rec,) = seen
+    assert rec["status"] == "ok" and rec["profile_pending"] and rec["step_s"] > 0
+    # Where the start-up went, by phase (Trainer.startup_s), and the warm-up's seconds.
+    assert {"setup", "model", "memory_plan", "optimizer", "total"} <= set(rec["startup_s"])
+    assert rec["startup_s"]["total"] >= rec["startup_s"]["model"] > 0 and rec["warmup_s"] > 0
+
+    kept = point_record({0: rec, 1: dict(rec)}, timed_out=True, returncode=-9, timeout=240)
+    assert kept["status"] == "ok" and kept["step_s"] == rec["step_s"] and "profile_pending" not in kept
+    assert "240 s timeout while profiling" in kept["profile_by_op"]
+    # Without a measurement a timeout stays a timeout; a finished point is taken as written.
+    assert point_record({}, timed_out=True, returncode=-9, timeout=240)["status"] == "timeout"
+    done = {k: v for k, v in rec.items() if k != "profile_pending"}
+    assert point_record({0: done, 1: done}, timed_out=False, returncode=0, timeout=240) is done
+    oom = {"status": "oom", "error": "x"}
+    assert point_record({0: rec, 1: oom}, timed_out=True, returncode=3, timeout=240)["status"] == "oom"
+
+
+def test_startup_phases_read_in_order():
+    from mop.metrics import describe_phases
+
+    text = describe_phases({"plan": 1.0, "setup": 0.5, "model": 40.25, "memory_plan": 20.0, "total": 61.75})
+    assert text == "61.8 s (plan 1.0, setup 0.5, model 40.2, memory plan 20.0)"

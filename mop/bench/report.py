@@ -129,6 +129,17 @@ def markdown(results: dict) -> str:
             lines.append(f"| {p['system']} | {p.get('label', '')} | {_context_label(p['context'])} | "
                          f"{p['batch_setting']} | {p['step_s']:.3f} | {p['step_s_no_optimizer']:.3f} | "
                          f"{p['optimizer_exposed_s']:.3f} | {100 * p['optimizer_exposed_share']:.1f}% |")
+    timed = [p for p in results["points"] if p.get("startup_s")]
+    if timed:
+        from mop.metrics import describe_phases
+
+        # What each point cost beyond its timed steps: device time is budgeted per point.
+        lines += ["", "## Wall time per point (rank 0's start-up by phase, warm-up, profile)", "",
+                  "| system | context | batch | wall s | start-up s | warm-up s | profile s |", "|---|---|---|---|---|---|---|"]
+        for p in timed:
+            lines.append(f"| {p['system']} | {_context_label(p['context'])} | {p['batch_setting']} | "
+                         f"{_fmt(p.get('wall_s'), '.0f')} | {describe_phases(p['startup_s'])} | "
+                         f"{_fmt(p.get('warmup_s'), '.1f')} | {_fmt(p.get('profile_s'), '.1f')} |")
     sweeps = [p for p in results["points"] if p.get("sweep")]
     if sweeps:
         lines += ["", "## Baseline sweeps (every attempt)", ""]

@@ -74,22 +74,33 @@ def run_point(system: str, gpus: int, overrides: list[str], *, device: str, warm
                 ranks[int(f.stem[4:])] = json.loads(f.read_text())
             except (ValueError, json.JSONDecodeError):
                 continue
-    statuses = {r.get("status") for r in ranks.values()}
-    if "oom" in statuses:
-        record = next(r for r in ranks.values() if r.get("status") == "oom")
-    elif "error" in statuses:
-        record = next(r for r in ranks.values() if r.get("status") == "error")
-    elif timed_out:
-        record = {"status": "timeout", "error": f"no result within {timeout:.0f} s"}
-    elif 0 in ranks and statuses == {"ok"}:
-        record = ranks[0]  # every rank finished (a non-zero exit after that is teardown noise)
-    else:
-        record = {"status": "error", "error": f"worker exited with code {proc.returncode} and no result"}
+    record = point_record(ranks, timed_out, proc.returncode, timeout)
     record = dict(record)
     record["command"] = " ".join(cmd[:1] + ["-m", "torch.distributed.run"] + cmd[3:])
     record["wall_s"] = wall_s
     if record["status"] != "ok":
         record["output_tail"] = (output or "")[-OUTPUT_TAIL:]
+    return record
+
+
+def point_record(ranks: dict[int, dict], timed_out: bool, returncode: int | None, timeout: float) -> dict:
+    """The point's record from what its ranks wrote (rank -> rank{R}.json) and how the run ended."""
+    statuses = {r.get("status") for r in ranks.values()}
+    if "oom" in statuses:
+        record = next(r for r in ranks.values() if r.get("status") == "oom")
+    elif "error" in statuses:
+        record = next(r for r in ranks.values() if r.get("status") == "error")
+    elif 0 in ranks and statuses == {"ok"} and ranks[0].get("profile_pending"):
+        # Measured, then killed or failed while profiling (a long trace's export): the measurement stands.
+        record = {k: v for k, v in ranks[0].items() if k != "profile_pending"}
+        why = f"reached its {timeout:.0f} s timeout" if timed_out else f"exited with code {returncode}"
+        record["profile_by_op"] = f"(no profile: the point {why} while profiling)"
+    elif timed_out:
+        record = {"status": "timeout", "error": f"no result within {timeout:.0f} s"}
+    elif 0 in ranks and statuses == {"ok"}:
+        record = ranks[0]  # every rank finished (a non-zero exit after that is teardown noise)
+    else:
+        record = {"status": "error", "error": f"worker exited with code {returncode} and no result"}
     return record
 
 

@@ -138,8 +138,11 @@ def _reduce(values: list[float], op, device: torch.device) -> list[float]:
     return t.tolist()  # host sync: once, after timing
 
 
-def run(args, overrides: list[str]) -> dict:
-    """Build, warm up, time; returns this rank's record (rank 0's is the point's result)."""
+def run(args, overrides: list[str], measured=lambda record: None) -> dict:
+    """Build, warm up, time; returns this rank's record (rank 0's is the point's result).
+
+    With --profile, the record is handed to `measured` before the profiled step runs: a point whose
+    trace export outlives its timeout still has its measurement (`mop.bench.runner.run_point`)."""
     from mop.bench.skew import apply_skew
     from mop.config import build_config
     from mop.distributed import init_process
@@ -162,12 +165,19 @@ def run(args, overrides: list[str]) -> dict:
     if args.skew > 0:
         batch = next(trainer.loader)
         biases = apply_skew(trainer.model, args.skew, batch["tokens"].to(device), batch["positions"].to(device))
+    say = print if proc.is_main else (lambda *a, **k: None)
+    t0 = time.perf_counter()
     warmup_steps(trainer, args.warmup, args.warmup_micro_batches)
     _sync(device)
+    warmup_s = time.perf_counter() - t0
+    # Progress as it happens: a point killed at its timeout shows in its output how far it got.
+    say(f"mop bench worker: built in {build_s:.1f} s; {args.warmup} warm-up step(s) in {warmup_s:.1f} s", flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     outs = []
     step_times = _timed_steps(trainer, args.steps, device, outs)
+    say(f"mop bench worker: {args.steps} timed step(s): " + ", ".join(f"{x:.2f}" for x in step_times) + " s",
+        flush=True)
     loads = None
     for out in outs:
         loads = out["loads"] if loads is None else loads + out["loads"]
@@ -183,8 +193,6 @@ def run(args, overrides: list[str]) -> dict:
         for k, fn in real.items():
             setattr(opt, k, fn)
         ablation = {"no_opt_times": no_opt}
-    profile = {"profile_by_op": _profiled_step(trainer, args.result_dir, proc.rank, device,
-                                                        args.warmup_micro_batches)} if args.profile else {}
     imbalance = {}
     if loads is not None and loads.numel():
         if dist.is_initialized():
@@ -208,7 +216,7 @@ def run(args, overrides: list[str]) -> dict:
     flops_per_token = job.model.flops_per_token(job.training.seq_len)
     peak = device_peak_flops(device)
     gib = 2**30
-    return {
+    record = {
         "status": "ok",
         "world": proc.world,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -225,6 +233,10 @@ def run(args, overrides: list[str]) -> dict:
         "host_rss_peak_gib": maxes[n + 2] / gib,
         "host_rss_total_gib": rss_sum / gib,
         "build_s": maxes[n + 3],
+        # Rank 0's start-up by phase (Trainer.startup_s), warm-up and profile seconds: where a point's
+        # wall time beyond its steps went.
+        "startup_s": dict(getattr(trainer, "startup_s", {})),
+        "warmup_s": warmup_s,
         "skew_bias": biases,
         # What mop chose before step 1 (mop.memory_budget): per-block activation policies and the
         # host optimizer's device-resident share.
@@ -236,8 +248,14 @@ def run(args, overrides: list[str]) -> dict:
         "plan_overrides": list(getattr(trainer, "plan_overrides", [])),
         **imbalance,
         **ablation,
-        **profile,
     }
+    if args.profile:
+        measured({**record, "profile_pending": True})
+        t0 = time.perf_counter()
+        record["profile_by_op"] = _profiled_step(trainer, args.result_dir, proc.rank, device, args.warmup_micro_batches)
+        record["profile_s"] = time.perf_counter() - t0
+        say(f"mop bench worker: profiled step and its summary in {record['profile_s']:.1f} s", flush=True)
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     out_path = Path(args.result_dir) / f"rank{rank}.json"
     try:
-        record = run(args, overrides)
+        record = run(args, overrides, measured=lambda r: out_path.write_text(json.dumps(r, indent=1)))
         code = 0
     except torch.OutOfMemoryError as e:
         # Where it ran out: the innermost mop frames (an OOM is an expected outcome, the full
