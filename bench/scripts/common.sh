@@ -12,6 +12,25 @@ python -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.ver
   >> "$OUT/hardware.txt"
 
 pack() {
-  tar czf "$FINAL/$1.tgz" -C "$OUT" .
+  tar czf "$FINAL/$1.tgz" -C "$OUT" . 2>/dev/null
+  rm -f "$FINAL/partial.tgz"
   echo "== done: $FINAL/$1.tgz"
 }
+
+# A device call that runs past its limit is killed, and only what is under $FINAL comes back: session 7
+# lost a whole call (a 512K step) because the archive was written only at the end. So the scratch
+# directory is archived to $FINAL/partial.tgz every PACK_EVERY seconds and when the script is
+# terminated; `pack` replaces it with the named archive.
+_autopack() {
+  while sleep "${PACK_EVERY:-45}"; do tar czf "$FINAL/partial.tgz.tmp" -C "$OUT" . 2>/dev/null \
+    && mv -f "$FINAL/partial.tgz.tmp" "$FINAL/partial.tgz"; done
+}
+_autopack &
+_AUTOPACK=$!
+trap 'kill $_AUTOPACK 2>/dev/null' EXIT
+trap 'tar czf "$FINAL/partial.tgz" -C "$OUT" . 2>/dev/null; echo "== terminated: $FINAL/partial.tgz"; exit 143' TERM INT
+
+# `timeout` for a step that must end before the call's own limit: the command gets SIGTERM at
+# `left N` (seconds left until script time N) and SIGKILL 15 s later (a rank stuck in a collective
+# ignores SIGTERM and would hold the call to its limit).
+tmo() { timeout -k 15 "$@"; }
