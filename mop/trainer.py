@@ -197,7 +197,7 @@ class Trainer:
         else:
             cal, offloads, device_bytes = Calibration.load("cpu"), offload_choices(host_only=True), None
         plan = plan_for_job(job, self.proc.world, gpus_per_node=self.proc.local_world, calibration=cal,
-                            offloads=offloads, device_bytes=device_bytes)
+                            offloads=offloads, device_bytes=device_bytes, host_bytes=self._node_host_bytes())
         overrides = plan.best.step.overrides() + ["--parallel.plan=none"]
         # Measured beats predicted: an "auto" activation policy or optimizer device share stays for
         # the start-up probe to decide (mop.memory_budget) within the planned layout.
@@ -210,6 +210,20 @@ class Trainer:
                   f"{plan.best.memory.reserved / 2**30:.1f} GiB per GPU)", flush=True)
         self.plan_overrides = overrides[:-1]
         return apply_overrides(job, overrides)
+
+    def _node_host_bytes(self) -> float | None:
+        """Host memory a plan may fill on each node: 95% of what is available now (before this job
+        pins anything), the least over all nodes, in whole GiB so that every rank searches with the
+        same number (the plan is chosen by each rank alone). None where it cannot be read."""
+        from mop.optim.buckets import host_available_bytes
+
+        avail = host_available_bytes()
+        gib = float(-1 if avail is None else (0.95 * avail) // 2**30)
+        if dist.is_initialized() and self.proc.world > 1:
+            t = torch.tensor([gib if gib >= 0 else float("inf")], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            gib = t.item()
+        return None if gib < 0 or math.isinf(gib) else gib * 2**30
 
     def _build_model(self) -> Transformer:
         from mop.parallel.weight_init import init_weights_sharded

@@ -49,3 +49,25 @@ def test_auto_activation_policy_survives_the_plan(tmp_path):
                               "--parallel.plan=auto", f"--logging.run_dir={tmp_path / 'run'}"])
     trainer = Trainer(job, ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
     assert trainer.job.training.activation_checkpoint == "auto"
+
+
+def test_the_plan_respects_this_nodes_host_memory(tmp_path, monkeypatch):
+    """parallel.plan=auto plans within the host memory the node has (a pick that pins more than the
+    host holds would be killed minutes into start-up): with none available, no plan fits, and the
+    refusal says it was the host."""
+    from mop.distributed import ProcessInfo
+    from mop.optim import buckets
+    from mop.plan.search import NoPlan
+    from mop.trainer import Trainer
+
+    opts = ["--model.shape=debug", "--data.dataset=synthetic", "--training.seq_len=64", "--training.device=cpu",
+            "--parallel.plan=auto"]
+    monkeypatch.setattr(buckets, "host_available_bytes", lambda: 2**20)  # 1 MiB: rounds to 0 GiB
+    with pytest.raises(NoPlan, match="host"):
+        Trainer(build_config(None, opts + [f"--logging.run_dir={tmp_path / 'a'}"]), ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
+    monkeypatch.setattr(buckets, "host_available_bytes", lambda: 64 * 2**30)
+    trainer = Trainer(build_config(None, opts + [f"--logging.run_dir={tmp_path / 'b'}"]),
+                      ProcessInfo(0, 1, 0, 1, torch.device("cpu")))
+    assert trainer._node_host_bytes() == (0.95 * 64) // 1 * 2**30
+    monkeypatch.setattr(buckets, "host_available_bytes", lambda: None)  # unknown: not checked
+    assert trainer._node_host_bytes() is None

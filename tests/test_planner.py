@@ -228,3 +228,19 @@ def test_ulysses_activation_bytes_match_two_ranks():
         kept[policy] = activation_peak(step, Calibration.load("cpu"))["activations_kept"]
     for policy in ("none", "selective"):
         assert kept[policy] - kept["full"] == pytest.approx(measured[policy], abs=12_000), policy
+
+
+def test_a_fit_judged_without_the_automatic_optimizer_share_says_so():
+    """The automatic device share of the host optimizer fills what the step leaves, so the best
+    plan's reserved bytes may exceed the limit printed beside them: the render says what the fit
+    was judged on, and that number is under the limit."""
+    plan = choose(get_shape("qwen3-30b-a3b", n_layers=24), gpus=2, context=8192, tokens_per_step=2**20,
+                  calibration=Calibration.load("h200"))
+    b = plan.best
+    assert b.step.offload != "none" and b.judged_reserved is not None
+    limit = plan.headroom * plan.device_bytes
+    assert b.judged_reserved <= limit < b.memory.reserved
+    assert f"fits at {b.judged_reserved / 2**30:.1f} GiB without the optimizer's device share" in plan.render()
+    # Without a host optimizer there is no automatic share and no such line.
+    dev = choose(get_shape("debug"), gpus=1, context=64, calibration=Calibration.load("cpu"), offloads=("none",))
+    assert dev.best.judged_reserved is None and "without the optimizer's device share" not in dev.render()

@@ -50,6 +50,9 @@ class Candidate:
     memory: MemoryEstimate
     time: TimeEstimate
     reason: str = ""
+    # Reserved bytes without the host optimizer's automatic device share, where it has one: what the
+    # fit was judged on (the share then takes what the step leaves under the trainer's cap).
+    judged_reserved: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -114,6 +117,9 @@ class Plan:
                  + ", ".join(f"{k} {v:.3f}s" for k, v in t.terms().items() if v > 0),
                  f"  device memory by term (limit {self.headroom * self.device_bytes / GIB:.1f} GiB): "
                  + ", ".join(f"{k} {v / GIB:.1f}" for k, v in m.device_terms().items() if v > 0.05 * GIB),
+                 *([f"  fits at {b.judged_reserved / GIB:.1f} GiB without the optimizer's device share "
+                    f"({b.step.device_fraction:.2f} of its state), which takes what the step leaves under "
+                    "the trainer's cap"] if b.judged_reserved is not None else []),
                  f"  host per rank: pinned state {m.host_pinned_state / GIB:.1f}, staging {m.host_staging / GIB:.1f}, "
                  f"offloaded checkpoints {m.host_checkpoints / GIB:.1f}, process {m.host_process / GIB:.1f} GiB; "
                  f"per node {m.host * self.cluster.gpus_per_node / GIB:.1f} GiB",
@@ -164,7 +170,7 @@ def evaluate(step: Step, cal: Calibration, cluster: Cluster, device_bytes: float
     elif cluster.host_bytes is not None and mem.host * cluster.gpus_per_node > cluster.host_bytes:
         reason = (f"host {mem.host * cluster.gpus_per_node / GIB:.1f} GiB per node > "
                   f"{cluster.host_bytes / GIB:.1f} GiB (pinned state {mem.host_pinned_state / GIB:.1f} GiB per rank)")
-    return Candidate(step, mem, t, reason)
+    return Candidate(step, mem, t, reason, judged.reserved if judged is not mem else None)
 
 
 def split_inputs(step: Step, cal: Calibration, device_bytes: float
