@@ -135,6 +135,10 @@ class TrainingConfig:
     # "none*4,selective*12,full". true/false mean "full"/"none".
     activation_checkpoint: str = "none"
     loss_kernels: str = "auto"  # "auto": fused (torch.compile) strip kernels on CUDA, eager on CPU | "fused" | "eager"
+    # RoPE, SwiGLU and the experts' weighted sum (mop.ops.fused): "eager" (op by op) | "fused"
+    # (torch.compile'd, one kernel each way) | "auto" (fused on CUDA). Eager by default until the
+    # fused kernels are measured on the GPU (bench/scripts/session8.sh PART=a).
+    elementwise_kernels: str = "eager"
     # dtype of the weights the model holds, and so of their gradients: "fp32", or "bf16" with a host
     # optimizer (optimizer.offload=cpu|gpu_stream), which keeps the fp32 master weights: the device
     # then holds 2 + 2 bytes per parameter instead of 4 + 4 (MOP.md §1), the rest goes to activations.
@@ -157,6 +161,8 @@ class TrainingConfig:
             raise _bad("training.param_dtype", f"{self.param_dtype!r} is not one of 'fp32', 'bf16'")
         if self.loss_kernels not in ("auto", "fused", "eager"):
             raise _bad("training.loss_kernels", f"{self.loss_kernels!r} is not one of 'auto', 'fused', 'eager'")
+        if self.elementwise_kernels not in ("auto", "fused", "eager"):
+            raise _bad("training.elementwise_kernels", f"{self.elementwise_kernels!r} is not one of 'auto', 'fused', 'eager'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise _bad("training.device", f"{self.device!r} is not one of 'auto', 'cpu', 'cuda'")
         if self.dtype not in ("auto", "bf16", "fp32"):

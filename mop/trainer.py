@@ -232,6 +232,7 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(job.model)
         model.output.loss_kernels = job.training.loss_kernels  # per head, not process-wide
+        model.set_elementwise_kernels(job.training.elementwise_kernels)  # per module, before parallelize
         if job.training.param_dtype == "bf16":
             _cast_parameters(model, torch.bfloat16)
         if self.sharded:

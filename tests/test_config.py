@@ -103,7 +103,7 @@ def test_option_set_is_frozen():
         "data.dataset", "data.cache_dir", "data.synthetic_doc_len",
         "training.steps", "training.seq_len", "training.batch_size", "training.grad_accum", "training.warmup_steps",
         "training.min_lr_ratio", "training.max_grad_norm", "training.nonfinite", "training.seed", "training.device", "training.dtype",
-        "training.activation_checkpoint", "training.loss_kernels", "training.param_dtype",
+        "training.activation_checkpoint", "training.loss_kernels", "training.elementwise_kernels", "training.param_dtype",
         "checkpoint.every", "checkpoint.keep", "checkpoint.enabled", "checkpoint.resume", "checkpoint.init_from",
         "logging.run_dir", "logging.log_every", "logging.progress", "logging.tensorboard", "logging.wandb",
         "logging.profile_step", "logging.memory_step",

@@ -105,3 +105,13 @@ def test_planned_configuration_equals_single_process(tmp_path):
     """parallel.plan=auto: the layout, policies and optimizer placement `mop plan` picks (CPU
     calibration; the tokens per step kept) train exactly like one process."""
     compare_with_reference(2, {"plan": "auto"}, tmp_path)
+
+
+def test_fused_elementwise_kernels_equal_single_process(tmp_path):
+    """training.elementwise_kernels=fused (torch.compile'd RoPE, SwiGLU, weighted sum) under D=2, Ep=2
+    with LLEP, whose expert layer recomputes its SwiGLU in backward, and P=2, against the eager
+    single process."""
+    compare_with_reference(2, {"seq.degree": 2, "experts.degree": 2, "vocab.degree": 2, "experts.dispatcher": "llep",
+                               "experts.llep_min_chunk": 8}, tmp_path,
+                           extra=["--training.elementwise_kernels=fused", "--training.activation_checkpoint=selective"],
+                           ref_extra=[])

@@ -68,7 +68,8 @@ class AllToAllExperts(nn.Module):
     def from_module(cls, orig: nn.Module, ep_mesh) -> "AllToAllExperts":
         """Replace a (meta-device) `GroupedExperts`."""
         E, H, I = orig.w1.shape
-        act = ExpertActivation(getattr(orig, "swiglu_limit", 0.0), getattr(orig, "swiglu_alpha", 1.702))
+        act = ExpertActivation(getattr(orig, "swiglu_limit", 0.0), getattr(orig, "swiglu_alpha", 1.702),
+                               getattr(orig, "elementwise_kernels", "eager"))
         return cls(E, H, I, ep_mesh, bias=getattr(orig, "b1", None) is not None, act=act)
 
     def forward(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:

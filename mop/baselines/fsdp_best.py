@@ -343,6 +343,7 @@ class FSDPBestStrategy(MoPStrategy):
 
         with torch.device("meta"):
             model = Transformer(trainer.job.model)
+        model.set_elementwise_kernels(trainer.job.training.elementwise_kernels)
         self.parallelize(trainer, model)
         model.to_empty(device="cpu")
         # Each full value is generated on the accelerator and only this rank's shard is copied to the

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mop.models.attention_core import AttentionCore
+from mop.ops.fused import kernel
 
 
 class RMSNorm(nn.Module):
@@ -32,15 +33,17 @@ def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, theta: float) -> tup
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) (the Llama/Qwen "rotate half" convention)."""
-    x1, x2 = x_BSHD.float().chunk(2, dim=-1)
-    cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BSHD.dtype)
+def apply_rope(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
+               kernels: str = "eager") -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) (the Llama/Qwen "rotate half" convention); `kernels`:
+    op by op or one fused kernel (mop.ops.fused)."""
+    return kernel("rope", x_BSHD, kernels)(x_BSHD, cos_BSD, sin_BSD)
 
 
 class Attention(nn.Module):
     """Grouped-query attention with optional QK-norm and rotary embeddings."""
+
+    elementwise_kernels = "eager"  # RoPE op by op or fused (mop.ops.fused); the trainer sets it
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: bool, bias: bool,
                  norm_eps: float, rope_theta: float, *, rope=None, sinks: bool = False, window: int = 0):
@@ -76,7 +79,7 @@ class Attention(nn.Module):
         v = self.wv(x_BSH).view(B, S, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *rope, self.elementwise_kernels), apply_rope(k, *rope, self.elementwise_kernels)
         extras = {}
         if self.sinks is not None:
             extras["sinks"] = self.sinks
@@ -95,5 +98,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
+    elementwise_kernels = "eager"  # SwiGLU op by op or fused (mop.ops.fused); the trainer sets it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        return self.w2(kernel("swiglu", gate, self.elementwise_kernels)(gate, up))

@@ -49,6 +49,8 @@ LATENT_NORM_EPS = 1e-6
 class MultiHeadLatentAttention(nn.Module):
     """MLA with low-rank q (optional), a compressed KV latent, decoupled RoPE and v_head_dim != qk dim."""
 
+    elementwise_kernels = "eager"  # RoPE op by op or fused (mop.ops.fused); the trainer sets it
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.qk_dim, self.v_dim = cfg.n_heads, cfg.head_dim, cfg.value_head_dim
@@ -79,8 +81,8 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).view(B, S, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         cos, sin = self.rope.tables(positions_BS)
-        q_rope = self.rope.rotate(q_rope, cos, sin)
-        k_rope = self.rope.rotate(k_rope.view(B, S, 1, self.rope_dim), cos, sin)
+        q_rope = self.rope.rotate(q_rope, cos, sin, self.elementwise_kernels)
+        k_rope = self.rope.rotate(k_rope.view(B, S, 1, self.rope_dim), cos, sin, self.elementwise_kernels)
         heads = k_nope.shape[2]
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, S, heads, self.rope_dim)], dim=-1)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mop.models.activation_policy import checkpoint_phase
 from mop.models.config import ModelConfig
 from mop.models.layers import FeedForward
+from mop.ops.fused import kernel
 from mop.ops.grouped_mm import grouped_mm
 
 
@@ -131,14 +132,10 @@ class Router(nn.Module):
 
 
 def expert_activation(gate: torch.Tensor, up: torch.Tensor, swiglu_limit: float = 0.0,
-                      alpha: float = 1.702) -> torch.Tensor:
-    """SwiGLU silu(gate) * up; with `swiglu_limit` > 0 gpt-oss' clamped form:
-    gate' = min(gate, limit), up' = clamp(up, -limit, limit), gate' * sigmoid(alpha * gate') * (up' + 1)."""
-    if not swiglu_limit:
-        return F.silu(gate) * up
-    gate = gate.clamp(max=swiglu_limit)
-    up = up.clamp(-swiglu_limit, swiglu_limit)
-    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+                      alpha: float = 1.702, kernels: str = "eager") -> torch.Tensor:
+    """SwiGLU silu(gate) * up, or gpt-oss' clamped form when `swiglu_limit` > 0
+    (`mop.ops.fused.swiglu_math`); `kernels`: op by op or one fused kernel."""
+    return kernel("swiglu", gate, kernels)(gate, up, swiglu_limit, alpha)
 
 
 def expert_counts(topk_idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -191,15 +188,14 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torc
 
 
 def combine_slots(y_NH: torch.Tensor, inv_order: torch.Tensor, order: torch.Tensor,
-                  topk_weight_TK: torch.Tensor) -> torch.Tensor:
+                  topk_weight_TK: torch.Tensor, kernels: str = "eager") -> torch.Tensor:
     """y_t = sum_k w[t,k] * y[slot (t,k)] from rows in expert order (`order[i]`: the slot of row i,
     `inv_order` its inverse): a permutation back to (t, k) order (its gradient a gather too), the
-    product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run)."""
+    product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run);
+    `kernels`: the weighted sum op by op or fused (`mop.ops.fused.weighted_sum_math`)."""
     T, K = topk_weight_TK.shape
     y_TKH = permute_rows(y_NH, inv_order, order).view(T, K, y_NH.shape[-1])
-    # sum(dtype=fp32) accumulates in fp32 inside the reduction (CUDA reads bf16 directly), where
-    # .float().sum() would first write the T x K x H products out in fp32.
-    return (y_TKH * topk_weight_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(1, dtype=torch.float32).to(y_NH.dtype)
+    return kernel("weighted_sum", y_TKH, kernels)(y_TKH, topk_weight_TK)
 
 
 class GroupedExperts(nn.Module):
@@ -207,6 +203,8 @@ class GroupedExperts(nn.Module):
 
     gpt-oss: `bias` adds b1/b3 [E, I] and b2 [E, H]; `swiglu_limit` > 0 clamps (`expert_activation`).
     """
+
+    elementwise_kernels = "eager"  # SwiGLU and the weighted sum op by op or fused (mop.ops.fused)
 
     def __init__(self, n_experts: int, dim: int, hidden: int, bias: bool = False, swiglu_limit: float = 0.0,
                  swiglu_alpha: float = 1.702):
@@ -236,11 +234,11 @@ class GroupedExperts(nn.Module):
         if biased:  # row i of the sorted slots belongs to expert flat_expert[order[i]]
             expert_of_slot = flat_expert[order]
             gate, up = gate + self.b1[expert_of_slot], up + self.b3[expert_of_slot]
-        h = expert_activation(gate, up, self.swiglu_limit, self.swiglu_alpha)
+        h = expert_activation(gate, up, self.swiglu_limit, self.swiglu_alpha, self.elementwise_kernels)
         out = grouped_mm(h, self.w2, tokens_per_expert_E)
         if biased:
             out = out + self.b2[expert_of_slot]
-        return combine_slots(out, inv_order, order, topk_weight_TK)
+        return combine_slots(out, inv_order, order, topk_weight_TK, self.elementwise_kernels)
 
 
 class MoE(nn.Module):

@@ -67,12 +67,13 @@ class Rotary:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos, sin
 
-    def rotate(self, x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
+               kernels: str = "eager") -> torch.Tensor:
         """Rotate x [B, S, heads, dim]. Interleaved pairs (x0, x1), (x2, x3), ... come out as halves:
         q and k get the same permutation of their dims, so q.k, the only use, is unchanged (as in HF)."""
         if self.interleave:
             x_BSHD = torch.cat([x_BSHD[..., 0::2], x_BSHD[..., 1::2]], dim=-1)
-        return apply_rope(x_BSHD, cos_BSD, sin_BSD)
+        return apply_rope(x_BSHD, cos_BSD, sin_BSD, kernels)
 
     def _check(self, positions_BS: torch.Tensor) -> None:
         """Warn when positions reach past the trained context (`max_position_embeddings`): RoPE (and

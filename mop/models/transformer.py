@@ -169,6 +169,16 @@ class Transformer(nn.Module):
         ce = self.output(hidden.flatten(0, 1), labels_BS.flatten(), normalizer)
         return ce, aux
 
+    def set_elementwise_kernels(self, kernels: str) -> None:
+        """RoPE, SwiGLU and the experts' weighted sum op by op or fused (`mop.ops.fused`), in every
+        module that has them. Before `parallelize`, whose expert layers copy the choice."""
+        from mop.ops.fused import check_kernels
+
+        check_kernels(kernels)
+        for m in self.modules():
+            if hasattr(m, "elementwise_kernels"):
+                m.elementwise_kernels = kernels
+
     def routers(self):
         return [b.moe.router for b in self.layers.values() if b.is_moe]
 

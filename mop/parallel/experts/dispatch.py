@@ -143,6 +143,7 @@ class ExpertActivation:
 
     swiglu_limit: float = 0.0
     swiglu_alpha: float = 1.702
+    kernels: str = "eager"  # op by op or fused (mop.ops.fused), as the replaced experts module had it
 
 
 def expert_mlp(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHI, w3_EHI, w2_EIH, b1_EI=None, b3_EI=None,
@@ -158,7 +159,8 @@ def expert_mlp(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHI, w3_EHI, w2_EI
         expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_NH.device), counts_E,
                                            output_size=x_NH.shape[0])
         gate_NI, up_NI = gate_NI + b1_EI[expert_N], up_NI + b3_EI[expert_N]
-    y_NH = grouped_mm(expert_activation(gate_NI, up_NI, act.swiglu_limit, act.swiglu_alpha), w2_EIH, counts_E)
+    y_NH = grouped_mm(expert_activation(gate_NI, up_NI, act.swiglu_limit, act.swiglu_alpha, act.kernels), w2_EIH,
+                      counts_E)
     return y_NH if expert_N is None else y_NH + b2_EH[expert_N]
 
 

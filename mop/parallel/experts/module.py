@@ -71,7 +71,8 @@ class ExpertParallelExperts(nn.Module):
         if tuple(orig.w3.shape) != (E, H, I) or tuple(orig.w2.shape) != (E, I, H):
             raise ValueError(f"experts weights must be w1/w3 [E,H,I] and w2 [E,I,H]; got w1 {tuple(orig.w1.shape)}, "
                              f"w3 {tuple(orig.w3.shape)}, w2 {tuple(orig.w2.shape)}")
-        act = ExpertActivation(getattr(orig, "swiglu_limit", 0.0), getattr(orig, "swiglu_alpha", 1.702))
+        act = ExpertActivation(getattr(orig, "swiglu_limit", 0.0), getattr(orig, "swiglu_alpha", 1.702),
+                               getattr(orig, "elementwise_kernels", "eager"))
         return cls(E, H, I, layout, ExpertParallelConfig.from_any(cfg), dtype=orig.w1.dtype, device="meta",
                    bias=getattr(orig, "b1", None) is not None, act=act)
 
