@@ -321,3 +321,18 @@ def test_startup_phases_read_in_order():
 
     text = describe_phases({"plan": 1.0, "setup": 0.5, "model": 40.25, "memory_plan": 20.0, "total": 61.75})
     assert text == "61.8 s (plan 1.0, setup 0.5, model 40.2, memory plan 20.0)"
+
+
+def test_block_bench_compares_kernel_modes(tmp_path):
+    """mop.bench.block times one block under each elementwise kernels mode and says how far each is
+    from the first (fp32 on CPU: the same arithmetic, so within rounding)."""
+    from mop.bench.block import main
+
+    out = tmp_path / "block.json"
+    main(["--shape", "debug", "--tokens", "64", "--kernels", "eager,fused", "--policies", "none,full",
+          "--iters", "1", "--device", "cpu", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["policy"], r["kernels"]) for r in rows] == [("none", "eager"), ("none", "fused"),
+                                                           ("full", "eager"), ("full", "fused")]
+    assert all(r["ms"] > 0 and r["diff_y"] < 1e-5 and r["diff_dx"] < 1e-5 for r in rows)
+    assert "| debug | 64 | full | fused |" in out.with_suffix(".md").read_text()

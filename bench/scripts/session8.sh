@@ -2,6 +2,10 @@
 # Session 8's device calls (2 x H200, qwen3-30b-a3b, 24 layers = 12 per GPU), after session 7
 # (bench/results/2026-11-30-session7-2xh200/SUMMARY.md). One PART per call, in this order; each
 # fits one 10-minute call with margin, and $OUT/partial.tgz comes back even if a call is cut short.
+#   PART=h  first (~2 min): the fused elementwise kernels (training.elementwise_kernels, session 7)
+#           against op by op, one block fwd+bwd on one GPU each: qwen3-30b-a3b at 8K and 32K tokens
+#           (GPU 0) and kimi-k2 with MLA at 8K (GPU 1), policies none and selective. If fused wins,
+#           run the parts below with KERNELS=fused (both systems get it: same model code).
 #   PART=a  #12, 2^20 tokens per step: 8K as `mop plan` lays it out (keep_gathered, P = 1; policies
 #           and optimizer share by the start-up probe) against the baseline's best (plain FSDP2,
 #           experts gathered, full AC), then 32K as the plan lays it out. No profile: session 7's
@@ -22,7 +26,8 @@
 # Usage: OUT=dir PART=a bash bench/scripts/session8.sh
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-560} - SECONDS )); }
-B="python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --gpus 2"
+K=${KERNELS:-eager}
+B="python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --gpus 2 --overrides --training.elementwise_kernels=$K"
 show() { sed -n '/## Results/,/## Baseline sweeps/p' "$1/results.md"; rm -rf "$1/work"; }
 ONE_M="--batch-setting 1M --warmup 1 --warmup-micro-batches 2 --steps 1"
 FULL='{"ep": 2, "cp": 2, "chunked_loss": true, "optimizer_offload": true}'
@@ -31,6 +36,13 @@ FULL='{"ep": 2, "cp": 2, "chunked_loss": true, "optimizer_offload": true}'
 SEL='{"ep": 2, "cp": 2, "chunked_loss": true, "optimizer_offload": true, "selective": true}'
 
 case ${PART:-a} in
+h)
+  CUDA_VISIBLE_DEVICES=0 tmo $(left 300) python -m mop.bench.block --shape qwen3-30b-a3b --tokens 8192,32768 \
+    --kernels eager,fused --policies none,selective --iters 10 --out "$OUT/block_qwen3.json" > "$OUT/block_qwen3.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 tmo $(left 300) python -m mop.bench.block --shape kimi-k2 --tokens 8192 \
+    --kernels eager,fused --policies none,selective --iters 10 --out "$OUT/block_kimi.json" > "$OUT/block_kimi.log" 2>&1 &
+  wait; cat "$OUT"/block_qwen3.md "$OUT"/block_kimi.md 2>/dev/null; tail -3 "$OUT"/block_*.log
+  ;;
 a)
   tmo $(left 330) $B --contexts 8K $ONE_M --timeout 300 --mop-layout plan \
     --baseline-configs '[{"ep": 1}]' --out "$OUT/p8k" > "$OUT/p8k.log" 2>&1
@@ -44,7 +56,7 @@ b)
     --parallel.experts.dispatcher=llep_pipelined --parallel.experts.chunk_tokens=16384 --parallel.seq.head_chunks=4 \
     --optimizer.offload=gpu_stream --optimizer.device_fraction=0.067 --training.param_dtype=bf16 \
     --training.activation_checkpoint=selective*3,full*5,offload --data.dataset=synthetic --data.synthetic_doc_len=0 \
-    --training.steps=1 --checkpoint.enabled=false --logging.progress=none \
+    --training.steps=1 --checkpoint.enabled=false --logging.progress=none --training.elementwise_kernels=$K \
     --logging.log_every=1 --logging.memory_step=1 --logging.run_dir=/tmp/r512 > "$OUT/train_512k.log" 2>&1
   echo "rc=$?" >> "$OUT/train_512k.log"; tail -8 "$OUT/train_512k.log"
   cp /tmp/r512/metrics.jsonl /tmp/r512/memory_rank0.txt "$OUT/" 2>/dev/null
