@@ -98,3 +98,34 @@ def test_model_with_fused_kernels_trains_like_eager():
         torch.testing.assert_close(grads["fused"][n], g, atol=1e-6, rtol=1e-5, msg=n)
     with pytest.raises(ValueError, match="elementwise kernels"):
         model.set_elementwise_kernels("nope")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-2)])
+def test_slot_gathers_fused_equal_the_eager_permutations(dtype, tol):
+    """The experts' copy to slots (its backward: gather and sum per token) and the combine (gather and
+    weighted sum; its backward: two gathers), fused, against the op-by-op permutations: fp32 the same
+    arithmetic, bf16 within a rounding of the fp32 result (atol as in the test above)."""
+    from mop.models.moe import _ExpandToSlots, combine_slots
+
+    torch.manual_seed(0)
+    T, K, H, E = 13, 3, 16, 5
+    order = torch.argsort(torch.randint(0, E, (T * K,)), stable=True)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(T * K)
+    ref = {}
+    for kernels in ("eager", "fused"):
+        torch.manual_seed(1)
+        x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+        y = torch.randn(T * K, H, dtype=dtype, requires_grad=True)
+        w = torch.rand(T, K, requires_grad=True)
+        slots = _ExpandToSlots.apply(x if kernels == "fused" else x.float(), order // K, inv, K, kernels)
+        out = combine_slots(y if kernels == "fused" else y.float(), inv, order, w, kernels)
+        g_slots, g_out = torch.randn(T * K, H), torch.randn(T, H)
+        (slots.float() * g_slots).sum().backward()
+        (out.float() * g_out).sum().backward()
+        got = {"slots": slots.float(), "out": out.float(), "dx": x.grad.float(), "dy": y.grad.float(), "dw": w.grad}
+        if kernels == "eager":  # the reference: op by op in fp32 on the same values
+            ref = got
+        else:
+            for k, v in got.items():
+                torch.testing.assert_close(v, ref[k], atol=tol, rtol=tol, msg=k)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mop.models.activation_policy import checkpoint_phase
 from mop.models.config import ModelConfig
 from mop.models.layers import FeedForward
-from mop.ops.fused import kernel
+from mop.ops.fused import is_fused, kernel
 from mop.ops.grouped_mm import grouped_mm
 
 
@@ -154,16 +154,32 @@ class _ExpandToSlots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH, token_of_slot, inv_order, top_k):
+    def forward(ctx, x_TH, token_of_slot, inv_order, top_k, kernels="eager"):
         ctx.save_for_backward(inv_order)
-        ctx.top_k = top_k
+        ctx.top_k, ctx.kernels = top_k, kernels
         return x_TH.index_select(0, token_of_slot)
 
     @staticmethod
     def backward(ctx, g_NH):
         inv_order, = ctx.saved_tensors
-        g_TKH = g_NH.index_select(0, inv_order).view(-1, ctx.top_k, g_NH.shape[-1])
-        return g_TKH.sum(1, dtype=torch.float32).to(g_NH.dtype), None, None, None
+        return kernel("gather_sum", g_NH, ctx.kernels)(g_NH, inv_order, ctx.top_k), None, None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """`combine_slots` in one gather-and-weight pass each way (`mop.ops.fused.combine_math` and its
+    gradients), for fused kernels; saves the expert outputs in expert order instead of a permuted copy."""
+
+    @staticmethod
+    def forward(ctx, y_NH, inv_order, order, topk_weight_TK, kernels):
+        ctx.save_for_backward(y_NH, inv_order, order, topk_weight_TK)
+        ctx.kernels = kernels
+        return kernel("combine", y_NH, kernels)(y_NH, inv_order, topk_weight_TK)
+
+    @staticmethod
+    def backward(ctx, g_TH):
+        y_NH, inv_order, order, w_TK = ctx.saved_tensors
+        dy_NH, dw_TK = kernel("combine_grads", g_TH, ctx.kernels)(g_TH.contiguous(), y_NH, inv_order, order, w_TK)
+        return dy_NH, None, None, dw_TK, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -192,7 +208,9 @@ def combine_slots(y_NH: torch.Tensor, inv_order: torch.Tensor, order: torch.Tens
     """y_t = sum_k w[t,k] * y[slot (t,k)] from rows in expert order (`order[i]`: the slot of row i,
     `inv_order` its inverse): a permutation back to (t, k) order (its gradient a gather too), the
     product in the rows' dtype, the sum over k in fp32 (no atomics: the same bits every run);
-    `kernels`: the weighted sum op by op or fused (`mop.ops.fused.weighted_sum_math`)."""
+    `kernels`: op by op, or the gather and weighted sum fused each way (`_CombineSlots`)."""
+    if is_fused(y_NH, kernels):
+        return _CombineSlots.apply(y_NH, inv_order, order, topk_weight_TK, kernels)
     T, K = topk_weight_TK.shape
     y_TKH = permute_rows(y_NH, inv_order, order).view(T, K, y_NH.shape[-1])
     return kernel("weighted_sum", y_TKH, kernels)(y_TKH, topk_weight_TK)
@@ -227,7 +245,7 @@ class GroupedExperts(nn.Module):
         inv_order = torch.empty_like(order)
         inv_order[order] = torch.arange(order.numel(), device=order.device)
         tokens_per_expert_E = expert_counts(topk_idx_TK, self.n_experts)
-        x_routed = _ExpandToSlots.apply(x_TH, order // K, inv_order, K)
+        x_routed = _ExpandToSlots.apply(x_TH, order // K, inv_order, K, self.elementwise_kernels)
         gate = grouped_mm(x_routed, self.w1, tokens_per_expert_E)
         up = grouped_mm(x_routed, self.w3, tokens_per_expert_E)
         biased = "b1" in self._parameters

@@ -1,11 +1,13 @@
-"""Fused elementwise kernels of a block: RoPE, SwiGLU and the experts' weighted sum.
+"""Fused elementwise kernels of a block: RoPE, SwiGLU, and the experts' slot gathers and weighted sum.
 
 Run op by op, these are memory-bound chains that read and write their tensors several times. RoPE on
 q and k: a fp32 copy, two halves, four products, a difference, a sum, a concatenation and a cast: about
 190 KB of traffic per token per qwen3-30b-a3b block in forward, against about 20 KB for one pass
 that reads the 16-bit q/k and writes them rotated. The experts' combine multiplies the K expert
 outputs of each token by their weights, writes that, reads it again to sum in fp32, then casts
-(~120 KB/token where one pass reads 32 KB). SwiGLU writes silu(gate) and reads it back. Counted with
+(~120 KB/token where one pass reads 32 KB); gathering those outputs back from expert order first
+writes and reads them once more, and in backward the K slot gradients of each token are gathered,
+written, and read again to be summed. SwiGLU writes silu(gate) and reads it back. Counted with
 a dispatch-mode ledger of one block on CPU (bf16, 2,048 tokens); on CUDA, RMSNorm is already fused.
 
 `kernels` chooses per call site, as the model's modules set it (`elementwise_kernels`, from
@@ -57,13 +59,45 @@ def weighted_sum_math(y_TKH: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     return (y_TKH * w_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(1, dtype=torch.float32).to(y_TKH.dtype)
 
 
-_MATH = {"rope": rope_math, "swiglu": swiglu_math, "weighted_sum": weighted_sum_math}
+def gather_sum_math(g_NH: torch.Tensor, index_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """sum over k of g[index[t * K + k]] in fp32, in g's dtype: the K slot gradients of each token
+    gathered from expert order and summed (the backward of copying each token to its K slots)."""
+    return g_NH.index_select(0, index_N).view(-1, top_k, g_NH.shape[-1]).sum(1, dtype=torch.float32).to(g_NH.dtype)
+
+
+def combine_math(y_NH: torch.Tensor, inv_order_N: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t,k] * y[inv_order[t * K + k]]: expert outputs gathered back to (t, k) order and
+    weighted in one pass (`weighted_sum_math` of the gathered rows)."""
+    T, K = w_TK.shape
+    return weighted_sum_math(y_NH.index_select(0, inv_order_N).view(T, K, y_NH.shape[-1]), w_TK)
+
+
+def combine_grads_math(g_TH: torch.Tensor, y_NH: torch.Tensor, inv_order_N: torch.Tensor, order_N: torch.Tensor,
+                       w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `combine_math`, as autograd computes them op by op: row i of dy (slot
+    order[i] = t * K + k) is g[t] * w[t,k] in y's dtype; dw[t,k] = sum_h g[t,h] * y[slot (t,k), h],
+    accumulated in fp32, rounded to y's dtype, then to w's. Both are gathers, no scatter."""
+    T, K = w_TK.shape
+    w_y = w_TK.to(y_NH.dtype)
+    dy_NH = g_TH.index_select(0, order_N // K) * w_y.reshape(-1).index_select(0, order_N).unsqueeze(-1)
+    y_TKH = y_NH.index_select(0, inv_order_N).view(T, K, y_NH.shape[-1])
+    dw_TK = (y_TKH * g_TH.unsqueeze(1)).sum(-1, dtype=torch.float32).to(y_NH.dtype).to(w_TK.dtype)
+    return dy_NH, dw_TK
+
+
+_MATH = {"rope": rope_math, "swiglu": swiglu_math, "weighted_sum": weighted_sum_math, "gather_sum": gather_sum_math,
+         "combine": combine_math, "combine_grads": combine_grads_math}
 _COMPILED: dict = {}  # a cache, not a setting: each function is compiled once per process
+
+
+def is_fused(t: torch.Tensor, kernels: str) -> bool:
+    """Whether `kernels` means fused kernels for tensors on `t`'s device."""
+    return kernels == "fused" or (kernels == "auto" and t.is_cuda)
 
 
 def kernel(name: str, t: torch.Tensor, kernels: str):
     """The function `name` of _MATH, compiled where `kernels` asks for fused kernels on `t`'s device."""
-    if kernels == "fused" or (kernels == "auto" and t.is_cuda):
+    if is_fused(t, kernels):
         fn = _COMPILED.get(name)
         if fn is None:
             fn = _COMPILED[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
