@@ -196,8 +196,12 @@ class Trainer:
             cal, offloads, device_bytes = for_device(props.name), offload_choices(), props.total_memory
         else:
             cal, offloads, device_bytes = Calibration.load("cpu"), offload_choices(host_only=True), None
+        from mop.plan.step import resolve_elementwise_kernels
+
+        kernels = resolve_elementwise_kernels(job.training.elementwise_kernels, cpu=self.device.type != "cuda")
         plan = plan_for_job(job, self.proc.world, gpus_per_node=self.proc.local_world, calibration=cal,
-                            offloads=offloads, device_bytes=device_bytes, host_bytes=self._node_host_bytes())
+                            offloads=offloads, device_bytes=device_bytes, host_bytes=self._node_host_bytes(),
+                            elementwise_kernels=kernels)
         overrides = plan.best.step.overrides() + ["--parallel.plan=none"]
         # Measured beats predicted: an "auto" activation policy or optimizer device share stays for
         # the start-up probe to decide (mop.memory_budget) within the planned layout.

@@ -129,3 +129,96 @@ def test_slot_gathers_fused_equal_the_eager_permutations(dtype, tol):
         else:
             for k, v in got.items():
                 torch.testing.assert_close(v, ref[k], atol=tol, rtol=tol, msg=k)
+
+
+def _saved_bytes(shape: str, kernels: str, seq_len: int) -> int:
+    """Bytes autograd saves in one forward (unique storages, parameters excluded)."""
+    from mop.models.shapes import get_shape
+    from mop.models.transformer import Transformer
+
+    cfg = get_shape(shape)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    model.set_elementwise_kernels(kernels)
+    model.train()
+    model.block_policies = ["none"] * cfg.n_layers
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, torch.arange(seq_len)[None], tokens, None)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", ["debug", "tiny"])
+def test_the_memory_model_knows_what_fused_kernels_save(shape):
+    """Fused SwiGLU recomputes silu's output in backward instead of keeping it (dense FFN, shared and
+    routed experts): the planner's kept bytes drop by exactly what a CPU run's saved tensors do."""
+    from mop.models.shapes import get_shape
+    from mop.parallel.layout import LayoutSpec
+    from mop.plan.memory import kept_bytes
+    from mop.plan.step import Step
+
+    cfg = get_shape(shape)
+    seq_len = 64
+    measured = _saved_bytes(shape, "eager", seq_len) - _saved_bytes(shape, "fused", seq_len)
+    moe = [i >= cfg.n_dense_layers for i in range(cfg.n_layers)]
+    predicted = 0.0
+    for kernels, sign in (("eager", 1), ("fused", -1)):
+        step = Step(model=cfg, layout=LayoutSpec(1), seq_len=seq_len, policies="none", dispatcher="alltoall",
+                    act_bytes=4, cpu=True, elementwise_kernels=kernels)
+        predicted += sign * seq_len * sum(kept_bytes(step, "none", e) for e in moe)
+    assert measured > 0 and predicted == measured
+
+
+def test_plans_carry_the_kernels_and_fused_time_scales_the_memory_bound_term():
+    from dataclasses import replace
+
+    from mop.models.shapes import get_shape
+    from mop.parallel.layout import LayoutSpec
+    from mop.plan.calibration import Calibration
+    from mop.plan.step import Step, resolve_elementwise_kernels, step_from_overrides
+    from mop.plan.timing import estimate_time
+
+    cfg = get_shape("qwen3-30b-a3b", n_layers=4)
+    cal = Calibration.load("h200")
+    eager = Step(model=cfg, layout=LayoutSpec(2), seq_len=8192, policies="none", dispatcher="alltoall")
+    fused_step = replace(eager, elementwise_kernels="fused")
+    assert "--training.elementwise_kernels=fused" in fused_step.overrides()
+    assert not any("elementwise" in o for o in eager.overrides())
+    assert step_from_overrides(cfg, fused_step.overrides(), 2).elementwise_kernels == "fused"
+    assert resolve_elementwise_kernels("auto", cpu=False) == "fused"
+    assert resolve_elementwise_kernels("auto", cpu=True) == "eager"
+    with pytest.raises(ValueError, match="elementwise_kernels"):
+        replace(eager, elementwise_kernels="auto")
+    t_e, t_f = estimate_time(eager, cal), estimate_time(fused_step, cal)
+    assert t_f.memory_bound == pytest.approx(cal.fused_elementwise_ratio * t_e.memory_bound)
+    assert t_f.attention == t_e.attention and t_f.step < t_e.step
+
+
+def test_fused_kernels_step_aside_under_a_dispatch_mode():
+    """torch.compile does not trace under a Python dispatch mode (a memory or FLOP counter): fused
+    kernels then run op by op instead of failing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    x, cos, sin = _rope_inputs(torch.float32)
+    with Count():
+        assert not fused.is_fused(x, "fused")
+        out = fused.kernel("rope", x, "fused")(x, cos, sin)
+    assert Count.ops > 5 and torch.equal(out, fused.rope_math(x, cos, sin))
+    assert fused.is_fused(x, "fused")

@@ -14,6 +14,8 @@ a dispatch-mode ledger of one block on CPU (bf16, 2,048 tokens); on CUDA, RMSNor
 `training.elementwise_kernels`): "eager" runs the functions below op by op; "fused" compiles them
 with torch.compile (inductor; dynamic shapes: token counts vary per micro-batch and per expert group)
 into one kernel each way, whose backward inductor derives; "auto" is fused on CUDA, eager elsewhere.
+`mop plan` models both (`Step.elementwise_kernels`: SwiGLU keeps one tensor fewer; the memory-bound
+time scales by `Calibration.fused_elementwise_ratio`, the ratio of the bytes counted above).
 The math is the same functions either way, so the two differ only by rounding inside the fused
 kernel (fp32 throughout, one rounding at the end); tests/test_fused_kernels.py checks values and
 gradients against eager.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 ELEMENTWISE_KERNELS = ("auto", "fused", "eager")
 
@@ -91,8 +94,12 @@ _COMPILED: dict = {}  # a cache, not a setting: each function is compiled once p
 
 
 def is_fused(t: torch.Tensor, kernels: str) -> bool:
-    """Whether `kernels` means fused kernels for tensors on `t`'s device."""
-    return kernels == "fused" or (kernels == "auto" and t.is_cuda)
+    """Whether `kernels` means fused kernels for tensors on `t`'s device. Never under a Python
+    dispatch mode (a memory or FLOP counter, a fake-tensor trace): torch.compile does not trace
+    through one, so the op-by-op math runs there instead."""
+    if not (kernels == "fused" or (kernels == "auto" and t.is_cuda)):
+        return False
+    return _get_current_dispatch_mode() is None
 
 
 def kernel(name: str, t: torch.Tensor, kernels: str):

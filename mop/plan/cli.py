@@ -62,6 +62,9 @@ def _plan_args(argv):
                    help="parallel.fsdp.accumulation to consider where a layout accumulates gradients "
                         "(--tokens-per-step): keep the gathered weights (keep_gathered) and the unsharded "
                         "gradients (keep_all) between micro-batches; any: the fastest that fits")
+    p.add_argument("--elementwise-kernels", choices=("eager", "fused"), default="eager",
+                   help="training.elementwise_kernels of the run (fused: torch.compile'd RoPE, SwiGLU and expert "
+                        "gathers; its memory-bound time is counted, not yet measured)")
     p.add_argument("--calibration", default=None, help="a calibration name (h200, cpu) or .json path")
     p.add_argument("--headroom", type=float, default=0.95, help="share of device memory a plan may reserve")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -90,7 +93,8 @@ def plan_main(argv: list[str]) -> int:
                       host_link_node_bw=args.host_link_node_bw * 1e9 if args.host_link_node_bw else None,
                       device_bytes=args.device_mem_gib * GIB if args.device_mem_gib else None,
                       headroom=args.headroom, param_dtypes=param_dtypes, suggest=suggest,
-                      accumulations=ACCUMULATIONS if args.accumulation == "any" else (args.accumulation,))
+                      accumulations=ACCUMULATIONS if args.accumulation == "any" else (args.accumulation,),
+                      elementwise_kernels=args.elementwise_kernels)
 
     dtypes = ("fp32", "bf16") if args.param_dtype == "any" else (args.param_dtype,)
     try:

@@ -82,25 +82,28 @@ def attention_saved_bytes(step: Step) -> float:
 def ffn_saved_bytes(step: Step, is_moe: bool, experts_recompute: bool) -> float:
     """Per token: what the FFN half saves with no block checkpoint (residual sum and norm included)."""
     m, a = step.model, step.act_bytes
+    # SwiGLU keeps w1's and w3's outputs, silu's output and the product (the next GEMM's input); fused
+    # (mop.ops.fused), silu's output is recomputed in its backward instead of kept.
+    swiglu = 3 if step.elementwise_kernels == "fused" else 4
     b = m.dim * a + _norm_saved(m.dim, a, step.cpu)  # the residual sum (the norm's input), the norm
     if not is_moe:
-        return b + 4 * m.dense_dim * a  # SwiGLU: w1 out, silu out, w3 out, product
+        return b + swiglu * m.dense_dim * a
     k = m.top_k
     b += (0 if a == 4 else 4 * m.dim) + 4 * m.n_experts + 12 * k + 4  # router: fp32 input, scores, top-k
-    b += 4 * m.shared_dim * a
+    b += swiglu * m.shared_dim * a
     if not experts_recompute:
         if step.experts_as_dense:
             # The model's own GroupedExperts (mop.models.moe): the routed rows, w1/w3 outputs, SiLU
             # output and product, the gathered expert outputs (the weighting's input), the slot order
             # and its inverse (int64; the graph keeps the sort's output alive), the combine weights in
             # the compute dtype. Exact on CPU, one process and 2 gloo ranks (tests/test_planner.py).
-            b += k * (2 * m.dim + 4 * m.expert_dim) * a + k * (16 + a)
+            b += k * (2 * m.dim + swiglu * m.expert_dim) * a + k * (16 + a)
         else:
             # ExpertParallelExperts: routed input, w1/silu/w3/product, expert output (on the rank that
             # computes the expert: the most loaded one holds `routed_load_factor` x the mean), the
             # output sent back; route indices
             load = routed_load_factor(step)
-            b += k * ((2 * m.dim + 4 * m.expert_dim) * load + m.dim) * a + 20 * k
+            b += k * ((2 * m.dim + swiglu * m.expert_dim) * load + m.dim) * a + 20 * k
     return b
 
 

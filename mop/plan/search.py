@@ -32,7 +32,7 @@ from mop.plan.memory import (ADAM_STATE_BYTES, MemoryEstimate, block_kept_bytes,
                              trainer_memory_cap)
 from mop.plan.state import state_memory
 from mop.optim.registry import engine_class
-from mop.plan.step import ACCUMULATIONS, GIB, OFFLOADS, Cluster, Step, policy_spec
+from mop.plan.step import ACCUMULATIONS, GIB, OFFLOADS, Cluster, Step, policy_spec, resolve_elementwise_kernels
 from mop.plan.timing import TimeEstimate, estimate_time
 
 FASTEST_FIRST = ("none", "selective", "full", "offload")
@@ -235,7 +235,7 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
            dispatchers=("alltoall", "llep_pipelined", "llep_pipelined:4096"),
            policies=FASTEST_FIRST, max_vocab_degree: int | None = None, seq_degrees=None,
            param_dtypes=("fp32",), reduce_dtype: str = "auto", accumulations=ACCUMULATIONS, runners_up: int = 4,
-           suggest: bool = True) -> Plan:
+           suggest: bool = True, elementwise_kernels: str = "eager") -> Plan:
     """The fastest configuration of `model` on `gpus` GPUs at `context` tokens per sequence that fits.
 
     `host_link_node_bw`: bytes/s over a node's host links with all its GPUs copying, a ceiling on
@@ -251,7 +251,9 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
     `accumulations`: the `parallel.fsdp.accumulation` modes to consider where a layout accumulates
     gradients (one micro-batch: "reshard" only, the modes act on nothing else). With a host
     optimizer the policies and its device share are those `mop train` reaches with
-    `activation_checkpoint=auto` (`split_candidate`). Raises `NoPlan` with the numbers when nothing
+    `activation_checkpoint=auto` (`split_candidate`). `elementwise_kernels` ("eager" or "fused"):
+    the job's `training.elementwise_kernels` as it runs (not a choice: measured first, then set).
+    Raises `NoPlan` with the numbers when nothing
     fits, and (`suggest`) the smallest larger cluster that would (whole nodes: 2x, 4x, 8x, and 1x
     and 2x what the state alone needs).
     """
@@ -304,7 +306,8 @@ def choose(model: ModelConfig, *, gpus: int, context: int, gpus_per_node: int | 
                                             device_fraction=-1.0 if off != "none" else 0.0, dispatcher=disp,
                                             head_chunks=_head_chunks(model, D),
                                             chunk_tokens=int(chunk) if chunk else 16384, param_dtype=dtype,
-                                            reduce_dtype=reduce_dtype, accumulation=mode)
+                                            reduce_dtype=reduce_dtype, accumulation=mode,
+                                            elementwise_kernels=elementwise_kernels)
                                 if off == "none":
                                     cands += _policy_candidates(base, cal, cluster, device_bytes, headroom, policies)
                                 else:  # what `mop train` does with activation_checkpoint=auto: the memory split
@@ -421,6 +424,8 @@ def plan_for_job(job, world: int, gpus_per_node: int | None = None, calibration:
     tokens = (world // D) * t.batch_size * t.grad_accum * t.seq_len if world % D == 0 else None
     kwargs.setdefault("param_dtypes", (t.param_dtype,))
     kwargs.setdefault("reduce_dtype", job.parallel.fsdp.reduce_dtype)
+    # ("auto" resolves for the device: the caller knows it; a plan for GPUs by default)
+    kwargs.setdefault("elementwise_kernels", resolve_elementwise_kernels(t.elementwise_kernels, cpu=False))
     if t.param_dtype != "fp32":  # bf16 weights need the host optimizer's fp32 master
         kwargs.setdefault("offloads", tuple(o for o in OFFLOADS if o != "none"))
     return choose(job.model, gpus=world, context=t.seq_len, gpus_per_node=gpus_per_node,

@@ -205,6 +205,7 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     N, S, b = step.tokens, step.seq_len, step.batch_size
     H, q, kv, k, I = m.dim, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.top_k, m.expert_dim
     moe = [i >= m.n_dense_layers for i in range(m.n_layers)]
+    eager = replace(step, elementwise_kernels="eager")
 
     attn = exp = dense = mem = over = 0.0
     comm_exposed = comm_hidden = 0.0  # per micro-batch
@@ -225,8 +226,8 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
     # parameters (all but the router and shared experts) and of the memory-bound bytes.
     router_params = H * m.n_experts + 3 * H * m.shared_dim
     attn_share = max(dense_params - router_params, 0.0) / max(dense_params, 1.0)
-    mem_share = ((H * a + attention_saved_bytes(step) - cuda_attention_extra_bytes(step))
-                 / (block_saved_bytes(step, True, True) - cuda_attention_extra_bytes(step)))
+    mem_share = ((H * a + attention_saved_bytes(eager) - cuda_attention_extra_bytes(step))
+                 / (block_saved_bytes(eager, True, True) - cuda_attention_extra_bytes(step)))
     # Blocks with the same policy, kind and attention window cost the same: each group is computed once.
     windows = [m.layer_window(i) if hasattr(m, "layer_window") else 0 for i in range(m.n_layers)]
     groups = Counter(zip(step.policies, moe, windows))
@@ -252,9 +253,12 @@ def estimate_time(step: Step, cal: Calibration, cluster: Cluster | None = None, 
             if chunks > 1:  # each chunk reads and accumulates the local experts' fp32 weight gradients
                 exp += chunks * E_local * 3 * H * I * 12 / cal.hbm_bw
         passes = (2 if ckpt else 1) + 2
-        # (elementwise_factor was fitted on the modelled saved bytes, before the measured CUDA extra)
-        saved = block_saved_bytes(step, is_moe, True) - cuda_attention_extra_bytes(step)
+        # (elementwise_factor was fitted on the modelled saved bytes of op-by-op kernels, before the
+        # measured CUDA extra; fused kernels scale the result instead)
+        saved = block_saved_bytes(eager, is_moe, True) - cuda_attention_extra_bytes(step)
         t_mem = cal.elementwise_factor * N * saved / cal.hbm_bw
+        if step.elementwise_kernels == "fused":
+            t_mem *= cal.fused_elementwise_ratio
         mem += t_mem * passes / 3
         # Host-bound idle: a dispatcher's plan syncs the host in each pass of an expert layer; the
         # experts sharded as dense have no dispatcher.
