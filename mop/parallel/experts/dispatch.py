@@ -216,9 +216,11 @@ class TokenDispatcher(ABC):
         """Return computed rows to their source ranks; returns (rows in send order, work)."""
         return all_to_all(y_NH, route.send_splits, route.recv_splits, self.group, async_op)
 
-    def combine(self, y_send_NH: torch.Tensor, route: Route, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        """y_t = sum_k w[t,k] * y_{t,k}: product in the input dtype, sum over k in fp32."""
-        return combine_slots(y_send_NH, route.send_inv, route.send_copy_idx, topk_weight_TK)
+    def combine(self, y_send_NH: torch.Tensor, route: Route, topk_weight_TK: torch.Tensor,
+                kernels: str = "eager") -> torch.Tensor:
+        """y_t = sum_k w[t,k] * y_{t,k}: product in the input dtype, sum over k in fp32 (`kernels`:
+        op by op or one fused gather-and-weight pass, mop.ops.fused)."""
+        return combine_slots(y_send_NH, route.send_inv, route.send_copy_idx, topk_weight_TK, kernels)
 
     def _count_plan(self, plan: LlepPlan) -> None:
         if plan.balanced:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mop.ops.fused import kernel
 from mop.parallel.experts.comm import all_to_all, gather_shards, reduce_scatter_shards, return_expert_grads, \
     send_expert_weights
 from mop.parallel.experts.dispatch import ExpertActivation, LayerPlan, TokenDispatcher
@@ -91,7 +92,7 @@ class MoELayerFunction(torch.autograd.Function):
             if work is not None:
                 work.wait()
             t0, t1 = plan.bounds[c]
-            out_TH[t0:t1] = dispatcher.combine(y_send, plan.routes[c], topk_weight_TK[t0:t1])
+            out_TH[t0:t1] = dispatcher.combine(y_send, plan.routes[c], topk_weight_TK[t0:t1], act.kernels)
 
         pending, returning = start_dispatch(0), None
         for c in range(n_chunks):
@@ -152,21 +153,19 @@ class MoELayerFunction(torch.autograd.Function):
                 y_send, _ = dispatcher.send_back(y_recv.detach(), route)
             else:
                 recv, y_recv, y_send = ctx.chunks[c]
-            # Combine backward (y = sum_k w * y_k, product in the input dtype).
-            T, K, H = t1 - t0, topk_weight_TK.shape[1], x_TH.shape[-1]
-            g_TH1 = g_TH[t0:t1].to(y_send.dtype).unsqueeze(1)
-            y_TKH = y_send.index_select(0, route.send_inv).view(T, K, y_send.shape[-1])
-            dw_TK[t0:t1] = (g_TH1 * y_TKH).sum(-1).to(dw_TK.dtype)
-            dy_TKH = g_TH1 * topk_weight_TK[t0:t1].to(y_send.dtype).unsqueeze(-1)
-            dy_send = dy_TKH.reshape(T * K, y_send.shape[-1]).index_select(0, route.send_copy_idx)
+            # Combine backward (y = sum_k w * y_k, product in the input dtype): both gradients are
+            # gathers (mop.ops.fused.combine_grads_math; one pass each with fused kernels).
+            K = topk_weight_TK.shape[1]
+            g_chunk = g_TH[t0:t1].to(y_send.dtype).contiguous()
+            dy_send, dw_TK[t0:t1] = kernel("combine_grads", y_send, act.kernels)(
+                g_chunk, y_send, route.send_inv, route.send_copy_idx, topk_weight_TK[t0:t1])
             dy_recv, _ = all_to_all(dy_send, route.recv_splits, route.send_splits, group)
             torch.autograd.backward(y_recv, dy_recv)
             d_recv = recv.grad if recv.grad is not None else torch.zeros_like(recv)
             d_send, _ = all_to_all(d_recv, route.send_splits, route.recv_splits, group)
             # Dispatch backward: each token has exactly K copies; gather them in (t, k) order and sum
             # in fp32 (no atomic index_add_ in the input dtype; deterministic).
-            d_TKH = d_send.index_select(0, route.send_inv).view(T, K, H)
-            dx_TH[t0:t1] = d_TKH.sum(1, dtype=torch.float32).to(dx_TH.dtype)
+            dx_TH[t0:t1] = kernel("gather_sum", d_send, act.kernels)(d_send, route.send_inv, K).to(dx_TH.dtype)
             if not recompute:
                 ctx.chunks[c] = None  # free this chunk's graph now
 
