@@ -27,7 +27,7 @@
 NPROC=2 source "$(dirname "$0")/common.sh"
 left() { echo $(( ${1:-560} - SECONDS )); }
 K=${KERNELS:-eager}
-B="python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --gpus 2 --overrides --training.elementwise_kernels=$K"
+B="python -m mop.cli bench --shape qwen3-30b-a3b --layers 24 --gpus 2 --overrides=--training.elementwise_kernels=$K"
 show() { sed -n '/## Results/,/## Baseline sweeps/p' "$1/results.md"; rm -rf "$1/work"; }
 ONE_M="--batch-setting 1M --warmup 1 --warmup-micro-batches 2 --steps 1"
 FULL='{"ep": 2, "cp": 2, "chunked_loss": true, "optimizer_offload": true}'
