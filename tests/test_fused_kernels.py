@@ -222,3 +222,5 @@ def test_fused_kernels_step_aside_under_a_dispatch_mode():
         out = fused.kernel("rope", x, "fused")(x, cos, sin)
     assert Count.ops > 5 and torch.equal(out, fused.rope_math(x, cos, sin))
     assert fused.is_fused(x, "fused")
+    with torch.device("cpu"):  # a torch-function mode
+        assert not fused.is_fused(x, "fused")

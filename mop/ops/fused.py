@@ -23,6 +23,8 @@ gradients against eager.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -95,11 +97,18 @@ _COMPILED: dict = {}  # a cache, not a setting: each function is compiled once p
 
 def is_fused(t: torch.Tensor, kernels: str) -> bool:
     """Whether `kernels` means fused kernels for tensors on `t`'s device. Never under a Python
-    dispatch mode (a memory or FLOP counter, a fake-tensor trace): torch.compile does not trace
-    through one, so the op-by-op math runs there instead."""
+    dispatch mode (a memory or FLOP counter, a fake-tensor trace) or a torch-function mode (a
+    `with torch.device(...)` block, context parallelism's attention patching): torch.compile does not
+    trace through the first and may not through the second, so the op-by-op math runs there instead."""
     if not (kernels == "fused" or (kernels == "auto" and t.is_cuda)):
         return False
-    return _get_current_dispatch_mode() is None
+    if _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled():
+        return True
+    # Said once per call site (the default warnings filter): a run that asked for fused kernels and
+    # gets none should know.
+    warnings.warn("mop: fused elementwise kernels step aside under a dispatch or torch-function mode "
+                  "(op by op there)", stacklevel=2)
+    return False
 
 
 def kernel(name: str, t: torch.Tensor, kernels: str):
