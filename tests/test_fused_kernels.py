@@ -224,3 +224,21 @@ def test_fused_kernels_step_aside_under_a_dispatch_mode():
     assert fused.is_fused(x, "fused")
     with torch.device("cpu"):  # a torch-function mode
         assert not fused.is_fused(x, "fused")
+
+
+def test_the_ledger_reproduces_the_calibrated_ratio():
+    """Calibration.fused_elementwise_ratio is what `python -m mop.bench.ledger` counts for one
+    qwen3-30b-a3b block (2,048 tokens, bf16): fused kernels move a fraction of the op-by-op bytes,
+    and every fused function is booked as one kernel."""
+    from mop.bench.ledger import count, totals
+    from mop.plan.calibration import Calibration
+
+    eager, fused_ops = (count("qwen3-30b-a3b", 2048, k) for k in ("eager", "fused"))
+    ratio = totals(fused_ops)["non_gemm"] / totals(eager)["non_gemm"]
+    assert ratio == pytest.approx(Calibration.load("h200").fused_elementwise_ratio, abs=0.01)
+    booked = {op for _, op in fused_ops if op.startswith("fused:")}
+    assert booked == {"fused:rope", "fused:swiglu", "fused:gather_sum", "fused:combine", "fused:combine_grads",
+                      "fused:rms_norm"}
+    assert not any(op.startswith("fused:") and op != "fused:rms_norm" for _, op in eager)
+    # The GEMMs are the same work either way.
+    assert totals(fused_ops)["gemm_forward"] == totals(eager)["gemm_forward"]

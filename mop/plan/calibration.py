@@ -59,10 +59,10 @@ class Calibration:
     hbm_bw: float = 4.2e12  # device memory bandwidth (elementwise work)
     elementwise_factor: float = 42.0  # memory-bound bytes moved per step / bytes a "none" block saves (fitted)
     # With fused elementwise kernels (mop.ops.fused), the share of that memory-bound time left: the
-    # non-GEMM bytes per token of a qwen3-30b-a3b block, fused over op by op (0.76 / 1.78 MB,
-    # forward + backward, counted with a dispatch-mode ledger, RMSNorm fused on CUDA either way).
-    # Counted, not measured: `mop plan fit` replaces it once fused steps are measured.
-    fused_elementwise_ratio: float = 0.43
+    # non-GEMM bytes per token of a qwen3-30b-a3b block, fused over op by op (0.64 / 1.66 MB,
+    # forward + backward, 2,048 tokens in bf16, `python -m mop.bench.ledger`; RMSNorm fused either way).
+    # Counted, not measured: to be replaced by the measured ratio of `python -m mop.bench.block`.
+    fused_elementwise_ratio: float = 0.38
     # Device idle (host-bound) per step (the step boundary: loss and grad-norm syncs, the optimizer's
     # launches), per block and pass of an expert layer with a dispatcher (its plan's host sync drains
     # the launch queue), and per block and pass otherwise. Session 4's 8K profile after the split
