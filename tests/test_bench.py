@@ -86,8 +86,11 @@ def test_sweep_prunes_after_oom():
             return {"status": "ok", "tokens_per_s_per_gpu": 100.0 * cfg.ep}
         return {"status": "oom", "error": "CUDA out of memory"}
 
-    best, records = run_sweep(cfgs, fake, log=lambda s: None)
+    seen = []  # what a sweep cut short would have saved: the attempts so far, after each one
+    best, records = run_sweep(cfgs, fake, log=lambda s: None, on_record=lambda recs: seen.append(len(recs)))
     assert records[0]["status"] == "oom" and any(r["status"] == "skipped" for r in records)
+    ran_records = [i + 1 for i, r in enumerate(records) if r["status"] != "skipped"]
+    assert seen == ran_records  # once per attempt that ran, with every record up to it
     assert best["config"]["cpu_offload"] and best["tokens_per_s_per_gpu"] == max(
         r["tokens_per_s_per_gpu"] for r in records if r["status"] == "ok")
     assert len(ran) < len(cfgs)  # frugal-first order plus pruning skipped hopeless configs

@@ -169,7 +169,7 @@ MOP_AC = {"auto": "auto", "on": "full", "off": "none"}  # --mop-ac -> training.a
 def main(argv: list[str]) -> int:
     """Entry point of `mop bench` (see the module docstring)."""
     from mop.baselines import BaselineConfig
-    from mop.bench.sweep import candidate_configs, run_sweep
+    from mop.bench.sweep import best_record, candidate_configs, run_sweep
     from mop.bench.report import environment, markdown, plots
     from mop.bench.runner import run_point, terminate_points_on_sigterm
     from mop.config import build_config
@@ -245,15 +245,26 @@ def main(argv: list[str]) -> int:
                     _store_profile(rec, out_dir, f"baseline-{cfg.label.replace(' ', '_')}-{context}-{setting}")
                     return rec
 
+                def sweep_point(records, context=context, setting=setting):
+                    point = {"system": "baseline", "context": context, "batch_setting": setting, "sweep": list(records)}
+                    best = best_record(records)
+                    if best is not None:
+                        point.update({k: v for k, v in best.items() if k != "sweep"})
+                    else:
+                        point.update({"label": "none fits", "status": _sweep_status(records)})
+                    return point
+
+                def save_partial(records):  # the attempts so far, saved as the point until the sweep ends
+                    points.append(sweep_point(records))
+                    try:
+                        save()
+                    finally:
+                        points.pop()
+
                 print(f"mop bench: baseline sweep, context {context}, batch {setting} ...", flush=True)
-                best, records = run_sweep(configs, run_cfg, offload="never" if explicit else args.sweep_offload,
-                                          max_runs=args.sweep_max)
-                point = {"system": "baseline", "context": context, "batch_setting": setting, "sweep": records}
-                if best is not None:
-                    point.update({k: v for k, v in best.items() if k != "sweep"})
-                else:
-                    point.update({"label": "none fits", "status": _sweep_status(records)})
-                points.append(point)
+                _, records = run_sweep(configs, run_cfg, offload="never" if explicit else args.sweep_offload,
+                                       max_runs=args.sweep_max, on_record=save_partial)
+                points.append(sweep_point(records))
                 save()
     save()
     print(f"mop bench: wrote {results_path}, {out_dir / 'results.md'} and plots", flush=True)

@@ -69,11 +69,13 @@ def _at_least_as_frugal(a: BaselineConfig, b: BaselineConfig) -> bool:
 
 
 def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dict], *, offload: str = "auto",
-              max_runs: int | None = None, log: Callable[[str], None] = print) -> tuple[dict | None, list[dict]]:
+              max_runs: int | None = None, log: Callable[[str], None] = print,
+              on_record: Callable[[list[dict]], None] | None = None) -> tuple[dict | None, list[dict]]:
     """Run `configs` (then offloaded variants per `offload`: "auto" | "always" | "never").
 
     `run(cfg)` returns a point record with a `status`. Returns (best record or None, all records);
-    every record carries `config` (dict) and `label`.
+    every record carries `config` (dict) and `label`. `on_record(records)` is called after each
+    attempt (to save them: a sweep cut short keeps what it measured).
     """
     if offload not in ("auto", "always", "never"):
         raise ValueError(f"offload {offload!r} is not one of 'auto', 'always', 'never'")
@@ -98,6 +100,8 @@ def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dic
         if rec["status"] == "oom":
             ooms.append(cfg)
         records.append(rec)
+        if on_record is not None:
+            on_record(records)
 
     def fits() -> bool:
         return any(r["status"] == "ok" for r in records)
@@ -123,6 +127,10 @@ def run_sweep(configs: list[BaselineConfig], run: Callable[[BaselineConfig], dic
             if off not in seen:
                 seen.add(off)
                 attempt(off)
+    return best_record(records), records
+
+
+def best_record(records: list[dict]) -> dict | None:
+    """The fastest record that ran, or None."""
     ok = [r for r in records if r["status"] == "ok"]
-    best = max(ok, key=lambda r: r["tokens_per_s_per_gpu"]) if ok else None
-    return best, records
+    return max(ok, key=lambda r: r["tokens_per_s_per_gpu"]) if ok else None
